@@ -133,13 +133,16 @@ class PackedKV:
 
     def decompress_rotated(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``sigma · g[idx]``: the vectors in the rotated space, where attention runs."""
-        g = centroids(self.bits, self.device)
-        sigma = _token_major(self.scales, self.data.dim() - 1).to(torch.float32)
+        # float32 product (what a kernel computes before rounding to its tile dtype); float64 exact.
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        g = centroids(self.bits, self.device).to(work)
+        sigma = _token_major(self.scales, self.data.dim() - 1).to(work)
         return (g[self.indices()] * sigma.unsqueeze(-1)).to(dtype)
 
     def decompress(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Back to the original space: ``R^T (sigma · g[idx])``."""
-        return unrotate(self.decompress_rotated(torch.float32), self.seed).to(dtype)
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        return unrotate(self.decompress_rotated(work), self.seed).to(dtype)
 
     def rotate_query(self, q: torch.Tensor) -> torch.Tensor:
         """``R q`` in float32 for a query meant to attend to these keys."""
