@@ -1,0 +1,114 @@
+"""On a CUDA GPU: the "decompress + FA4" backend against the float32 reference on the same
+packed K/V. Outputs are poisoned first so an unwritten element cannot pass."""
+
+import pytest
+import torch
+
+from fa4_tq import PagedKVCache, attention_reference, compress, flash_attn_func, flash_attn_varlen_func
+from helpers import realistic_kv, rel_err
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+
+
+def _poison_fa4_outputs(monkeypatch):
+    """Make FA4 allocate its outputs full of NaN instead of uninitialised memory."""
+    import flash_attn.cute.interface as fa
+
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(fa.torch, "empty", nan_empty)
+    yield
+    monkeypatch.setattr(fa.torch, "empty", real_empty)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    yield from _poison_fa4_outputs(monkeypatch)
+
+
+def _bf16_baseline_err(q, k, v, causal, window):
+    """FA4's own error on bf16 inputs (the yardstick for ours)."""
+    from flash_attn.cute import flash_attn_func as fa4
+
+    out, _ = fa4(q, k.to(q.dtype), v.to(q.dtype), causal=causal, window_size=window)
+    ref, _ = _ref_dense(q, k, v, causal, window)
+    return rel_err(out, ref)
+
+
+def _ref_dense(q, k, v, causal, window):
+    from fa4_tq.reference import attention_dense, resolve_window
+
+    outs = []
+    for b in range(q.shape[0]):
+        o, _ = attention_dense(
+            q[b].double(), k[b].to(q.dtype).double(), v[b].to(q.dtype).double(),
+            softmax_scale=q.shape[-1] ** -0.5, window=resolve_window(causal, window),
+        )
+        outs.append(o)
+    return torch.stack(outs), None
+
+
+@pytest.mark.parametrize("kbits,vbits", [(4, 4), (2, 8), (3, 3), (8, 2)])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal,window", [(True, (None, None)), (False, (None, None)), (False, (64, 32))])
+@pytest.mark.parametrize("heads,kv_heads,sq,sk", [(8, 2, 256, 256), (4, 4, 100, 300), (8, 1, 64, 512)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decompress_backend_matches_reference(poisoned, kbits, vbits, d, causal, window, heads, kv_heads, sq, sk, dtype):
+    gen = torch.Generator().manual_seed(kbits * 10 + vbits + d + sq)
+    q = torch.randn(2, sq, heads, d, generator=gen).to(dtype).to(DEV)
+    k_raw = realistic_kv((2, sk, kv_heads, d), generator=gen)
+    v_raw = torch.randn(2, sk, kv_heads, d, generator=gen)
+    k, v = compress(k_raw.to(DEV), kbits, seed=1), compress(v_raw.to(DEV), vbits, seed=2)
+    out, lse = flash_attn_func(q, k, v, causal=causal, window_size=window, return_lse=True, backend="decompress")
+    ref, ref_lse = attention_reference(q, k, v, causal=causal, window_size=window, dtype=torch.float64)
+    err = rel_err(out, ref)
+    base = _bf16_baseline_err(q, k.decompress().to(DEV), v.decompress().to(DEV), causal, window)
+    assert err <= 2 * base + 1e-3, (err, base)
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin)
+    assert rel_err(lse[fin], ref_lse[fin]) < 1e-3
+
+
+@pytest.mark.parametrize("page_size", [128, 64, 16])
+def test_decompress_backend_paged_varlen(poisoned, page_size):
+    gen = torch.Generator().manual_seed(page_size)
+    d, h, hk = 128, 8, 2
+    lens_q, lens_k = [37, 200, 1], [300, 200, 513]
+    max_pages = max(-(-n // page_size) for n in lens_k)
+    num_pages = 3 * max_pages + 5
+    cache = PagedKVCache(1, num_pages, page_size, hk, d, k_bits=4, v_bits=2, device=DEV)
+    perm = torch.randperm(num_pages, generator=gen)
+    table = torch.zeros(3, max_pages, dtype=torch.int32)
+    slots, nxt = [], 0
+    for b, n in enumerate(lens_k):
+        for j in range(-(-n // page_size)):
+            table[b, j] = perm[nxt]; nxt += 1
+        slots += [int(table[b, t // page_size]) * page_size + t % page_size for t in range(n)]
+    k = realistic_kv((sum(lens_k), hk, d), generator=gen).to(DEV)
+    v = torch.randn(sum(lens_k), hk, d, generator=gen).to(DEV)
+    cache.write(0, k, v, torch.tensor(slots, device=DEV))
+    q = torch.randn(sum(lens_q), h, d, generator=gen).to(torch.bfloat16).to(DEV)
+    cu_q = torch.tensor([0, 37, 237, 238], dtype=torch.int32, device=DEV)
+    used = torch.tensor(lens_k, dtype=torch.int32, device=DEV)
+    kp, vp = cache.layer(0)
+    args = dict(cu_seqlens_q=cu_q, seqused_k=used, page_table=table.to(DEV), causal=True, return_lse=True)
+    out, lse = flash_attn_varlen_func(q, kp, vp, max_seqlen_q=200, **args, backend="decompress")
+    ref, ref_lse = attention_reference(q, kp, vp, cu_seqlens_q=cu_q, seqused_k=used, page_table=table.to(DEV), causal=True, dtype=torch.float64)
+    assert rel_err(out, ref) < 1.5e-2
+    assert rel_err(lse, ref_lse) < 1e-3
+
+
+def test_auto_backend_on_cuda_is_decompress():
+    gen = torch.Generator().manual_seed(9)
+    q = torch.randn(1, 128, 4, 128, generator=gen).to(torch.bfloat16).to(DEV)
+    k = compress(torch.randn(1, 128, 4, 128, generator=gen).to(DEV), 4)
+    a, _ = flash_attn_func(q, k, k, causal=True)
+    b, _ = flash_attn_func(q, k, k, causal=True, backend="decompress")
+    assert torch.equal(a, b)
