@@ -11,7 +11,7 @@ import torch
 from . import compress, flash_attn_func
 from .benchmark import attention_flops, device_name, time_cuda
 from .capacity import H100_80GB_BYTES, LLAMA_31_70B, capacity_rows
-from .reference import attention_dense, resolve_window
+from .reference import attention_dense_batched
 
 CONFIGS = [("bf16", None, None), ("K8V8", 8, 8), ("K4V8", 4, 8), ("K4V4", 4, 4), ("K3V3", 3, 3), ("K2V2", 2, 2)]
 
@@ -31,12 +31,7 @@ def realistic_layer(batch, seqlen, heads, kv_heads, d, device, seed=0):
 
 
 def _exact(q, k, v, causal):
-    outs = []
-    for b in range(q.shape[0]):
-        o, _ = attention_dense(q[b].double(), k[b].double(), v[b].double(),
-                               softmax_scale=1 / math.sqrt(q.shape[-1]), window=resolve_window(causal, (None, None)))
-        outs.append(o)
-    return torch.stack(outs)
+    return attention_dense_batched(q, k, v, causal=causal)[0]
 
 
 def _rel(a, b):

@@ -142,8 +142,8 @@ def flash_attn_varlen_func(
     ``[num_pages, page_size, kv_heads, d]`` with ``page_table`` [batch, max_pages] and
     ``seqused_k`` [batch]; or ``[batch, seqlen_k, kv_heads, d]`` (``seqused_k`` optional).
     Index tensors are int32 on q's device. ``check_indices`` checks their values (cu_seqlens
-    monotone, lengths and page ids in range) at the cost of one device sync; pass False when the
-    caller guarantees them (inside a CUDA graph, say). Returns ``(out, lse)``; ``lse`` is
+    monotone, lengths and page ids in range) by copying them to the host, which synchronises with
+    the device; pass False when the caller guarantees them (inside a CUDA graph, say). Returns ``(out, lse)``; ``lse`` is
     ``[heads, total_q]`` for varlen q, ``[batch, heads, seqlen_q]`` for batched q.
     """
     _check_common(q, k, v, softmax_scale, window_size)
