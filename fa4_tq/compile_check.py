@@ -114,7 +114,84 @@ def _case_fa4_fwd() -> list[str]:
     return done
 
 
-CASES: dict[str, Callable[[], list[str]]] = {"fa4-fwd": _case_fa4_fwd}
+def _fake_packed(lead: tuple, head_dim: int, bits: int, scale_dtype=None):
+    """A PackedKV of fake tensors (format v1 layout: scales head-major, token dim padded)."""
+    import torch
+    from fa4_tq.codec.packed import PackedKV, scales_shape
+    from fa4_tq.codec.packing import row_bytes
+
+    scale_dtype = scale_dtype or torch.float16
+    data = torch.empty(*lead, row_bytes(head_dim, bits), dtype=torch.uint8, device="cuda")
+    shape = scales_shape(lead)
+    per16 = 16 // torch.empty((), dtype=scale_dtype).element_size()
+    padded = -(-shape[-1] // per16) * per16
+    strides = [1]
+    for n in reversed((*shape[:-1], padded)[1:]):
+        strides.insert(0, strides[0] * n)
+    scales = torch.empty_strided(shape, tuple(strides), dtype=scale_dtype, device="cuda")
+    return PackedKV(data, scales, bits, head_dim)
+
+
+def tq_sm90_variants(full: bool):
+    """(label, kwargs) of the packed-KV kernel variants CI compiles for SM90: every bit pair at
+    head_dim 128 (causal, GQA), plus head_dim 64 and 256, masks, paged, varlen, fp16."""
+    from itertools import product
+
+    out = []
+    pairs = list(product((2, 3, 4, 8), repeat=2)) if full else [(4, 4), (2, 8), (3, 3), (8, 2)]
+    for kb, vb in pairs:
+        out.append((f"k{kb}v{vb} d128 causal gqa4", dict(kb=kb, vb=vb)))
+    out += [
+        ("k4v4 d64 causal", dict(d=64)),
+        ("k3v3 d64 non-causal", dict(d=64, kb=3, vb=3, causal=False)),
+        ("k4v4 d256 causal", dict(d=256)),
+        ("k8v8 d256 causal", dict(d=256, kb=8, vb=8)),
+        ("k4v4 d128 window", dict(causal=False, window=(128, 0))),
+        ("k4v4 d128 gqa3 (cp.async Q)", dict(h=6, hk=2)),
+        ("k4v4 d128 fp16 fp32-scales", dict(dtype="float16", scale_dtype="float32")),
+        ("k4v2 d128 paged page=64", dict(vb=2, paged=64)),
+        ("k4v4 d128 paged page=128", dict(paged=128)),
+        ("k4v4 d128 varlen", dict(varlen=True)),
+    ]
+    return out
+
+
+def _case_tq_sm90(full: bool) -> list[str]:
+    import torch
+    from fa4_tq.kernels.launch import packed_attention
+
+    done = []
+    for label, kw in tq_sm90_variants(full):
+        d, kb, vb = kw.get("d", 128), kw.get("kb", 4), kw.get("vb", 4)
+        h, hk = kw.get("h", 8), kw.get("hk", 2)
+        dtype = getattr(torch, kw.get("dtype", "bfloat16"))
+        sdt = getattr(torch, kw.get("scale_dtype", "float16"))
+        extra = {}
+        if kw.get("paged"):
+            ps = kw["paged"]
+            q = torch.empty(2, 256, h, d, dtype=dtype, device="cuda")
+            k, v = (_fake_packed((16, ps, hk), d, b, sdt) for b in (kb, vb))
+            extra = dict(page_table=torch.empty(2, 8, dtype=torch.int32, device="cuda"),
+                         seqused_k=torch.empty(2, dtype=torch.int32, device="cuda"))
+        elif kw.get("varlen"):
+            q = torch.empty(512, h, d, dtype=dtype, device="cuda")
+            k, v = (_fake_packed((700, hk), d, b, sdt) for b in (kb, vb))
+            extra = dict(cu_seqlens_q=torch.empty(3, dtype=torch.int32, device="cuda"),
+                         cu_seqlens_k=torch.empty(3, dtype=torch.int32, device="cuda"))
+        else:
+            q = torch.empty(2, 256, h, d, dtype=dtype, device="cuda")
+            k, v = (_fake_packed((2, 256, hk), d, b, sdt) for b in (kb, vb))
+        packed_attention(q, k, v, softmax_scale=d ** -0.5, causal=kw.get("causal", True),
+                         window_size=kw.get("window", (None, None)), **extra)
+        done.append(label)
+    return done
+
+
+CASES: dict[str, Callable[[], list[str]]] = {
+    "fa4-fwd": _case_fa4_fwd,
+    "tq-sm90": lambda: _case_tq_sm90(full=True),
+    "tq-sm90-smoke": lambda: _case_tq_sm90(full=False),
+}
 
 
 def main(argv=None) -> int:

@@ -6,7 +6,9 @@ Backends (``backend=``):
 - ``"decompress"``: the honest baseline on CUDA: decode the packed K/V to a bf16/fp16 scratch in
   the rotated space, run FlashAttention-4 on it, rotate the output back. It materialises the
   scratch the inline-dequant kernel exists to avoid; it stays selectable for comparisons.
-- ``"auto"``: "reference" on CPU, "decompress" on CUDA (until the SM90 inline-dequant kernel).
+- ``"inline"``: the packed-KV kernel (``fa4_tq.kernels``): FA4's SM90 forward with a load stage that
+  dequantises packed K/V inside the kernel. Hopper (SM 9.x), head_dim 64/128/256.
+- ``"auto"``: "inline" on a GPU it supports, else "decompress" on CUDA, "reference" on CPU.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .reference import attention_reference
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "BACKENDS"]
 
-BACKENDS = ("auto", "reference", "decompress")
+BACKENDS = ("auto", "reference", "decompress", "inline")
 
 
 @dataclasses.dataclass
@@ -230,11 +232,34 @@ def _check_page_table(page_table: torch.Tensor, used: torch.Tensor, num_pages: i
         )
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def _inline_unsupported(prob: _Problem) -> Optional[str]:
+    """Why the inline kernel cannot run this problem (None when it can)."""
+    from .kernels.launch import SUPPORTED_HEAD_DIMS
+
+    dev = prob.q.device
+    if dev.type != "cuda":
+        return "it needs CUDA tensors"
+    major = torch.cuda.get_device_capability(dev)[0]
+    if major != 9:
+        return f"it runs on Hopper (SM 9.x) only so far, this GPU is SM {major}.x"
+    if prob.k.head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"it supports head_dim {SUPPORTED_HEAD_DIMS}, got {prob.k.head_dim}"
+    return None
+
+
+def _resolve_backend(backend: str, prob: _Problem) -> str:
+    device = prob.q.device
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "decompress" if device.type == "cuda" else "reference"
+        if device.type != "cuda":
+            return "reference"
+        return "decompress" if _inline_unsupported(prob) else "inline"
+    if backend == "inline":
+        why = _inline_unsupported(prob)
+        if why:
+            raise ValueError(f"backend='inline' cannot run this call: {why}; use backend='decompress' or 'auto'")
+        return backend
     if backend == "decompress" and device.type != "cuda":
         raise ValueError(
             "backend='decompress' runs FlashAttention-4 and needs CUDA tensors; on the CPU use "
@@ -244,7 +269,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def _run(prob: _Problem, return_lse: bool, backend: str):
-    backend = _resolve_backend(backend, prob.q.device)
+    backend = _resolve_backend(backend, prob)
     if backend == "reference":
         out, lse = attention_reference(
             prob.q, prob.k, prob.v, softmax_scale=prob.softmax_scale, causal=prob.causal,
@@ -252,7 +277,22 @@ def _run(prob: _Problem, return_lse: bool, backend: str):
             cu_seqlens_k=prob.cu_seqlens_k, seqused_k=prob.seqused_k, page_table=prob.page_table,
         )
         return out.to(prob.q.dtype), (lse if return_lse else None)
+    if backend == "inline":
+        return _run_inline(prob, return_lse)
     return _run_decompress(prob, return_lse)
+
+
+def _run_inline(prob: _Problem, return_lse: bool):
+    from .kernels.launch import packed_attention  # needs the gpu extra: only here
+
+    q = prob.q
+    out_rot, lse = packed_attention(
+        rotate(q, prob.k.seed).to(q.dtype), prob.k, prob.v,
+        softmax_scale=prob.softmax_scale, causal=prob.causal, window_size=prob.window_size,
+        cu_seqlens_q=prob.cu_seqlens_q, cu_seqlens_k=prob.cu_seqlens_k, seqused_k=prob.seqused_k,
+        page_table=prob.page_table, return_lse=return_lse,
+    )
+    return unrotate(out_rot, prob.v.seed).to(q.dtype), lse
 
 
 def _decompress_pages(p: PackedKV, page_table: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:

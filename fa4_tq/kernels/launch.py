@@ -1,0 +1,142 @@
+"""Torch side of the packed-KV kernels: pick the kernel class and tiles, compile once, launch.
+
+Mirrors what ``flash_attn.cute.interface._flash_attn_fwd`` does for FA4's own kernels (same
+tensor conversion, same compile options, same handling of fake tensors: under torch's
+``FakeTensorMode`` the kernel is compiled and not launched, which is how CI compiles for GPUs it
+does not have).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..codec import PackedKV
+from .staging import choose_staging, pair_table, table_floats
+
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+
+_compile_cache: dict = {}
+
+
+def device_arch() -> int:
+    """Compute capability as FA4 selects it (``FLASH_ATTENTION_ARCH`` overrides, for CPU compiles)."""
+    from flash_attn.cute.interface import _get_device_arch
+
+    return _get_device_arch()
+
+
+def sm90_tiles(head_dim: int, k_bits: int, v_bits: int) -> tuple[int, int]:
+    """(tile_m, tile_n). FA4 uses 128x128 at head_dim 128; at 64 it uses 192x128, whose third
+    consumer warpgroup leaves the producer 32 registers, too few to dequantise, so we keep 128;
+    at 256 tile_n 64 (FA4: 80) so that 128 producer threads split each row evenly in two, and 32
+    where even one staging slot of 64 rows does not fit beside FA4's tiles (K8V8)."""
+    for tile_n in ((128,) if head_dim <= 128 else (64, 32)):
+        try:
+            choose_staging(128, tile_n, head_dim, k_bits, v_bits)
+            return 128, tile_n
+        except ValueError:
+            continue
+    raise ValueError(f"no SM90 tile fits head_dim {head_dim} at K{k_bits}V{v_bits}")
+
+
+def _kernel_class(arch: int):
+    if arch // 10 == 9:
+        from .sm90 import FlashAttentionForwardSm90TQ
+
+        return FlashAttentionForwardSm90TQ
+    raise NotImplementedError(
+        f"no packed-KV kernel for compute capability {arch // 10}.{arch % 10} yet: use "
+        f"backend='decompress' (SM90 is supported)"
+    )
+
+
+def packed_attention(
+    q_rot: torch.Tensor,
+    k: PackedKV,
+    v: PackedKV,
+    *,
+    softmax_scale: float,
+    causal: bool,
+    window_size: tuple,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
+    seqused_k: Optional[torch.Tensor] = None,
+    page_table: Optional[torch.Tensor] = None,
+    return_lse: bool = True,
+    _ablate: Optional[str] = None,
+):
+    """Attention of ``q_rot`` (already rotated by R_k) on packed K/V, in the rotated space.
+
+    Inputs are assumed validated by ``fa4_tq.interface``. Returns ``(out_rot, lse)`` with FA4's
+    layouts; ``out_rot`` has q's dtype and still needs ``R_v^T``.
+    """
+    import cutlass
+    import cutlass.cute as cute
+    from flash_attn.cute.cute_dsl_utils import to_cute_tensor
+    from flash_attn.cute.interface import _resolve_causal_local_window
+    from flash_attn.cute.testing import is_fake_mode
+
+    head_dim = q_rot.shape[-1]
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(
+            f"the packed-KV kernel supports head_dim in {SUPPORTED_HEAD_DIMS}, got {head_dim}: "
+            f"use backend='decompress'"
+        )
+    arch = device_arch()
+    cls = _kernel_class(arch)
+    num_head, num_head_kv = q_rot.shape[-2], k.shape[-2]
+    qhead_per_kvhead = num_head // num_head_kv
+    pack_gqa = qhead_per_kvhead > 1  # FA4's default
+    causal, local, wl, wr = _resolve_causal_local_window(causal, window_size[0], window_size[1])
+    tile_m, tile_n = sm90_tiles(head_dim, k.bits, v.bits)
+
+    if cu_seqlens_q is None:
+        batch, seqlen_q = q_rot.shape[:2]
+        lse_shape = (batch, num_head, seqlen_q)
+    else:
+        lse_shape = (num_head, q_rot.shape[0])
+    out = torch.empty(q_rot.shape, dtype=q_rot.dtype, device=q_rot.device)
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q_rot.device) if return_lse else None
+    if is_fake_mode():  # compile only: the tables' shapes are all that matter
+        k_table, v_table = (torch.empty(table_floats(b), dtype=torch.float32, device=q_rot.device)
+                            for b in (k.bits, v.bits))
+    else:
+        k_table, v_table = pair_table(k.bits, q_rot.device), pair_table(v.bits, q_rot.device)
+
+    key = (
+        arch, cls.__name__, q_rot.dtype, head_dim, qhead_per_kvhead, k.bits, v.bits,
+        k.scales.dtype, v.scales.dtype, causal, local, wl is None, wr is None, pack_gqa,
+        cu_seqlens_q is None, cu_seqlens_k is None, seqused_k is None, page_table is None,
+        lse is None, tile_m, tile_n, _ablate,
+    )
+    if key not in _compile_cache:
+        dtype = {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16}[q_rot.dtype]
+        kernel = cls(
+            dtype, head_dim, qhead_per_kvhead, k_bits=k.bits, v_bits=v.bits, is_causal=causal,
+            is_local=local, pack_gqa=pack_gqa, tile_m=tile_m, tile_n=tile_n, ablate=_ablate,
+        )
+        small = dict(assumed_align=4, leading_dim=0)
+        args = [
+            to_cute_tensor(q_rot),
+            to_cute_tensor(k.data), to_cute_tensor(v.data),
+            to_cute_tensor(k.scales, assumed_align=2), to_cute_tensor(v.scales, assumed_align=2),
+            to_cute_tensor(k_table, assumed_align=16), to_cute_tensor(v_table, assumed_align=16),
+            to_cute_tensor(out), to_cute_tensor(lse, assumed_align=4) if lse is not None else None,
+            softmax_scale,
+            to_cute_tensor(cu_seqlens_q, **small) if cu_seqlens_q is not None else None,
+            to_cute_tensor(cu_seqlens_k, **small) if cu_seqlens_k is not None else None,
+            to_cute_tensor(seqused_k, **small) if seqused_k is not None else None,
+            to_cute_tensor(page_table, assumed_align=4, leading_dim=1) if page_table is not None else None,
+            wl, wr,
+            cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
+        ]
+        _compile_cache[key] = cute.compile(kernel, *args, options="--enable-tvm-ffi")
+    if not is_fake_mode():
+        _compile_cache[key](
+            q_rot, k.data, v.data, k.scales, v.scales, k_table, v_table, out, lse,
+            softmax_scale, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table, wl, wr,
+        )
+    return out, lse

@@ -1,0 +1,406 @@
+"""FlashAttention-4's SM90 forward on TurboQuant-packed K/V.
+
+``FlashAttentionForwardSm90TQ`` subclasses FA4's ``FlashAttentionForwardSm90`` and replaces only
+the K/V load stage. The producer warpgroup (128 threads) copies packed rows into a staging ring
+with cp.async and dequantises them (``load_stage.py``) into the swizzled ``sK``/``sV`` stages that
+FA4's consumer warpgroups read with wgmma; each thread fences the async proxy and arrives on the
+stage's mbarrier. QK^T, softmax, masks, PV, the epilogue and the tile schedulers are FA4's own
+code, run unchanged. No bf16 K or V exists in global memory.
+
+Attention runs in the rotated space: the caller passes ``R_k q`` and un-rotates the output with
+``R_v^T`` (``fa4_tq.kernels.launch``).
+
+What FA4 lacks, and how it is bridged (each listed in docs/UPSTREAM.md):
+- ``__call__`` derives shapes and smem layouts from K/V tensors of the compute dtype. We hand it
+  *shape carriers*: tensors of the compute dtype over the packed buffers, used only for shapes.
+- ``kernel`` has a fixed argument list, so the packed operands cannot reach ``load``. ``kernel``
+  is overridden to launch a kernel with one more argument (``TQOperands``) whose body is FA4's
+  own ``kernel`` body, inlined.
+- ``load`` issues TMA or FA4's paged cp.async for K/V; it is overridden (Q is still loaded as FA4
+  does, by TMA or PackGQA).
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Callable, NamedTuple, Optional
+
+import cuda.bindings.driver as cuda
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, const_expr
+from cutlass import pipeline
+from cutlass.cute.nvgpu import cpasync
+
+from flash_attn.cute.block_info import BlockInfo
+from flash_attn.cute.block_sparsity import BlockSparseTensors
+from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90
+from flash_attn.cute.named_barrier import NamedBarrierFwd
+from flash_attn.cute.pack_gqa import PackGQA
+from flash_attn.cute.utils import AuxData
+from quack import copy_utils
+from quack.cute_dsl_utils import ParamsBase
+
+from .load_stage import copy_part_async, dequant_part
+from .staging import StagingPlan, choose_staging, table_floats
+
+
+class TQOperands(NamedTuple):
+    """The packed K/V as the kernel sees them (format v1, see docs/FORMAT.md)."""
+
+    k_data: cute.Tensor  # uint8 (b, s, h_k, nb) | (total_k, h_k, nb) | (pages, page_size, h_k, nb)
+    v_data: cute.Tensor
+    k_scale: cute.Tensor  # (b, h_k, s) | (h_k, total_k) | (pages, h_k, page_size)
+    v_scale: cute.Tensor
+    k_table: cute.Tensor  # float32 codebook lookup table (staging.pair_table)
+    v_table: cute.Tensor
+
+
+def _inline_body(kernel_fn) -> Callable:
+    """FA4's ``kernel`` body as a jit function we can call (inline) from our own kernel.
+
+    A fresh function object over FA4's code: the decorated original is left untouched, so FA4's
+    own kernels keep working in the same process."""
+    raw = kernel_fn.__wrapped__
+    code = getattr(raw, "_original_code", raw.__code__)
+    clone = types.FunctionType(code, raw.__globals__, raw.__name__, raw.__defaults__, raw.__closure__)
+    clone.__kwdefaults__ = raw.__kwdefaults__
+    clone.__qualname__ = raw.__qualname__
+    clone.__module__ = raw.__module__
+    return cute.jit(clone)
+
+
+_fa4_kernel_body = _inline_body(FlashAttentionForwardSm90.kernel)
+
+
+class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
+    """FA4 SM90 forward whose K/V come packed (``k_bits``/``v_bits`` in {2, 3, 4, 8})."""
+
+    # A hardware named barrier for the producer warpgroup alone, after the ones FA4's consumers use.
+    _producer_barrier_id = max(int(b) for b in NamedBarrierFwd) + 1
+
+    def __init__(
+        self,
+        dtype,
+        head_dim: int,
+        qhead_per_kvhead: int,
+        *,
+        k_bits: int,
+        v_bits: int,
+        is_causal: bool = False,
+        is_local: bool = False,
+        pack_gqa: bool = False,
+        tile_m: int = 128,
+        tile_n: int = 128,
+        intra_wg_overlap: bool = True,
+        mma_pv_is_rs: bool = True,
+        producer_regs: int = 56,
+        ablate: Optional[str] = None,
+    ):
+        if tile_m != 128:
+            raise ValueError("the packed-KV SM90 kernel runs two consumer warpgroups: tile_m must be 128")
+        super().__init__(
+            dtype,
+            head_dim,
+            head_dim,
+            qhead_per_kvhead,
+            is_causal=is_causal,
+            is_local=is_local,
+            pack_gqa=pack_gqa,
+            tile_m=tile_m,
+            tile_n=tile_n,
+            num_stages=2,
+            num_threads=384,
+            Q_in_regs=False,
+            intra_wg_overlap=intra_wg_overlap,
+            mma_pv_is_rs=mma_pv_is_rs,
+            paged_kv_non_tma=True,  # FA4 then builds cp.async pipelines fed by all 128 producer threads
+        )
+        self.head_dim = head_dim
+        self.k_bits, self.v_bits = k_bits, v_bits
+        self.k_plan = StagingPlan(tile_n, head_dim, k_bits)
+        self.v_plan = StagingPlan(tile_n, head_dim, v_bits)
+        self.staging_slots, self.staging_padded = choose_staging(tile_m, tile_n, head_dim, k_bits, v_bits)
+        # setmaxnreg only moves registers inside the CTA's launch allocation: 384 threads x 168
+        # (the most a 384-thread CTA gets) = 64512. FA4's cp.async setting is 224/40.
+        if 256 * 224 + 128 * producer_regs > 384 * 168 or producer_regs % 8:
+            raise ValueError(f"producer_regs={producer_regs} does not fit beside 224 consumer registers")
+        self.producer_regs = producer_regs
+        # Measurement only (perf/bench_prefill.py --ablate): "no_copy" skips the packed loads,
+        # "no_dequant" skips the byte-to-tile conversion. The results are then wrong.
+        if ablate not in (None, "no_copy", "no_dequant"):
+            raise ValueError(f"ablate must be None, 'no_copy' or 'no_dequant', got {ablate!r}")
+        self.ablate = ablate
+
+    # ------------------------------------------------------------------ host entry
+    @cute.jit
+    def __call__(
+        self,
+        mQ: cute.Tensor,  # (b, s_q, h, d) or (total_q, h, d), already rotated by R_k
+        mK: cute.Tensor,  # uint8 packed, see TQOperands
+        mV: cute.Tensor,
+        mKScale: cute.Tensor,
+        mVScale: cute.Tensor,
+        mKTable: cute.Tensor,
+        mVTable: cute.Tensor,
+        mO: cute.Tensor,
+        mLSE: Optional[cute.Tensor],
+        softmax_scale: Float32,
+        mCuSeqlensQ: Optional[cute.Tensor] = None,
+        mCuSeqlensK: Optional[cute.Tensor] = None,
+        mSeqUsedK: Optional[cute.Tensor] = None,
+        mPageTable: Optional[cute.Tensor] = None,
+        window_size_left: Int32 | int | None = None,
+        window_size_right: Int32 | int | None = None,
+        stream: cuda.CUstream = None,
+    ):
+        self._tq_host = TQOperands(mK, mV, mKScale, mVScale, mKTable, mVTable)
+        FlashAttentionForwardSm90.__call__(
+            self,
+            mQ,
+            self._shape_carrier(mK),
+            self._shape_carrier(mV),
+            mO,
+            mLSE,
+            softmax_scale,
+            mCuSeqlensQ,
+            mCuSeqlensK,
+            None,  # seqused_q
+            mSeqUsedK,
+            mPageTable,
+            window_size_left,
+            window_size_right,
+            None,  # learnable_sink
+            None,  # block sparsity
+            AuxData(),
+            None,
+            None,
+            stream,
+        )
+
+    def _shape_carrier(self, mX: cute.Tensor) -> cute.Tensor:
+        """A tensor of the compute dtype with the logical K/V shape, over the packed bytes.
+
+        FA4's ``__call__`` reads only its shape and dtype (no TMA is built for K/V when the
+        producer loads them itself); the kernel never dereferences it."""
+        lead = mX.shape[:-1]
+        layout = cute.make_layout((*lead, self.tile_hdim), stride=(*mX.stride[:-1], 1))
+        return cute.make_tensor(cute.recast_ptr(mX.iterator, dtype=self.dtype), layout)
+
+    # ------------------------------------------------------------------ kernel
+    def kernel(self, *fa4_args):
+        """FA4's ``__call__`` launches ``self.kernel(...)``: add the packed operands."""
+        return self._kernel_tq(*fa4_args, self._tq_host)
+
+    @cute.kernel
+    def _kernel_tq(
+        self,
+        mQ: cute.Tensor,
+        mK: cute.Tensor,
+        mV: cute.Tensor,
+        mO: cute.Tensor,
+        mLSE: Optional[cute.Tensor],
+        mCuSeqlensQ: Optional[cute.Tensor],
+        mCuSeqlensK: Optional[cute.Tensor],
+        mSeqUsedQ: Optional[cute.Tensor],
+        mSeqUsedK: Optional[cute.Tensor],
+        mPageTable: Optional[cute.Tensor],
+        tma_atom_Q: Optional[cute.CopyAtom],
+        tma_atom_K: Optional[cute.CopyAtom],
+        tma_atom_V: Optional[cute.CopyAtom],
+        tma_atom_O: Optional[cute.CopyAtom],
+        softmax_scale_log2: Float32,
+        softmax_scale: Optional[Float32],
+        window_size_left: Optional[Int32],
+        window_size_right: Optional[Int32],
+        learnable_sink: Optional[cute.Tensor],
+        blocksparse_tensors: Optional[BlockSparseTensors],
+        sQ_layout: cute.ComposedLayout,
+        sK_layout: cute.ComposedLayout,
+        sV_layout: cute.ComposedLayout,
+        sO_layout: cute.ComposedLayout,
+        sP_layout: cute.ComposedLayout | None,
+        gmem_tiled_copy_Q: cute.TiledCopy,
+        gmem_tiled_copy_K: cute.TiledCopy,
+        gmem_tiled_copy_V: cute.TiledCopy,
+        gmem_tiled_copy_O: cute.TiledCopy,
+        tiled_mma_qk: cute.TiledMma,
+        tiled_mma_pv: cute.TiledMma,
+        tile_sched_params: ParamsBase,
+        TileScheduler: cutlass.Constexpr[Callable],
+        SharedStorage: cutlass.Constexpr[Callable],
+        aux_data: AuxData,
+        fastdiv_mods,
+        tq: TQOperands,
+    ):
+        # Staging ring and codebook tables: separate shared-memory allocations beside FA4's.
+        smem = cutlass.utils.SmemAllocator()
+        slots = self.staging_slots
+        stage_layouts = []
+        for plan in (self.k_plan, self.v_plan):
+            stride = plan.stride if self.staging_padded else -(-plan.part_bytes // 16) * 16
+            stage_layouts.append(cute.make_layout(
+                (plan.num_threads, stride, slots), stride=(stride, 1, plan.num_threads * stride)
+            ))
+        self._sStageK = smem.allocate_tensor(cutlass.Uint8, stage_layouts[0], byte_alignment=128)
+        self._sStageV = smem.allocate_tensor(cutlass.Uint8, stage_layouts[1], byte_alignment=128)
+        self._sTableK = smem.allocate_tensor(Float32, cute.make_layout((table_floats(self.k_bits),)), byte_alignment=16)
+        self._sTableV = smem.allocate_tensor(Float32, cute.make_layout((table_floats(self.v_bits),)), byte_alignment=16)
+        self._tq = tq
+        # The producer dequantises: give it registers (FA4's cp.async setting is 224/40).
+        self.num_mma_regs, self.num_producer_regs = 224, self.producer_regs
+        _fa4_kernel_body(
+            self, mQ, mK, mV, mO, mLSE, mCuSeqlensQ, mCuSeqlensK, mSeqUsedQ, mSeqUsedK, mPageTable,
+            tma_atom_Q, tma_atom_K, tma_atom_V, tma_atom_O, softmax_scale_log2, softmax_scale,
+            window_size_left, window_size_right, learnable_sink, blocksparse_tensors,
+            sQ_layout, sK_layout, sV_layout, sO_layout, sP_layout,
+            gmem_tiled_copy_Q, gmem_tiled_copy_K, gmem_tiled_copy_V, gmem_tiled_copy_O,
+            tiled_mma_qk, tiled_mma_pv, tile_sched_params, TileScheduler, SharedStorage,
+            aux_data, fastdiv_mods,
+        )
+
+    # ------------------------------------------------------------------ producer
+    @cute.jit
+    def load(
+        self,
+        mQ: cute.Tensor,
+        mK: cute.Tensor,
+        mV: cute.Tensor,
+        sQ: cute.Tensor,
+        sK: cute.Tensor,
+        sV: cute.Tensor,
+        tma_atom_Q: Optional[cute.CopyAtom],
+        tma_atom_K: Optional[cute.CopyAtom],
+        tma_atom_V: Optional[cute.CopyAtom],
+        pipeline_k: pipeline.PipelineAsync,
+        pipeline_v: pipeline.PipelineAsync,
+        pipeline_q: pipeline.PipelineAsync,
+        gmem_tiled_copy_Q: cute.TiledCopy,
+        mPageTable: Optional[cute.Tensor],
+        blocksparse_tensors: Optional[BlockSparseTensors],
+        block_info: BlockInfo,
+        SeqlenInfoCls: Callable,
+        TileSchedulerCls: Callable,
+    ):
+        tq = self._tq
+        warp_idx_in_wg = cute.arch.make_warp_uniform(cute.arch.warp_idx()) % 4
+        tidx, _, _ = cute.arch.thread_idx()  # 0..127: the producer warpgroup
+
+        # Codebook tables into shared memory, once per CTA (read only by this warpgroup).
+        for sTable, mTable in ((self._sTableK, tq.k_table), (self._sTableV, tq.v_table)):
+            for i in cutlass.range(tidx, cute.size(sTable), 128, unroll=1):
+                sTable[i] = mTable[i]
+        cute.arch.barrier(barrier_id=self._producer_barrier_id, number_of_threads=128)
+
+        row = tidx % self.tile_n
+        part = tidx // self.tile_n
+        q_producer_phase = Int32(1)
+        kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.num_stages)
+        tile_scheduler = TileSchedulerCls()
+        work_tile = tile_scheduler.initial_work_tile_info()
+        while work_tile.is_valid_tile:
+            m_block, head_idx, batch_idx, _ = work_tile.tile_idx
+            seqlen = SeqlenInfoCls(batch_idx)
+            head_idx_kv = head_idx // self.qhead_per_kvhead if const_expr(not self.pack_gqa) else head_idx
+
+            # --- Q, exactly as FA4 loads it
+            mQ_cur = seqlen.offset_batch_Q(mQ, batch_idx, dim=3)[None, None, head_idx]
+            if const_expr(self.use_tma_Q):
+                if warp_idx_in_wg == 0:
+                    gQ = cute.local_tile(mQ_cur, (self.tile_m, self.tile_hdim), (m_block, 0))
+                    load_Q, _, _ = copy_utils.tma_get_copy_fn(
+                        tma_atom_Q, 0, cute.make_layout(1), gQ, sQ, single_stage=True
+                    )
+                    pipeline_q.producer_acquire_w_index_phase(0, q_producer_phase)
+                    load_Q(tma_bar_ptr=pipeline_q.sync_object_full.get_barrier(0))
+            else:
+                pack_gqa = PackGQA(self.tile_m, self.tile_hdim, self.check_hdim_oob, self.qhead_per_kvhead)
+                pipeline_q.producer_acquire_w_index_phase(0, q_producer_phase)
+                pack_gqa.load_Q(mQ_cur, sQ, gmem_tiled_copy_Q, tidx, m_block, seqlen.seqlen_q)
+                cute.arch.cp_async_commit_group()
+                pipeline_q.producer_commit_w_index(0)
+            q_producer_phase ^= 1
+
+            # --- K/V: the consumers take blocks n_block_max-1 down to n_block_min (at least one)
+            n_block_min, n_block_max = block_info.get_n_block_min_max(seqlen, m_block)
+            n_blocks = cutlass.max(n_block_max - n_block_min, 1)
+            sigma_k, sigma_v = self._issue_block(tq, mPageTable, seqlen, batch_idx, head_idx_kv,
+                                                 n_block_max - 1, 0, row, part)
+            cute.arch.cp_async_commit_group()
+            for i in cutlass.range(n_blocks, unroll=1):
+                n_block = n_block_max - 1 - i
+                slot = i % self.staging_slots
+                sigma_k_next, sigma_v_next = sigma_k, sigma_v
+                if const_expr(self.staging_slots == 2):
+                    if i + 1 < n_blocks:
+                        sigma_k_next, sigma_v_next = self._issue_block(
+                            tq, mPageTable, seqlen, batch_idx, head_idx_kv, n_block - 1, 1 - slot, row, part
+                        )
+                    cute.arch.cp_async_commit_group()
+                    cute.arch.cp_async_wait_group(1)
+                else:
+                    cute.arch.cp_async_wait_group(0)
+                pipeline_k.producer_acquire(kv_state)
+                self._dequant_block(self._sStageK, slot, self._sTableK, sigma_k, sK, kv_state.index,
+                                    self.k_plan, row, part)
+                cute.arch.mbarrier_arrive(pipeline_k.sync_object_full.get_barrier(kv_state.index))
+                pipeline_v.producer_acquire(kv_state)
+                self._dequant_block(self._sStageV, slot, self._sTableV, sigma_v, sV, kv_state.index,
+                                    self.v_plan, row, part)
+                cute.arch.mbarrier_arrive(pipeline_v.sync_object_full.get_barrier(kv_state.index))
+                kv_state.advance()
+                if const_expr(self.staging_slots == 1):
+                    if i + 1 < n_blocks:
+                        sigma_k_next, sigma_v_next = self._issue_block(
+                            tq, mPageTable, seqlen, batch_idx, head_idx_kv, n_block - 1, 0, row, part
+                        )
+                    cute.arch.cp_async_commit_group()
+                sigma_k, sigma_v = sigma_k_next, sigma_v_next
+
+            tile_scheduler.prefetch_next_work()
+            tile_scheduler.advance_to_next_work()
+            work_tile = tile_scheduler.get_current_work()
+
+    @cute.jit
+    def _issue_block(self, tq: TQOperands, mPageTable, seqlen, batch_idx, head_kv, n_block, slot, row, part):
+        """cp.async this thread's packed K and V bytes of ``n_block`` into staging ``slot``; return
+        the row's scales (0 for rows past the end, so their tile rows come out as zeros)."""
+        idx = n_block * self.tile_n + row
+        valid = idx >= 0 and idx < seqlen.seqlen_k
+        sigma_k, sigma_v = Float32(0.0), Float32(0.0)
+        if valid:
+            if const_expr(mPageTable is not None):
+                page_size = tq.k_data.shape[1]
+                page = mPageTable[batch_idx, idx // page_size]
+                off = idx % page_size
+                k_row = cute.domain_offset((page, off, head_kv, part * self.k_plan.part_bytes), tq.k_data)
+                v_row = cute.domain_offset((page, off, head_kv, part * self.v_plan.part_bytes), tq.v_data)
+                sigma_k = Float32(tq.k_scale[page, head_kv, off])
+                sigma_v = Float32(tq.v_scale[page, head_kv, off])
+            elif const_expr(cute.rank(tq.k_data) == 3):  # varlen: (total_k, h_k, nb)
+                tok = seqlen.offset_k + idx
+                k_row = cute.domain_offset((tok, head_kv, part * self.k_plan.part_bytes), tq.k_data)
+                v_row = cute.domain_offset((tok, head_kv, part * self.v_plan.part_bytes), tq.v_data)
+                sigma_k = Float32(tq.k_scale[head_kv, tok])
+                sigma_v = Float32(tq.v_scale[head_kv, tok])
+            else:
+                k_row = cute.domain_offset((batch_idx, idx, head_kv, part * self.k_plan.part_bytes), tq.k_data)
+                v_row = cute.domain_offset((batch_idx, idx, head_kv, part * self.v_plan.part_bytes), tq.v_data)
+                sigma_k = Float32(tq.k_scale[batch_idx, head_kv, idx])
+                sigma_v = Float32(tq.v_scale[batch_idx, head_kv, idx])
+            if const_expr(self.ablate != "no_copy"):
+                for sStage, src, plan in ((self._sStageK, k_row, self.k_plan), (self._sStageV, v_row, self.v_plan)):
+                    ptr = cute.make_ptr(cutlass.Uint8, src.iterator.toint(), cute.AddressSpace.gmem,
+                                        assumed_align=plan.copy_bytes)
+                    copy_part_async(ptr, sStage[cute.arch.thread_idx()[0], None, slot], plan.part_bytes, plan.copy_bytes)
+        return sigma_k, sigma_v
+
+    @cute.jit
+    def _dequant_block(self, sStage, slot, sTable, sigma, sX, stage, plan: cutlass.Constexpr, row, part):
+        """This thread's (row, part) of one tile: staging -> dtype, then make the generic-proxy
+        stores visible to wgmma (async proxy) before the caller arrives on the stage's barrier."""
+        tidx = cute.arch.thread_idx()[0]
+        dst_part = cute.local_tile(sX[row, None, stage], (plan.cols,), (part,))
+        if const_expr(self.ablate != "no_dequant"):
+            dequant_part(sStage[tidx, None, slot], sTable, sigma, dst_part, plan.bits, plan.cols)
+        cute.arch.fence_proxy("async.shared", space="cta")
