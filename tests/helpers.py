@@ -18,3 +18,16 @@ def realistic_kv(shape, *, generator=None, outlier_channels=4, outlier_scale=20.
     x[..., idx] *= outlier_scale
     x[..., idx[0]] += bias * outlier_scale
     return x
+
+
+def bf16_baseline_err(q, k, v, causal, window):
+    """FA4's own error as a bf16 attention: FA4 on the bf16-rounded K/V against the float64
+    answer on the unrounded K/V. Ours is measured the same way (its bf16 tiles are rounded from
+    the float32 decoded vectors), so the two numbers are comparable."""
+    from flash_attn.cute import flash_attn_func as fa4
+    from fa4_tq.reference import attention_dense_batched
+
+    out, lse = fa4(q, k.to(q.dtype), v.to(q.dtype), causal=causal, window_size=window, return_lse=True)
+    ref, ref_lse = attention_dense_batched(q, k, v, causal=causal, window_size=window)
+    fin = torch.isfinite(ref_lse)
+    return rel_err(out, ref), rel_err(lse[fin], ref_lse[fin])

@@ -20,3 +20,16 @@ def test_fa4_forward_compiles_for(arch):
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("COMPILED")]
     assert len(lines) == 4, res.stdout
     assert all(ln.endswith(KERNEL_CLASS[arch]) for ln in lines), lines
+
+
+def test_packed_kv_sm90_kernel_compiles_over_its_matrix():
+    """Every K/V bit pair at head_dim 128, plus 64 and 256, masks, pack-GQA by cp.async, fp16 with
+    float32 scales, paged (page = tile and not) and varlen: each must compile for sm_90a."""
+    from fa4_tq.compile_check import tq_sm90_variants
+
+    res = run_in_subprocess("sm_90a", "tq-sm90")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("COMPILED")]
+    want = [label for label, _ in tq_sm90_variants(full=True)]
+    assert [ln.split(": ", 1)[1].rsplit(" -> ", 1)[0] for ln in lines] == want, lines
+    assert all(ln.endswith("FlashAttentionForwardSm90TQ") for ln in lines), lines

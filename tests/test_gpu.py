@@ -5,38 +5,10 @@ import pytest
 import torch
 
 from fa4_tq import PagedKVCache, attention_reference, compress, flash_attn_func, flash_attn_varlen_func
-from helpers import realistic_kv, rel_err
+from helpers import bf16_baseline_err, realistic_kv, rel_err
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Every floating torch.empty (FA4's outputs, our scratch) starts as NaN, not stale memory:
-    an element the kernel fails to write cannot pass the checks."""
-    real_empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
-
-
-def _bf16_baseline_err(q, k, v, causal, window):
-    """FA4's own error as a bf16 attention: FA4 on the bf16-rounded K/V against the float64
-    answer on the unrounded K/V. Ours is measured the same way (its bf16 tiles are rounded from
-    the float32 decoded vectors), so the two numbers are comparable."""
-    from flash_attn.cute import flash_attn_func as fa4
-    from fa4_tq.reference import attention_dense_batched
-
-    out, lse = fa4(q, k.to(q.dtype), v.to(q.dtype), causal=causal, window_size=window, return_lse=True)
-    ref, ref_lse = attention_dense_batched(q, k, v, causal=causal, window_size=window)
-    fin = torch.isfinite(ref_lse)
-    return rel_err(out, ref), rel_err(lse[fin], ref_lse[fin])
 
 
 @pytest.mark.parametrize("kbits,vbits", [(4, 4), (2, 8), (3, 3), (8, 2)])
@@ -53,7 +25,7 @@ def test_decompress_backend_matches_reference(poisoned, kbits, vbits, d, causal,
     out, lse = flash_attn_func(q, k, v, causal=causal, window_size=window, return_lse=True, backend="decompress")
     ref, ref_lse = attention_reference(q, k, v, causal=causal, window_size=window, dtype=torch.float64)
     err = rel_err(out, ref)
-    base, base_lse = _bf16_baseline_err(q, k.decompress(), v.decompress(), causal, window)
+    base, base_lse = bf16_baseline_err(q, k.decompress(), v.decompress(), causal, window)
     assert err <= 2 * base + 1e-3, (err, base)
     fin = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), fin)
@@ -93,10 +65,17 @@ def test_decompress_backend_paged_varlen(poisoned, page_size):
     assert err < 1.5e-2 and lse_err < 3e-3
 
 
-def test_auto_backend_on_cuda_is_decompress():
+def test_auto_backend_on_hopper_is_inline():
     gen = torch.Generator().manual_seed(9)
     q = torch.randn(1, 128, 4, 128, generator=gen).to(torch.bfloat16).to(DEV)
     k = compress(torch.randn(1, 128, 4, 128, generator=gen).to(DEV), 4)
     a, _ = flash_attn_func(q, k, k, causal=True)
-    b, _ = flash_attn_func(q, k, k, causal=True, backend="decompress")
+    b, _ = flash_attn_func(q, k, k, causal=True, backend="inline")
     assert torch.equal(a, b)
+
+
+def test_inline_rejects_head_dim_512_clearly():
+    q = torch.randn(1, 64, 2, 512).to(torch.bfloat16).to(DEV)
+    k = compress(torch.randn(1, 64, 2, 512).to(DEV), 4)
+    with pytest.raises(ValueError, match="head_dim"):
+        flash_attn_func(q, k, k, backend="inline")
