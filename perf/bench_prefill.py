@@ -1,0 +1,128 @@
+"""Prefill on the packed cache, side by side in one run (H100/H200; any SM90 GPU):
+
+- FA4 bf16: ``flash_attn.cute.flash_attn_func`` on the original bf16 K/V (the ceiling);
+- decompress + FA4: ``fa4_tq.flash_attn_func(backend="decompress")`` (decode to a bf16 scratch,
+  FA4, rotate back), end to end;
+- ours: the inline-dequant kernel alone on a rotated query ("kernel", what the TFLOP/s ratio to
+  FA4 compares) and end to end through ``fa4_tq.flash_attn_func`` (rotate q, kernel, rotate the
+  output back: what the speedup over decompress + FA4 compares).
+
+TFLOP/s count 4·b·h·sq·sk·d, halved when causal. Times are medians of CUDA-event timings.
+``--ablate`` adds kernel variants that drop a stage of the load (results wrong, timing only):
+the gap between them and the full kernel says where the time goes.
+
+    python perf/bench_prefill.py              # default matrix, ~5 min on an H100
+    python perf/bench_prefill.py --full       # every bit pair x head_dim x seqlen x mask x GQA
+    python perf/bench_prefill.py --out-dir D  # where prefill-<gpu>.md goes (default perf/results)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import torch
+
+from fa4_tq import compress, flash_attn_func
+from fa4_tq.benchmark import attention_flops, device_name, time_cuda
+from fa4_tq.codec import rotate
+from fa4_tq.kernels.launch import packed_attention
+
+BITS = (2, 3, 4, 8)
+HEADS = {"gqa8": (32, 4), "mha": (32, 32)}
+
+
+def _configs(full: bool):
+    """(kbits, vbits, head_dim, seqlen, causal, heads) tuples."""
+    if full:
+        return list(itertools.product(BITS, BITS, (64, 128), (1024, 2048, 4096, 8192, 16384, 32768),
+                                      (True, False), HEADS))
+    out = [(kb, vb, 128, 8192, True, "gqa8") for kb, vb in itertools.product(BITS, BITS)]
+    for d, s, causal, heads in itertools.product((128, 64), (1024, 4096, 16384), (True, False), HEADS):
+        out.append((4, 4, d, s, causal, heads))
+    out.append((4, 4, 128, 32768, True, "gqa8"))
+    out.append((2, 2, 128, 32768, True, "gqa8"))
+    return out
+
+
+def _inputs(kb, vb, d, s, heads, gen):
+    h, hk = HEADS[heads]
+    batch = max(1, 32768 // s)  # ~32K query tokens per call: fills the GPU at every length
+    q = torch.randn(batch, s, h, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+    k = torch.randn(batch, s, hk, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+    v = torch.randn(batch, s, hk, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+    return batch, q, k, v, compress(k, kb, seed=1), compress(v, vb, seed=2)
+
+
+def run(configs, ablate: bool, reps: int):
+    from flash_attn.cute import flash_attn_func as fa4
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for kb, vb, d, s, causal, heads in configs:
+        batch, q, k, v, kp, vp = _inputs(kb, vb, d, s, heads, gen)
+        flops = attention_flops(batch, HEADS[heads][0], s, s, d, causal)
+        q_rot = rotate(q, kp.seed).to(q.dtype)
+        kern = lambda ab=None: packed_attention(q_rot, kp, vp, softmax_scale=d ** -0.5, causal=causal,
+                                                window_size=(None, None), return_lse=False, _ablate=ab)
+        t = {
+            "fa4": time_cuda(lambda: fa4(q, k, v, causal=causal), reps=reps),
+            "ours": time_cuda(kern, reps=reps),
+            "ours_e2e": time_cuda(lambda: flash_attn_func(q, kp, vp, causal=causal, backend="inline"), reps=reps),
+            "decomp": time_cuda(lambda: flash_attn_func(q, kp, vp, causal=causal, backend="decompress"), reps=reps),
+        }
+        if ablate:
+            for ab in ("no_copy", "no_dequant"):
+                t[ab] = time_cuda(lambda: kern(ab), reps=reps)
+        row = dict(kb=kb, vb=vb, d=d, s=s, causal=causal, heads=heads, batch=batch,
+                   **{f"tf_{n}": flops / (ms * 1e9) for n, ms in t.items()}, **{f"ms_{n}": ms for n, ms in t.items()})
+        rows.append(row)
+        print(_fmt(row, ablate), flush=True)
+        del q, k, v, kp, vp, q_rot
+    return rows
+
+
+HEADER = ("| K/V bits | hd | seqlen | causal | heads | FA4 bf16 TFLOP/s | ours TFLOP/s | ours/FA4 "
+          "| ours e2e ms | decompress+FA4 ms | e2e speedup |")
+
+
+def _fmt(r, ablate):
+    line = (f"| K{r['kb']}V{r['vb']} | {r['d']} | {r['s']} | {'yes' if r['causal'] else 'no'} | {r['heads']} "
+            f"| {r['tf_fa4']:.0f} | {r['tf_ours']:.0f} | {r['tf_ours'] / r['tf_fa4']:.3f} "
+            f"| {r['ms_ours_e2e']:.3f} | {r['ms_decomp']:.3f} | {r['ms_decomp'] / r['ms_ours_e2e']:.2f}x |")
+    if ablate:
+        line += f" {r['tf_no_copy']:.0f} | {r['tf_no_dequant']:.0f} |"
+    return line
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--full", action="store_true", help="the whole matrix (long)")
+    ap.add_argument("--ablate", action="store_true", help="also time kernel variants without a load stage")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_prefill needs a CUDA GPU")
+    gpu = device_name()
+    print(f"device: {gpu}")
+    head = HEADER + (" no-copy TFLOP/s | no-dequant TFLOP/s |" if args.ablate else "")
+    print(head)
+    rows = run(_configs(args.full), args.ablate, args.reps)
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, f"prefill-{gpu.replace(' ', '_')}.md")
+    with open(path, "w") as f:
+        f.write(f"# Prefill, {gpu}\n\n`python perf/bench_prefill.py{' --full' if args.full else ''}"
+                f"{' --ablate' if args.ablate else ''}` (median of {args.reps} CUDA-event timings; "
+                f"~32K query tokens per call; GQA 8:1 = 32/4 heads, MHA = 32/32)\n\n")
+        f.write(head + "\n")
+        f.write("|" + "---|" * (head.count("|") - 1) + "\n")
+        for r in rows:
+            f.write(_fmt(r, args.ablate) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
