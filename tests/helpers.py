@@ -31,3 +31,30 @@ def bf16_baseline_err(q, k, v, causal, window):
     ref, ref_lse = attention_dense_batched(q, k, v, causal=causal, window_size=window)
     fin = torch.isfinite(ref_lse)
     return rel_err(out, ref), rel_err(lse[fin], ref_lse[fin])
+
+
+def paged_problem(page_size, d, gen, device, *, k_bits=4, v_bits=2, h=8, hk=2):
+    """Three sequences (37/200/1 queries over 300/200/513 keys) in a PagedKVCache whose pages are
+    shuffled; returns ``q, k_pages, v_pages`` and the varlen arguments (causal)."""
+    from fa4_tq import PagedKVCache
+
+    lens_q, lens_k = [37, 200, 1], [300, 200, 513]
+    max_pages = max(-(-n // page_size) for n in lens_k)
+    num_pages = 3 * max_pages + 5
+    cache = PagedKVCache(1, num_pages, page_size, hk, d, k_bits=k_bits, v_bits=v_bits, device=device)
+    perm = torch.randperm(num_pages, generator=gen)
+    table = torch.zeros(3, max_pages, dtype=torch.int32)
+    slots, nxt = [], 0
+    for b, n in enumerate(lens_k):
+        for j in range(-(-n // page_size)):
+            table[b, j] = perm[nxt]
+            nxt += 1
+        slots += [int(table[b, t // page_size]) * page_size + t % page_size for t in range(n)]
+    cache.write(0, realistic_kv((sum(lens_k), hk, d), generator=gen).to(device),
+                torch.randn(sum(lens_k), hk, d, generator=gen).to(device), torch.tensor(slots, device=device))
+    q = torch.randn(sum(lens_q), h, d, generator=gen).to(torch.bfloat16).to(device)
+    args = dict(cu_seqlens_q=torch.tensor([0, 37, 237, 238], dtype=torch.int32, device=device),
+                seqused_k=torch.tensor(lens_k, dtype=torch.int32, device=device),
+                page_table=table.to(device), causal=True)
+    kp, vp = cache.layer(0)
+    return q, kp, vp, args

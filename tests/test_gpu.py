@@ -4,8 +4,8 @@ packed K/V. Outputs are poisoned first so an unwritten element cannot pass."""
 import pytest
 import torch
 
-from fa4_tq import PagedKVCache, attention_reference, compress, flash_attn_func, flash_attn_varlen_func
-from helpers import bf16_baseline_err, realistic_kv, rel_err
+from fa4_tq import attention_reference, compress, flash_attn_func, flash_attn_varlen_func
+from helpers import bf16_baseline_err, paged_problem, realistic_kv, rel_err
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -37,29 +37,9 @@ def test_decompress_backend_matches_reference(poisoned, kbits, vbits, d, causal,
 
 @pytest.mark.parametrize("page_size", [128, 64, 16])
 def test_decompress_backend_paged_varlen(poisoned, page_size):
-    gen = torch.Generator().manual_seed(page_size)
-    d, h, hk = 128, 8, 2
-    lens_q, lens_k = [37, 200, 1], [300, 200, 513]
-    max_pages = max(-(-n // page_size) for n in lens_k)
-    num_pages = 3 * max_pages + 5
-    cache = PagedKVCache(1, num_pages, page_size, hk, d, k_bits=4, v_bits=2, device=DEV)
-    perm = torch.randperm(num_pages, generator=gen)
-    table = torch.zeros(3, max_pages, dtype=torch.int32)
-    slots, nxt = [], 0
-    for b, n in enumerate(lens_k):
-        for j in range(-(-n // page_size)):
-            table[b, j] = perm[nxt]; nxt += 1
-        slots += [int(table[b, t // page_size]) * page_size + t % page_size for t in range(n)]
-    k = realistic_kv((sum(lens_k), hk, d), generator=gen).to(DEV)
-    v = torch.randn(sum(lens_k), hk, d, generator=gen).to(DEV)
-    cache.write(0, k, v, torch.tensor(slots, device=DEV))
-    q = torch.randn(sum(lens_q), h, d, generator=gen).to(torch.bfloat16).to(DEV)
-    cu_q = torch.tensor([0, 37, 237, 238], dtype=torch.int32, device=DEV)
-    used = torch.tensor(lens_k, dtype=torch.int32, device=DEV)
-    kp, vp = cache.layer(0)
-    args = dict(cu_seqlens_q=cu_q, seqused_k=used, page_table=table.to(DEV), causal=True, return_lse=True)
-    out, lse = flash_attn_varlen_func(q, kp, vp, max_seqlen_q=200, **args, backend="decompress")
-    ref, ref_lse = attention_reference(q, kp, vp, cu_seqlens_q=cu_q, seqused_k=used, page_table=table.to(DEV), causal=True, dtype=torch.float64)
+    q, kp, vp, args = paged_problem(page_size, 128, torch.Generator().manual_seed(page_size), DEV)
+    out, lse = flash_attn_varlen_func(q, kp, vp, max_seqlen_q=200, **args, return_lse=True, backend="decompress")
+    ref, ref_lse = attention_reference(q, kp, vp, **args, dtype=torch.float64)
     err, lse_err = rel_err(out, ref), rel_err(lse, ref_lse)
     print(f"ERRS paged page_size={page_size}: out {err:.2e} lse {lse_err:.2e}")
     assert err < 1.5e-2 and lse_err < 3e-3

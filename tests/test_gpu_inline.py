@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-from fa4_tq import PagedKVCache, attention_reference, compress, flash_attn_func, flash_attn_varlen_func
-from helpers import bf16_baseline_err, realistic_kv, rel_err
+from fa4_tq import attention_reference, compress, flash_attn_func, flash_attn_varlen_func
+from helpers import bf16_baseline_err, paged_problem, realistic_kv, rel_err
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -89,44 +89,23 @@ def test_varlen(poisoned):
     v = compress(torch.randn(sum(lens_k), hk, d, generator=gen).to(DEV), 3, seed=4)
     cu = lambda lens: torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=DEV)
     args = dict(cu_seqlens_q=cu(lens_q), cu_seqlens_k=cu(lens_k), causal=True)
-    out, lse = flash_attn_varlen_func(q, k, v, **args, return_lse=True, backend="inline")
-    ref, ref_lse = attention_reference(q, k, v, **args, dtype=torch.float64)
-    dec, _ = flash_attn_varlen_func(q, k, v, **args, return_lse=True, backend="decompress")
-    err, base = rel_err(out, ref), rel_err(dec, ref)
-    print(f"ERRS varlen: out {err:.2e} (decompress+FA4 {base:.2e}) lse {rel_err(lse, ref_lse):.2e}")
-    assert err <= 1.1 * base + 1e-3
-    assert rel_err(lse, ref_lse) < 3e-3
+    _check_varlen(q, k, v, args, "varlen")
 
 
 @pytest.mark.parametrize("page_size", [16, 64, 128, 256])
 @pytest.mark.parametrize("d", [64, 128])
 def test_paged(poisoned, page_size, d):
-    gen = torch.Generator().manual_seed(page_size + d)
-    h, hk = 8, 2
-    lens_q, lens_k = [37, 200, 1], [300, 200, 513]
-    max_pages = max(-(-n // page_size) for n in lens_k)
-    num_pages = 3 * max_pages + 5
-    cache = PagedKVCache(1, num_pages, page_size, hk, d, k_bits=4, v_bits=2, device=DEV)
-    perm = torch.randperm(num_pages, generator=gen)
-    table = torch.zeros(3, max_pages, dtype=torch.int32)
-    slots, nxt = [], 0
-    for b, n in enumerate(lens_k):
-        for j in range(-(-n // page_size)):
-            table[b, j] = perm[nxt]
-            nxt += 1
-        slots += [int(table[b, t // page_size]) * page_size + t % page_size for t in range(n)]
-    cache.write(0, realistic_kv((sum(lens_k), hk, d), generator=gen).to(DEV),
-                torch.randn(sum(lens_k), hk, d, generator=gen).to(DEV), torch.tensor(slots, device=DEV))
-    q = torch.randn(sum(lens_q), h, d, generator=gen).to(torch.bfloat16).to(DEV)
-    cu_q = torch.tensor([0, 37, 237, 238], dtype=torch.int32, device=DEV)
-    used = torch.tensor(lens_k, dtype=torch.int32, device=DEV)
-    kp, vp = cache.layer(0)
-    args = dict(cu_seqlens_q=cu_q, seqused_k=used, page_table=table.to(DEV), causal=True)
-    out, lse = flash_attn_varlen_func(q, kp, vp, **args, return_lse=True, backend="inline")
-    ref, ref_lse = attention_reference(q, kp, vp, **args, dtype=torch.float64)
-    dec, _ = flash_attn_varlen_func(q, kp, vp, **args, return_lse=True, backend="decompress")
+    q, kp, vp, args = paged_problem(page_size, d, torch.Generator().manual_seed(page_size + d), DEV)
+    _check_varlen(q, kp, vp, args, f"paged page_size={page_size} d{d}")
+
+
+def _check_varlen(q, k, v, args, tag):
+    """Inline kernel vs the float64 reference, with decompress + FA4 (same tiles) as yardstick."""
+    out, lse = flash_attn_varlen_func(q, k, v, **args, return_lse=True, backend="inline")
+    ref, ref_lse = attention_reference(q, k, v, **args, dtype=torch.float64)
+    dec, _ = flash_attn_varlen_func(q, k, v, **args, return_lse=True, backend="decompress")
     err, base = rel_err(out, ref), rel_err(dec, ref)
-    print(f"ERRS paged page_size={page_size} d{d}: out {err:.2e} (decompress+FA4 {base:.2e}) lse {rel_err(lse, ref_lse):.2e}")
+    print(f"ERRS {tag}: out {err:.2e} (decompress+FA4 {base:.2e}) lse {rel_err(lse, ref_lse):.2e}")
     assert err <= 1.1 * base + 1e-3
     assert rel_err(lse, ref_lse) < 3e-3
 
