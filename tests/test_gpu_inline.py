@@ -2,6 +2,7 @@
 the same packed K/V. Every output starts as NaN (the ``poisoned`` fixture). The yardstick is
 FA4's own end-to-end bf16 error on the same K/V: ours must stay within 2x of it + 1e-3."""
 
+import dataclasses
 import itertools
 
 import pytest
@@ -75,7 +76,6 @@ def test_seed_matters():
     q, k, v = _problem(5, 1, 128, 256, 4, 4, 128, 8, 8)
     out, _ = flash_attn_func(q, k, v, backend="inline")
     ref, _ = attention_reference(q, k, v, dtype=torch.float64)
-    import dataclasses
     wrong, _ = flash_attn_func(q, dataclasses.replace(k, seed=k.seed + 7), v, backend="inline")
     assert rel_err(out, ref) < 2e-2 < rel_err(wrong, ref)
 
@@ -113,16 +113,14 @@ def _check_varlen(q, k, v, args, tag):
 def test_inline_equals_decompress_tiles_bit_for_bit():
     """With one key the softmax is exactly 1, so the output row *is* the dequantised V row
     (rounded once to bf16 by the epilogue): the kernel's tile must equal the reference decode."""
+    from fa4_tq.codec import rotate
+    from fa4_tq.kernels.launch import packed_attention
+
     gen = torch.Generator().manual_seed(11)
     for vbits in BITS:
         q = torch.randn(1, 1, 2, 128, generator=gen).to(torch.bfloat16).to(DEV)
         v = compress(torch.randn(1, 1, 2, 128, generator=gen).to(DEV), vbits, seed=5)
-        from fa4_tq.codec import rotate
-
-        k = v
-        qr = rotate(q, k.seed).to(q.dtype)
-        from fa4_tq.kernels.launch import packed_attention
-
-        out_rot, _ = packed_attention(qr, k, v, softmax_scale=0.1, causal=False, window_size=(None, None))
+        qr = rotate(q, v.seed).to(q.dtype)
+        out_rot, _ = packed_attention(qr, v, v, softmax_scale=0.1, causal=False, window_size=(None, None))
         want = v.decompress_rotated(torch.bfloat16)  # [1, 1, 2, 128]
         assert torch.equal(out_rot, want), vbits

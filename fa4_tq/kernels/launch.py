@@ -8,7 +8,7 @@ does not have).
 
 from __future__ import annotations
 
-import math
+import functools
 from typing import Optional
 
 import torch
@@ -28,6 +28,7 @@ def device_arch() -> int:
     return _get_device_arch()
 
 
+@functools.lru_cache(maxsize=None)
 def sm90_tiles(head_dim: int, k_bits: int, v_bits: int) -> tuple[int, int]:
     """(tile_m, tile_n). FA4 uses 128x128 at head_dim 128; at 64 it uses 192x128, whose third
     consumer warpgroup leaves the producer 32 registers, too few to dequantise, so we keep 128;

@@ -238,7 +238,7 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
         slots = self.staging_slots
         stage_layouts = []
         for plan in (self.k_plan, self.v_plan):
-            stride = plan.stride if self.staging_padded else -(-plan.part_bytes // 16) * 16
+            stride = plan.row_stride(self.staging_padded)
             stage_layouts.append(cute.make_layout(
                 (plan.num_threads, stride, slots), stride=(stride, 1, plan.num_threads * stride)
             ))

@@ -44,9 +44,15 @@ def _pair_table_cpu(bits: int) -> torch.Tensor:
     return torch.stack([g[v & (n - 1)], g[v >> bits]], dim=1).reshape(-1).contiguous()
 
 
-def pair_table(bits: int, device) -> torch.Tensor:
-    """float32 lookup table the kernels copy into shared memory (see module docstring)."""
+@functools.lru_cache(maxsize=None)
+def _pair_table_on(bits: int, device: torch.device) -> torch.Tensor:
     return _pair_table_cpu(bits).to(device)
+
+
+def pair_table(bits: int, device) -> torch.Tensor:
+    """float32 lookup table the kernels copy into shared memory (see module docstring); one copy
+    per device, made once, so a launch does no host-to-device transfer."""
+    return _pair_table_on(bits, torch.device(device))
 
 
 def table_floats(bits: int) -> int:
@@ -91,11 +97,15 @@ class StagingPlan:
     def stride(self) -> int:
         """Staging bytes per thread: the part rounded to 16 B and padded to an odd number of
         16-byte units, so the 8 threads of a quarter warp read 8 different bank groups."""
+        return self.row_stride(padded=True)
+
+    def row_stride(self, padded: bool) -> int:
+        """Staging bytes per thread, with or without the bank-conflict padding."""
         s = -(-self.part_bytes // 16) * 16
-        return s + 16 if (s // 16) % 2 == 0 else s
+        return s + 16 if padded and (s // 16) % 2 == 0 else s
 
     def bytes(self, padded: bool = True) -> int:
-        return self.num_threads * (self.stride if padded else -(-self.part_bytes // 16) * 16)
+        return self.num_threads * self.row_stride(padded)
 
 
 def fa4_sm90_smem_bytes(tile_m: int, tile_n: int, head_dim: int, num_stages: int = 2) -> int:
