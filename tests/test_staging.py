@@ -3,29 +3,58 @@
 import pytest
 import torch
 
-from fa4_tq.codec import centroids, compress
-from fa4_tq.kernels.staging import StagingPlan, choose_staging, pair_table, table_floats
+from fa4_tq.codec import centroids
+from fa4_tq.codec.packing import pack
+from fa4_tq.kernels.staging import (
+    StagingPlan, choose_staging, code_planes, decode_four, lookup_table, prmt_reference, table_floats,
+    uses_shared_table,
+)
 
 
+def _decode_row(packed_row: bytes, bits: int, dtype: str) -> list[int]:
+    """The kernel's register decode of one packed row, on the CPU: 8 codes per ``bits`` bytes."""
+    out = []
+    for c in range(len(packed_row) // bits):
+        chunk = int.from_bytes(packed_row[bits * c: bits * (c + 1)], "little")
+        for h in range(2):
+            for w in decode_four(chunk >> (4 * bits * h), bits, dtype, prmt_reference):
+                out += [w & 0xFFFF, w >> 16]
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_pair_table_decodes_two_codes_per_lookup(bits):
-    g = centroids(bits, "cpu")
-    t = pair_table(bits, "cpu").view(-1, 2)
-    assert t.shape[0] * 2 == table_floats(bits)
-    lo, hi = torch.randint(0, 1 << bits, (2, 1000))
-    assert torch.equal(t[lo | (hi << bits), 0], g[lo]) and torch.equal(t[lo | (hi << bits), 1], g[hi])
+def test_register_decode_is_the_codebook(bits, dtype):
+    """Every code at every position of the packed stream decodes to its centroid's 16-bit value
+    (the selector arithmetic that turns packed codes into prmt nibbles, checked exhaustively)."""
+    g = centroids(bits).to(getattr(torch, dtype)).view(torch.int16).to(torch.int64) & 0xFFFF
+    n = 1 << bits
+    idx = torch.stack([torch.arange(n).roll(s) for s in range(8)]).reshape(-1)  # each code in each slot
+    idx = torch.cat([idx, torch.randint(0, n, (4096,), generator=torch.Generator().manual_seed(bits))])
+    got = _decode_row(bytes(pack(idx.view(-1, 8), bits).reshape(-1).tolist()), bits, dtype)
+    assert got == g[idx].tolist()
 
 
-def test_pair_table_matches_packed_bytes():
-    """A 4-bit byte is two codes, even coordinate in the low nibble: the byte *is* the pair index."""
-    x = torch.randn(3, 128)
-    p = compress(x, 4)
-    pairs = pair_table(4, "cpu").view(-1, 2)[p.data.long()].reshape(3, 128)
-    assert torch.equal(pairs, centroids(4, "cpu")[p.indices()])
+def test_register_decode_ignores_higher_bits():
+    for bits in (2, 3, 4):
+        low = 0b0110_0100_0001_0011 & ((1 << 4 * bits) - 1)
+        want = decode_four(low, bits, "bfloat16", prmt_reference)
+        assert decode_four(low | (0xABCDEF << 4 * bits), bits, "bfloat16", prmt_reference) == want
 
 
-def test_eight_bit_table_is_the_codebook():
-    assert torch.equal(pair_table(8, "cpu"), centroids(8, "cpu"))
+def test_prmt_reference_follows_ptx():
+    a, b = 0x33221100, 0x77665544
+    assert prmt_reference(a, b, 0x3210) == a and prmt_reference(a, b, 0x7654) == b
+    assert prmt_reference(a, b, 0x5140) == 0x55114400
+    assert prmt_reference(0x80, 0, 0x0008) == 0x808080FF  # nibble bit 3: replicate the sign bit
+
+
+def test_only_eight_bit_codes_use_a_shared_table():
+    assert [b for b in (2, 3, 4, 8) if uses_shared_table(b)] == [8]
+    assert table_floats(8) == 256 and table_floats(4) == 0
+    assert torch.equal(lookup_table(8, "cpu"), centroids(8, "cpu"))
+    with pytest.raises(ValueError, match="2/3/4-bit"):
+        code_planes(8, "bfloat16")
 
 
 @pytest.mark.parametrize("d,bits,tile_n", [(64, 3, 128), (128, 4, 128), (256, 8, 64), (128, 2, 128)])

@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-__all__ = ["SUPPORTED_BITS", "centroids", "boundaries"]
+__all__ = ["SUPPORTED_BITS", "centroids", "centroid_values", "boundaries"]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
@@ -54,10 +54,16 @@ _POSITIVE_HALF = {
 }
 
 
+def centroid_values(bits: int) -> tuple[float, ...]:
+    """The 2**bits centroids, ascending, as Python floats (for kernels that bake them in)."""
+    _check_bits(bits)
+    half = _POSITIVE_HALF[bits]
+    return tuple(-v for v in reversed(half)) + half
+
+
 @functools.lru_cache(maxsize=None)
 def _centroids_cpu(bits: int) -> torch.Tensor:
-    half = torch.tensor(_POSITIVE_HALF[bits], dtype=torch.float32)
-    full = torch.cat([-half.flip(0), half])
+    full = torch.tensor(centroid_values(bits), dtype=torch.float32)
     # Every literal is a bf16 value: the round trip must be exact.
     assert torch.equal(full.to(torch.bfloat16).to(torch.float32), full)
     return full

@@ -132,12 +132,22 @@ class PackedKV:
         return unpack(self.data, self.bits, self.head_dim)
 
     def decompress_rotated(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``sigma · g[idx]``: the vectors in the rotated space, where attention runs."""
-        # float32 product (what a kernel computes before rounding to its tile dtype); float64 exact.
+        """``sigma · g[idx]``: the vectors in the rotated space, where attention runs.
+
+        float32/float64: the product, rounded once. bf16/fp16: what a kernel tile of that dtype
+        holds (docs/FORMAT.md, step 4): ``T(g·s_hi + T(g·s_lo))`` with ``s_hi = T(sigma)``,
+        ``s_lo = T(sigma - s_hi)``; every float32 step here is exact, so it matches the kernels'
+        packed multiply + FMA bit for bit."""
+        g = centroids(self.bits, self.device)
+        sigma = _token_major(self.scales, self.data.dim() - 1).unsqueeze(-1)
+        if dtype in (torch.bfloat16, torch.float16):
+            s = sigma.float()
+            s_hi = s.to(dtype).float()
+            s_lo = (s - s_hi).to(dtype).float()
+            gi = g.float()[self.indices()]
+            return (gi * s_hi + (gi * s_lo).to(dtype).float()).to(dtype)
         work = torch.float64 if dtype == torch.float64 else torch.float32
-        g = centroids(self.bits, self.device).to(work)
-        sigma = _token_major(self.scales, self.data.dim() - 1).to(work)
-        return (g[self.indices()] * sigma.unsqueeze(-1)).to(dtype)
+        return (g.to(work)[self.indices()] * sigma.to(work)).to(dtype)
 
     def decompress(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Back to the original space: ``R^T (sigma · g[idx])``."""

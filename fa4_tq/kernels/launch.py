@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from ..codec import PackedKV
-from .staging import choose_staging, pair_table, table_floats
+from .staging import choose_staging, lookup_table
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 
@@ -102,10 +102,10 @@ def packed_attention(
     out = torch.empty(q_rot.shape, dtype=q_rot.dtype, device=q_rot.device)
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q_rot.device) if return_lse else None
     if is_fake_mode():  # compile only: the tables' shapes are all that matter
-        k_table, v_table = (torch.empty(table_floats(b), dtype=torch.float32, device=q_rot.device)
+        k_table, v_table = (torch.empty(1 << b, dtype=torch.float32, device=q_rot.device)
                             for b in (k.bits, v.bits))
     else:
-        k_table, v_table = pair_table(k.bits, q_rot.device), pair_table(v.bits, q_rot.device)
+        k_table, v_table = lookup_table(k.bits, q_rot.device), lookup_table(v.bits, q_rot.device)
 
     key = (
         arch, cls.__name__, q_rot.dtype, head_dim, qhead_per_kvhead, k.bits, v.bits,

@@ -8,10 +8,16 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, Uint32, const_expr
+from cutlass._mlir.dialects import llvm
 from cutlass.cute.nvgpu import cpasync
+from cutlass.cutlass_dsl import T, dsl_user_op
+
+from .staging import decode_four
 
 
 @cute.jit
@@ -34,9 +40,61 @@ def copy_part_async(
         cute.copy(atom, g[None, i], s[None, i])
 
 
+# ----------------------------------------------------------------------------- register ops
+# Plain PTX the compiler may schedule freely (no side effects), unlike cute.arch.prmt.
+def _asm(ptx: str, constraints: str, *args, loc=None, ip=None) -> Uint32:
+    return Uint32(llvm.inline_asm(
+        T.i32(), [a.ir_value(loc=loc, ip=ip) for a in args], ptx, constraints,
+        has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT,
+    ))
+
+
+@dsl_user_op
+def prmt(a, b, sel, *, loc=None, ip=None) -> Uint32:
+    """Byte permute: output byte i is byte ``sel`` nibble i (0-7) of the pair {b, a}."""
+    return _asm("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", Uint32(a), Uint32(b), Uint32(sel), loc=loc, ip=ip)
+
+
+@dsl_user_op
+def pack_x2(lo: Float32, hi: Float32, bf16: bool, *, loc=None, ip=None) -> Uint32:
+    """Two float32 -> one bf16x2/f16x2 word (round to nearest), ``lo`` in the low half."""
+    t = "bf16x2" if bf16 else "f16x2"
+    return _asm(f"cvt.rn.{t}.f32 $0, $2, $1;", "=r,f,f", Float32(lo), Float32(hi), loc=loc, ip=ip)
+
+
+@dsl_user_op
+def mul_x2(a: Uint32, b: Uint32, bf16: bool, *, loc=None, ip=None) -> Uint32:
+    """Packed bf16x2/f16x2 product, rounded once to nearest (HMUL2)."""
+    t = "bf16x2" if bf16 else "f16x2"
+    return _asm(f"mul.rn.{t} $0, $1, $2;", "=r,r,r", Uint32(a), Uint32(b), loc=loc, ip=ip)
+
+
+@dsl_user_op
+def fma_x2(a: Uint32, b: Uint32, c: Uint32, bf16: bool, *, loc=None, ip=None) -> Uint32:
+    """Packed ``a * b + c``, rounded once (HFMA2)."""
+    t = "bf16x2" if bf16 else "f16x2"
+    return _asm(f"fma.rn.{t} $0, $1, $2, $3;", "=r,r,r,r", Uint32(a), Uint32(b), Uint32(c), loc=loc, ip=ip)
+
+
+@dsl_user_op
+def scale_residual_x2(sigma: Float32, bf16: bool, *, loc=None, ip=None) -> Uint32:
+    """``sigma - T(sigma)`` rounded to T, twice: with ``pack_x2(sigma, sigma)`` it carries sigma
+    to ~16 significant bits, so the tile is not scaled by a sigma rounded to bf16 (whose 2^-9
+    error is the same for a whole key: it would scale that key's scores, not average out)."""
+    if bf16:  # bf16 -> f32 is the top half of the bits
+        ptx = ("{ .reg .b32 h; .reg .f32 r;\n cvt.rn.bf16x2.f32 h, $1, $1;\n and.b32 h, h, 0xFFFF0000;\n"
+               " sub.f32 r, $1, h;\n cvt.rn.bf16x2.f32 $0, r, r; }")
+    else:
+        ptx = ("{ .reg .b16 h; .reg .f32 hf, r;\n cvt.rn.f16.f32 h, $1;\n cvt.f32.f16 hf, h;\n"
+               " sub.f32 r, $1, hf;\n cvt.rn.f16x2.f32 $0, r, r; }")
+    return _asm(ptx, "=r,f", Float32(sigma), loc=loc, ip=ip)
+
+
+# ----------------------------------------------------------------------------- dequantisation
 @cute.jit
 def _chunk_bits(words: cute.Tensor, start: cutlass.Constexpr[int], width: cutlass.Constexpr[int]):
-    """Bits [start, start + width) of the little-endian bit stream in ``words`` (width <= 32)."""
+    """Bits [start, start + width) of the little-endian bit stream in ``words`` (width <= 32);
+    bits above ``width`` are garbage the callers mask."""
     w, off = start // 32, start % 32
     val = words[w] >> off
     if const_expr(off + width > 32):
@@ -47,30 +105,44 @@ def _chunk_bits(words: cute.Tensor, start: cutlass.Constexpr[int], width: cutlas
 @cute.jit
 def dequant_part(
     src: cute.Tensor,  # shared uint8 (part_bytes,), 16-byte aligned
-    table: cute.Tensor,  # shared float32: pairs (2 * 4**bits,) or singles (256,)
     sigma: Float32,
-    dst: cute.Tensor,  # shared (cols,) of the tile row, possibly swizzled
+    dst: cute.Tensor,  # shared (cols,) of the tile row, possibly swizzled; bf16 or fp16
     bits: cutlass.Constexpr[int],
     cols: cutlass.Constexpr[int],
+    table: Optional[cute.Tensor] = None,  # shared float32 codebook (256,), 8-bit codes only
 ):
-    nwords = cols * bits // 32
-    words = cute.make_rmem_tensor((nwords,), Uint32)
-    src32 = cute.recast_tensor(cute.make_tensor(src.iterator, cute.make_layout((nwords * 4,))), Uint32)
-    cute.autovec_copy(src32, words)
+    """``dst[j] = T(g * sigma_hi + T(g * sigma_lo))``, ``g = g[code_j]``, in the tile dtype T
+    (``sigma_hi = T(sigma)``, ``sigma_lo = T(sigma - sigma_hi)``), eight columns per 16-byte store.
+
+    2/3/4-bit codes are looked up in registers: the codebook is a compile-time constant split
+    into byte planes that ``prmt`` indexes by four codes at once (``staging.decode_four``). That
+    keeps the producer off shared memory, which FA4's wgmma reads already load heavily (random
+    lookups into a shared table cost 3-4 bank-conflicted wavefronts each). 8-bit codes use the
+    shared ``table``. The scale costs a packed multiply and a packed FMA per two elements."""
+    bf16 = const_expr(dst.element_type == cutlass.BFloat16)
+    sigma_hi, sigma_lo = pack_x2(sigma, sigma, bf16), scale_residual_x2(sigma, bf16)
+    src32 = cute.recast_tensor(cute.make_tensor(src.iterator, cute.make_layout((cols * bits // 8,))), Uint32)
     dst_chunks = cute.zipped_divide(dst, (8,))
-    for c in cutlass.range_constexpr(cols // 8):
-        f = cute.make_rmem_tensor((8,), Float32)
-        if const_expr(bits == 8):
-            for e in cutlass.range_constexpr(8):
-                code = Int32(_chunk_bits(words, 64 * c + 8 * e, 8) & 0xFF)
-                f[e] = table[code] * sigma
-        else:
-            chunk = _chunk_bits(words, 8 * bits * c, 8 * bits)
-            mask = (1 << (2 * bits)) - 1
-            for p in cutlass.range_constexpr(4):
-                pair = Int32((chunk >> (2 * bits * p)) & mask)
-                f[2 * p] = table[2 * pair] * sigma
-                f[2 * p + 1] = table[2 * pair + 1] * sigma
-        o = cute.make_rmem_tensor((8,), dst.element_type)
-        o.store(f.load().to(dst.element_type))
-        cute.autovec_copy(o, dst_chunks[None, c])
+    # 32 codes (``bits`` words) per iteration, not unrolled: a fully unrolled row lets the
+    # scheduler hoist every lookup above every store, and at the producer's 56 registers that
+    # spilled (K4V4). All lookups of an iteration come before its stores, so each staging/table
+    # load's latency is paid once per 32 values.
+    for it in cutlass.range(cols // 32, unroll=1):
+        words = cute.make_rmem_tensor((bits,), Uint32)
+        cute.autovec_copy(cute.local_tile(src32, (bits,), (it,)), words)
+        o = cute.make_rmem_tensor((16,), Uint32)
+        for c in cutlass.range_constexpr(4):
+            if const_expr(bits == 8):
+                for p in cutlass.range_constexpr(4):
+                    w = words[2 * c + p // 2] >> (16 * (p % 2))
+                    o[4 * c + p] = pack_x2(table[Int32(w & 0xFF)], table[Int32((w >> 8) & 0xFF)], bf16)
+            else:
+                chunk = _chunk_bits(words, 8 * bits * c, 8 * bits)
+                for h in cutlass.range_constexpr(2):
+                    o[4 * c + 2 * h], o[4 * c + 2 * h + 1] = decode_four(
+                        chunk >> (4 * bits * h), bits, "bfloat16" if bf16 else "float16", prmt)
+        for p in cutlass.range_constexpr(16):
+            o[p] = fma_x2(o[p], sigma_hi, mul_x2(o[p], sigma_lo, bf16), bf16)
+        out = cute.recast_tensor(o, dst.element_type)
+        for c in cutlass.range_constexpr(4):
+            cute.autovec_copy(cute.local_tile(out, (8,), (c,)), dst_chunks[None, it * 4 + c])

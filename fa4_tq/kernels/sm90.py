@@ -42,7 +42,7 @@ from quack import copy_utils
 from quack.cute_dsl_utils import ParamsBase
 
 from .load_stage import copy_part_async, dequant_part
-from .staging import StagingPlan, choose_staging, table_floats
+from .staging import StagingPlan, choose_staging, table_floats, uses_shared_table
 
 
 class TQOperands(NamedTuple):
@@ -52,7 +52,7 @@ class TQOperands(NamedTuple):
     v_data: cute.Tensor
     k_scale: cute.Tensor  # (b, h_k, s) | (h_k, total_k) | (pages, h_k, page_size)
     v_scale: cute.Tensor
-    k_table: cute.Tensor  # float32 codebook lookup table (staging.pair_table)
+    k_table: cute.Tensor  # float32 codebook (staging.lookup_table), read for 8-bit codes
     v_table: cute.Tensor
 
 
@@ -244,8 +244,11 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
             ))
         self._sStageK = smem.allocate_tensor(cutlass.Uint8, stage_layouts[0], byte_alignment=128)
         self._sStageV = smem.allocate_tensor(cutlass.Uint8, stage_layouts[1], byte_alignment=128)
-        self._sTableK = smem.allocate_tensor(Float32, cute.make_layout((table_floats(self.k_bits),)), byte_alignment=16)
-        self._sTableV = smem.allocate_tensor(Float32, cute.make_layout((table_floats(self.v_bits),)), byte_alignment=16)
+        self._sTableK, self._sTableV = None, None
+        if const_expr(uses_shared_table(self.k_bits)):
+            self._sTableK = smem.allocate_tensor(Float32, cute.make_layout((table_floats(self.k_bits),)), byte_alignment=16)
+        if const_expr(uses_shared_table(self.v_bits)):
+            self._sTableV = smem.allocate_tensor(Float32, cute.make_layout((table_floats(self.v_bits),)), byte_alignment=16)
         self._tq = tq
         # The producer dequantises: give it registers (FA4's cp.async setting is 224/40).
         self.num_mma_regs, self.num_producer_regs = 224, self.producer_regs
@@ -286,11 +289,13 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
         warp_idx_in_wg = cute.arch.make_warp_uniform(cute.arch.warp_idx()) % 4
         tidx, _, _ = cute.arch.thread_idx()  # 0..127: the producer warpgroup
 
-        # Codebook tables into shared memory, once per CTA (read only by this warpgroup).
-        for sTable, mTable in ((self._sTableK, tq.k_table), (self._sTableV, tq.v_table)):
-            for i in cutlass.range(tidx, cute.size(sTable), 128, unroll=1):
-                sTable[i] = mTable[i]
-        cute.arch.barrier(barrier_id=self._producer_barrier_id, number_of_threads=128)
+        # 8-bit codebooks into shared memory, once per CTA (read only by this warpgroup).
+        if const_expr(self._sTableK is not None or self._sTableV is not None):
+            for sTable, mTable in ((self._sTableK, tq.k_table), (self._sTableV, tq.v_table)):
+                if const_expr(sTable is not None):
+                    for i in cutlass.range(tidx, cute.size(sTable), 128, unroll=1):
+                        sTable[i] = mTable[i]
+            cute.arch.barrier(barrier_id=self._producer_barrier_id, number_of_threads=128)
 
         row = tidx % self.tile_n
         part = tidx // self.tile_n
@@ -402,5 +407,5 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
         tidx = cute.arch.thread_idx()[0]
         dst_part = cute.local_tile(sX[row, None, stage], (plan.cols,), (part,))
         if const_expr(self.ablate != "no_dequant"):
-            dequant_part(sStage[tidx, None, slot], sTable, sigma, dst_part, plan.bits, plan.cols)
+            dequant_part(sStage[tidx, None, slot], sigma, dst_part, plan.bits, plan.cols, sTable)
         cute.arch.fence_proxy("async.shared", space="cta")

@@ -1,62 +1,115 @@
-"""Host side of the load stage shared by every architecture: tables and the staging plan.
+"""Host side of the load stage shared by every architecture: codebook lookups and the staging plan.
 
 One thread owns one (row, column part) of a KV tile. It copies its packed bytes from global
 memory into its own slice of a shared-memory staging ring (cp.async, so the next tile's bytes
 are in flight while this one is dequantised), then turns them into the swizzled tile the tensor
-cores read: ``tile[row, col] = dtype(sigma_row * g[idx])``, the product taken in float32 exactly
-as ``PackedKV.decompress_rotated`` does, so tile and reference agree bit for bit.
+cores read: ``tile[row, col] = T(g * s_hi + T(g * s_lo))`` in the tile dtype T, sigma split
+into two T parts (a packed multiply and FMA per two elements), exactly as
+``PackedKV.decompress_rotated(T)`` computes it, so tile and reference agree bit for bit.
 
 Because a thread only ever reads bytes it copied itself, the ring needs no barrier: each
-thread's ``cp.async.wait_group`` is enough. Codebook lookups go through a small shared-memory
-table indexed by *two* codes at once (``2*bits`` bits -> two float32 centroids) for 2/3/4-bit
-codes, and by one byte for 8-bit codes: one 8-byte load per two elements.
+thread's ``cp.async.wait_group`` is enough. 2/3/4-bit codes are looked up in registers with
+``prmt`` byte permutes over the codebook split into byte planes (``code_planes``), four codes per
+permute; 8-bit codes index a 256-entry float32 table in shared memory (``lookup_table``).
 
-The host side (``pair_table``, ``StagingPlan``) is plain Python so tests can check it on a CPU.
+The host side is plain Python so tests can check it on a CPU.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import struct
 
 import torch
 
-from ..codec.codebook import centroids
+from ..codec.codebook import centroid_values, centroids
 
 # Shared memory an SM90/SM100 CTA may use (227 KB); FA4's tiles take most of it.
 SMEM_CAPACITY = 232448
 
 
-def codes_per_entry(bits: int) -> int:
-    """Codes decoded by one table lookup: two for 2/3/4 bits (table of 4**bits pairs), one for 8."""
-    return 1 if bits == 8 else 2
+def uses_shared_table(bits: int) -> bool:
+    """8-bit codes (256 entries) are too many for register lookups: they index shared memory."""
+    return bits == 8
 
 
 @functools.lru_cache(maxsize=None)
-def _pair_table_cpu(bits: int) -> torch.Tensor:
-    g = centroids(bits, "cpu").to(torch.float32)
-    if codes_per_entry(bits) == 1:
-        return g.contiguous()
-    n = 1 << bits
-    v = torch.arange(n * n)
-    # entry v = (g[v & mask], g[v >> bits]): the low code is the even (first) coordinate, as in
-    # the little-endian packing of format v1.
-    return torch.stack([g[v & (n - 1)], g[v >> bits]], dim=1).reshape(-1).contiguous()
+def code_planes(bits: int, dtype: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The 2**bits codebook values in ``dtype`` ("bfloat16" or "float16") as two byte planes,
+    low bytes and high bytes, four entries per 32-bit word (entry 4j+i in byte i of word j).
+
+    ``prmt(plane[0], plane[1], sel)`` then yields byte ``sel_i`` of entries 0-7 for four codes at
+    once; 4-bit codes do the same on words 2-3 for entries 8-15 and pick per byte. Every codebook
+    value is a bf16 value, hence exact in float16 too."""
+    if bits not in (2, 3, 4):
+        raise ValueError(f"register lookups are for 2/3/4-bit codes, got bits={bits}")
+    fmt = {"bfloat16": "<f", "float16": "<e"}[dtype]  # bf16 = the top half of the float32 bits
+    raw = [int.from_bytes(struct.pack(fmt, v)[-2:], "little") for v in centroid_values(bits)]
+    planes = []
+    for shift in (0, 8):
+        b = [(int(v) >> shift) & 0xFF for v in raw]
+        planes.append(tuple(sum(b[4 * j + i] << (8 * i) for i in range(4)) for j in range(len(b) // 4)))
+    return planes[0], planes[1]
+
+
+def decode_four(x, bits: int, dtype: str, prmt):
+    """Four 2/3/4-bit codes at the bottom of ``x`` (a packed bit stream, code 0 lowest; higher
+    bits are ignored) -> two words of two ``dtype`` codebook values each (code 0 in the low half).
+
+    Plain Python over ``&``, ``>>``, ``+``: the kernel calls it while tracing, with ``x`` a
+    register and ``prmt`` the PTX byte permute; tests call it with ints and ``prmt_reference``.
+    A selector nibble is a code (prmt reads nibble bit 3 as "sign-extend", so 4-bit codes
+    look up entries ``code & 7`` in both halves of the codebook and ``pick`` chooses per byte)."""
+    lo_plane, hi_plane = code_planes(bits, dtype)
+    if bits == 4:
+        sel, pick = x & 0x7777, ((x >> 1) & 0x4444) | 0x3210
+
+        def lookup(plane):
+            return prmt(prmt(plane[0], plane[1], sel), prmt(plane[2], plane[3], sel), pick)
+    else:
+        if bits == 3:  # 4 x 3 bits -> nibbles: move codes 2-3 up to bit 8, then codes 1 and 3 up by 1
+            y = (x & 0x3F) | ((x & 0xFC0) << 2)
+            sel = y + (y & 0x3838)
+        else:  # 4 x 2 bits: codes 2-3 up to bit 8, then codes 1 and 3 up by 2
+            y = (x & 0xF) | ((x & 0xF0) << 4)
+            sel = y + (y & 0x0C0C) * 3
+
+        def lookup(plane):
+            return prmt(plane[0], plane[-1], sel)  # 2-bit: one word, bit 2 of the nibble is 0
+    lo, hi = lookup(lo_plane), lookup(hi_plane)
+    return prmt(lo, hi, 0x5140), prmt(lo, hi, 0x7362)  # bytes (lo0 hi0 lo1 hi1), (lo2 hi2 lo3 hi3)
+
+
+def prmt_reference(a: int, b: int, sel: int) -> int:
+    """PTX ``prmt.b32`` (default mode) on Python ints: byte i of the result is byte
+    ``sel >> 4i & 7`` of {b, a}, or that byte's sign replicated when nibble bit 3 is set."""
+    src = (a & 0xFFFFFFFF) | ((b & 0xFFFFFFFF) << 32)
+    out = 0
+    for i in range(4):
+        n = (sel >> (4 * i)) & 0xF
+        byte = (src >> (8 * (n & 7))) & 0xFF
+        if n & 8:
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << (8 * i)
+    return out
 
 
 @functools.lru_cache(maxsize=None)
-def _pair_table_on(bits: int, device: torch.device) -> torch.Tensor:
-    return _pair_table_cpu(bits).to(device)
+def _lookup_table_on(bits: int, device: torch.device) -> torch.Tensor:
+    return centroids(bits, "cpu").to(torch.float32).to(device)
 
 
-def pair_table(bits: int, device) -> torch.Tensor:
-    """float32 lookup table the kernels copy into shared memory (see module docstring); one copy
-    per device, made once, so a launch does no host-to-device transfer."""
-    return _pair_table_on(bits, torch.device(device))
+def lookup_table(bits: int, device) -> torch.Tensor:
+    """The float32 codebook a kernel copies into shared memory when ``uses_shared_table(bits)``
+    (passed for every width so the launch signature is fixed); one copy per device, made once,
+    so a launch does no host-to-device transfer."""
+    return _lookup_table_on(bits, torch.device(device))
 
 
 def table_floats(bits: int) -> int:
-    return (1 << bits) if codes_per_entry(bits) == 1 else 2 * (1 << (2 * bits))
+    """Shared-memory floats the kernel reserves for the codebook of ``bits``-bit codes."""
+    return 1 << bits if uses_shared_table(bits) else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +173,7 @@ def choose_staging(tile_m: int, tile_n: int, head_dim: int, k_bits: int, v_bits:
     bytes load while this one is dequantised; padding avoids bank conflicts. Prefer both, then
     two slots unpadded, then one slot."""
     base = fa4_sm90_smem_bytes(tile_m, tile_n, head_dim, num_stages)
-    base += 4 * (table_floats(k_bits) + table_floats(v_bits)) + 256  # tables, their alignment
+    base += 4 * (table_floats(k_bits) + table_floats(v_bits)) + 256  # 8-bit tables, alignment
     plans = [StagingPlan(tile_n, head_dim, b) for b in (k_bits, v_bits)]
     for slots, padded in ((2, True), (2, False), (1, True), (1, False)):
         if base + slots * sum(p.bytes(padded) for p in plans) <= SMEM_CAPACITY:
