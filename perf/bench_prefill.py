@@ -13,6 +13,7 @@ the gap between them and the full kernel says where the time goes.
 
     python perf/bench_prefill.py              # default matrix, ~5 min on an H100
     python perf/bench_prefill.py --full       # every bit pair x head_dim x seqlen x mask x GQA
+    python perf/bench_prefill.py --quick      # every bit pair at one shape (hd128 s8K causal GQA 8:1)
     python perf/bench_prefill.py --out-dir D  # where prefill-<gpu>.md goes (default perf/results)
 """
 
@@ -34,8 +35,10 @@ BITS = (2, 3, 4, 8)
 HEADS = {"gqa8": (32, 4), "mha": (32, 32)}
 
 
-def _configs(full: bool):
+def _configs(full: bool, quick: bool = False):
     """(kbits, vbits, head_dim, seqlen, causal, heads) tuples."""
+    if quick:
+        return [(kb, vb, 128, 8192, True, "gqa8") for kb, vb in itertools.product(BITS, BITS)]
     if full:
         return list(itertools.product(BITS, BITS, (64, 128), (1024, 2048, 4096, 8192, 16384, 32768),
                                       (True, False), HEADS))
@@ -100,6 +103,7 @@ def _fmt(r, ablate):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true", help="the whole matrix (long)")
+    ap.add_argument("--quick", action="store_true", help="only every bit pair at hd128 s8K causal GQA 8:1")
     ap.add_argument("--ablate", action="store_true", help="also time kernel variants without a load stage")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -110,11 +114,11 @@ def main(argv=None):
     print(f"device: {gpu}")
     head = HEADER + (" no-copy TFLOP/s | no-dequant TFLOP/s |" if args.ablate else "")
     print(head)
-    rows = run(_configs(args.full), args.ablate, args.reps)
+    rows = run(_configs(args.full, args.quick), args.ablate, args.reps)
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, f"prefill-{gpu.replace(' ', '_')}.md")
     with open(path, "w") as f:
-        f.write(f"# Prefill, {gpu}\n\n`python perf/bench_prefill.py{' --full' if args.full else ''}"
+        f.write(f"# Prefill, {gpu}\n\n`python perf/bench_prefill.py{' --full' if args.full else ''}{' --quick' if args.quick else ''}"
                 f"{' --ablate' if args.ablate else ''}` (median of {args.reps} CUDA-event timings; "
                 f"~32K query tokens per call; GQA 8:1 = 32/4 heads, MHA = 32/32)\n\n")
         f.write(head + "\n")
