@@ -41,7 +41,8 @@ def load_smollm2():
 
 
 def text_tokens(tok) -> torch.Tensor:
-    """The evaluation text (pydoc topics, in their stored order) as int64 token ids [1, n]."""
+    """The evaluation text (the pydoc topics in key order, blank-line separated) as int64 token
+    ids [1, n]."""
     from pydoc_data import topics
 
     text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))

@@ -82,10 +82,9 @@ class TQLayer(CacheLayerMixin):
                  subtract_k_mean: bool):
         super().__init__()
         self.k_bits, self.v_bits = k_bits, v_bits
-        self._k = _PackedBuffer(k_bits, k_seed, scale_dtype)
-        self._v = _PackedBuffer(v_bits, v_seed, scale_dtype)
+        self._seeds, self._scale_dtype = (k_seed, v_seed), scale_dtype
         self.subtract_k_mean = subtract_k_mean
-        self.k_mean: Optional[torch.Tensor] = None  # [batch, kv_heads, 1, d], from the first write
+        self.reset()
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -115,9 +114,9 @@ class TQLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self._k = _PackedBuffer(self._k.bits, self._k.seed, self._k.scale_dtype)
-        self._v = _PackedBuffer(self._v.bits, self._v.seed, self._v.scale_dtype)
-        self.k_mean = None
+        self._k = _PackedBuffer(self.k_bits, self._seeds[0], self._scale_dtype)
+        self._v = _PackedBuffer(self.v_bits, self._seeds[1], self._scale_dtype)
+        self.k_mean: Optional[torch.Tensor] = None  # [batch, kv_heads, 1, d], from the first write
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("TQCache does not support beam search yet")

