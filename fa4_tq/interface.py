@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import validation as V
-from .codec import PackedKV, rotate, unrotate
+from .codec import PackedKV, rotate_rounded, unrotate_rounded
 from .reference import attention_reference
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "BACKENDS"]
@@ -287,12 +287,12 @@ def _run_inline(prob: _Problem, return_lse: bool):
 
     q = prob.q
     out_rot, lse = packed_attention(
-        rotate(q, prob.k.seed).to(q.dtype), prob.k, prob.v,
+        rotate_rounded(q, prob.k.seed), prob.k, prob.v,
         softmax_scale=prob.softmax_scale, causal=prob.causal, window_size=prob.window_size,
         cu_seqlens_q=prob.cu_seqlens_q, cu_seqlens_k=prob.cu_seqlens_k, seqused_k=prob.seqused_k,
         page_table=prob.page_table, return_lse=return_lse,
     )
-    return unrotate(out_rot, prob.v.seed).to(q.dtype), lse
+    return unrotate_rounded(out_rot, prob.v.seed), lse
 
 
 def _decompress_pages(p: PackedKV, page_table: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,7 +310,7 @@ def _run_decompress(prob: _Problem, return_lse: bool):
     from flash_attn.cute import flash_attn_varlen_func as fa4_varlen  # heavy import: only here
 
     q = prob.q
-    q_rot = rotate(q, prob.k.seed).to(q.dtype)
+    q_rot = rotate_rounded(q, prob.k.seed)
     page_table = prob.page_table
     if page_table is not None:
         k_bf, page_table = _decompress_pages(prob.k, prob.page_table, q.dtype)
@@ -327,5 +327,5 @@ def _run_decompress(prob: _Problem, return_lse: bool):
         softmax_scale=prob.softmax_scale, causal=prob.causal, window_size=(left, right),
         return_lse=return_lse,
     )
-    out = unrotate(out_rot, prob.v.seed).to(q.dtype)
+    out = unrotate_rounded(out_rot, prob.v.seed)
     return out, (lse if return_lse else None)

@@ -28,7 +28,7 @@ import torch
 
 from fa4_tq import compress, flash_attn_func
 from fa4_tq.benchmark import attention_flops, device_name, time_cuda
-from fa4_tq.codec import rotate
+from fa4_tq.codec import rotate_rounded, unrotate_rounded
 from fa4_tq.kernels.launch import packed_attention
 
 BITS = (2, 3, 4, 8)
@@ -67,7 +67,7 @@ def run(configs, ablate: bool, reps: int):
     for kb, vb, d, s, causal, heads in configs:
         batch, q, k, v, kp, vp = _inputs(kb, vb, d, s, heads, gen)
         flops = attention_flops(batch, HEADS[heads][0], s, s, d, causal)
-        q_rot = rotate(q, kp.seed).to(q.dtype)
+        q_rot = rotate_rounded(q, kp.seed)
         kern = lambda ab=None: packed_attention(q_rot, kp, vp, softmax_scale=d ** -0.5, causal=causal,
                                                 window_size=(None, None), return_lse=False, _ablate=ab)
         t = {
@@ -75,6 +75,8 @@ def run(configs, ablate: bool, reps: int):
             "ours": time_cuda(kern, reps=reps),
             "ours_e2e": time_cuda(lambda: flash_attn_func(q, kp, vp, causal=causal, backend="inline"), reps=reps),
             "decomp": time_cuda(lambda: flash_attn_func(q, kp, vp, causal=causal, backend="decompress"), reps=reps),
+            # what e2e adds to the kernel: R_k q before it, R_v^T on the output after it
+            "rot": time_cuda(lambda: (rotate_rounded(q, kp.seed), unrotate_rounded(q_rot, vp.seed)), reps=reps),
         }
         if ablate:
             for ab in ("no_copy", "no_dequant"):
@@ -88,13 +90,14 @@ def run(configs, ablate: bool, reps: int):
 
 
 HEADER = ("| K/V bits | hd | seqlen | causal | heads | FA4 bf16 TFLOP/s | ours TFLOP/s | ours/FA4 "
-          "| ours e2e ms | decompress+FA4 ms | e2e speedup |")
+          "| ours e2e ms | decompress+FA4 ms | e2e speedup | rotate q+o ms | rotate / kernel |")
 
 
 def _fmt(r, ablate):
     line = (f"| K{r['kb']}V{r['vb']} | {r['d']} | {r['s']} | {'yes' if r['causal'] else 'no'} | {r['heads']} "
             f"| {r['tf_fa4']:.0f} | {r['tf_ours']:.0f} | {r['tf_ours'] / r['tf_fa4']:.3f} "
-            f"| {r['ms_ours_e2e']:.3f} | {r['ms_decomp']:.3f} | {r['ms_decomp'] / r['ms_ours_e2e']:.2f}x |")
+            f"| {r['ms_ours_e2e']:.3f} | {r['ms_decomp']:.3f} | {r['ms_decomp'] / r['ms_ours_e2e']:.2f}x "
+            f"| {r['ms_rot']:.3f} | {100 * r['ms_rot'] / r['ms_ours']:.1f}% |")
     if ablate:
         line += f" {r['tf_no_copy']:.0f} | {r['tf_no_dequant']:.0f} |"
     return line

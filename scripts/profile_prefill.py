@@ -18,7 +18,7 @@ import argparse
 import torch
 
 from fa4_tq import compress
-from fa4_tq.codec import rotate
+from fa4_tq.codec import rotate_rounded
 from fa4_tq.kernels.launch import packed_attention
 
 
@@ -43,7 +43,7 @@ def main(argv=None):
     launches = [("fa4 bf16", lambda: fa4(q, k, v, causal=causal))]
     for kb, vb in pairs:
         kp, vp = compress(k, kb, seed=1), compress(v, vb, seed=2)
-        q_rot = rotate(q, kp.seed).to(q.dtype)
+        q_rot = rotate_rounded(q, kp.seed)
         for ab in [None, *args.ablate]:
             launches.append((f"ours K{kb}V{vb}" + (f" {ab}" if ab else ""),
                              lambda kp=kp, vp=vp, q_rot=q_rot, ab=ab: packed_attention(

@@ -6,7 +6,8 @@ import torch
 
 import fa4_tq
 from fa4_tq.codec import (
-    PackedKV, centroids, compress, hadamard, pack, rotate, row_bytes, sign_vector, unpack, unrotate,
+    PackedKV, centroids, compress, hadamard, pack, rotate, rotate_rounded, row_bytes, sign_vector, unpack,
+    unrotate, unrotate_rounded,
 )
 from fa4_tq.codec.lloyd_max import lloyd_max_mse
 from helpers import realistic_kv
@@ -62,6 +63,25 @@ def test_rotation_is_orthogonal_and_inverts(d):
     x = torch.randn(4, d, dtype=torch.float64)
     assert torch.allclose(unrotate(rotate(x, 3), 3), x, atol=1e-12)
     assert torch.allclose(rotate(x, 3), x @ r.T, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_rounded_rotation_is_the_float32_rotation_rounded_once(d, dtype):
+    """The one-matmul rotation the attention paths use equals the butterfly one rounded to the
+    dtype (the float32 sums differ only in order: allow a rare 1-ulp difference), for strided
+    inputs too."""
+    gen = torch.Generator().manual_seed(d)
+    x = (torch.randn(3, 40, 2 * d, generator=gen) * 4).to(dtype)[..., ::2]  # non-contiguous
+    ulp = 2.0 ** (-7 if dtype == torch.bfloat16 else -10)
+    for fast, slow in ((rotate_rounded, rotate), (unrotate_rounded, unrotate)):
+        got, want = fast(x, 7), slow(x, 7)
+        assert got.shape == x.shape and got.dtype == dtype
+        # one rounding of a float32 value that differs only in its last bits: within an ulp
+        assert ((got.float() - want).abs() <= ulp * want.abs() + 1e-6).all()
+        assert (got == want.to(dtype)).float().mean() > 0.99
+    with pytest.raises(TypeError, match="bfloat16 or float16"):
+        rotate_rounded(x.float(), 7)
 
 
 def test_sign_vector_is_specified():

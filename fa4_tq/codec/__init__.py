@@ -3,7 +3,9 @@
 from .codebook import SUPPORTED_BITS, boundaries, centroids
 from .packed import FORMAT_VERSION, SCALE_DTYPES, PackedKV, compress, scales_shape
 from .packing import pack, row_bytes, unpack
-from .rotation import SUPPORTED_HEAD_DIMS, hadamard, rotate, sign_vector, unrotate
+from .rotation import (
+    SUPPORTED_HEAD_DIMS, hadamard, rotate, rotate_rounded, sign_vector, unrotate, unrotate_rounded,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -17,9 +19,11 @@ __all__ = [
     "hadamard",
     "pack",
     "rotate",
+    "rotate_rounded",
     "row_bytes",
     "scales_shape",
     "sign_vector",
     "unpack",
     "unrotate",
+    "unrotate_rounded",
 ]

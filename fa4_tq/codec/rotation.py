@@ -14,7 +14,10 @@ import math
 
 import torch
 
-__all__ = ["SUPPORTED_HEAD_DIMS", "sign_vector", "rotate", "unrotate", "hadamard"]
+__all__ = [
+    "SUPPORTED_HEAD_DIMS", "sign_vector", "rotate", "unrotate", "rotate_rounded", "unrotate_rounded",
+    "hadamard",
+]
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256, 512)
 _MASK64 = (1 << 64) - 1
@@ -83,6 +86,38 @@ def unrotate(y: torch.Tensor, seed: int) -> torch.Tensor:
     dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
     s = sign_vector(d, seed, y.device).to(dtype)
     return _fwht(y.to(dtype)) * (s * (1.0 / math.sqrt(d)))
+
+
+@functools.lru_cache(maxsize=None)
+def _signed_hadamard(d: int, seed: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """W = diag(s) H_d: entries +-1, exact in bf16/fp16 (the 1/sqrt(d) is applied separately)."""
+    return (sign_vector(d, seed)[:, None] * _fwht(torch.eye(d))).to(dtype).to(device)
+
+
+def _matmul_rounded(x: torch.Tensor, seed: int, transpose: bool) -> torch.Tensor:
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"expected a bfloat16 or float16 tensor, got {x.dtype}: use rotate/unrotate")
+    d = x.shape[-1]
+    _check_head_dim(d)
+    w = _signed_hadamard(d, seed, x.dtype, x.device)
+    x2 = x.reshape(-1, d)
+    out = torch.empty_like(x2)
+    # One GEMM with float32 accumulation; alpha scales in float32 before the single rounding.
+    torch.addmm(out, x2, w.T if transpose else w, beta=0, alpha=1.0 / math.sqrt(d), out=out)
+    return out.view(x.shape)
+
+
+def rotate_rounded(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """``R x`` for a bf16/fp16 ``x``, in its dtype: one matmul by the +-1 matrix diag(s) H with
+    float32 accumulation, rounded once, so a query costs one read and one write (the butterfly
+    ``rotate`` makes log2(d) float32 passes). Equal to ``rotate(x).to(x.dtype)`` up to the order
+    of the float32 additions."""
+    return _matmul_rounded(x, seed, transpose=False)
+
+
+def unrotate_rounded(y: torch.Tensor, seed: int) -> torch.Tensor:
+    """``R^T y`` for a bf16/fp16 ``y``, in its dtype (``unrotate(y).to(y.dtype)``, one matmul)."""
+    return _matmul_rounded(y, seed, transpose=True)
 
 
 def hadamard(d: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
