@@ -3,23 +3,44 @@
 import pytest
 import torch
 
-from fa4_tq.codec import centroids
+from fa4_tq.codec import PackedKV, centroids
 from fa4_tq.codec.packing import pack
 from fa4_tq.kernels.staging import (
-    StagingPlan, choose_staging, code_planes, decode_four, lookup_table, prmt_reference, table_floats,
-    uses_shared_table,
+    StagingPlan, choose_staging, code_planes, decode_four, entry_pairs, lookup_table,
+    planes_from_pairs, prmt_reference, table_floats, uses_shared_table,
 )
 
 
-def _decode_row(packed_row: bytes, bits: int, dtype: str) -> list[int]:
+def _decode_row(packed_row: bytes, bits: int, dtype: str, planes=None) -> list[int]:
     """The kernel's register decode of one packed row, on the CPU: 8 codes per ``bits`` bytes."""
     out = []
     for c in range(len(packed_row) // bits):
         chunk = int.from_bytes(packed_row[bits * c: bits * (c + 1)], "little")
         for h in range(2):
-            for w in decode_four(chunk >> (4 * bits * h), bits, dtype, prmt_reference):
+            for w in decode_four(chunk >> (4 * bits * h), bits, dtype, prmt_reference, planes):
                 out += [w & 0xFFFF, w >> 16]
     return out
+
+
+def _halves(word: int, dtype) -> torch.Tensor:
+    """A 32-bit word as its two 16-bit floats (low half first), in float32."""
+    raw = torch.tensor([word & 0xFFFF, word >> 16], dtype=torch.int32).to(torch.int16)
+    return raw.view(dtype).float()
+
+
+def _word(pair: torch.Tensor, dtype) -> int:
+    lo, hi = (int(v) & 0xFFFF for v in pair.to(dtype).view(torch.int16))
+    return lo | (hi << 16)
+
+
+def _scaled_pair(g_word: int, sigma: float, dtype) -> int:
+    """The kernel's ``fma_x2(g, s_hi, mul_x2(g, s_lo))`` on one entry pair, emulated in float32
+    (each product of two 16-bit floats and the final sum are exact there, so one rounding)."""
+    s = torch.tensor(sigma, dtype=torch.float32)
+    s_hi = s.to(dtype).float()
+    s_lo = (s - s_hi).to(dtype).float()
+    g = _halves(g_word, dtype)
+    return _word(g * s_hi + (g * s_lo).to(dtype).float(), dtype)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -33,6 +54,28 @@ def test_register_decode_is_the_codebook(bits, dtype):
     idx = torch.cat([idx, torch.randint(0, n, (4096,), generator=torch.Generator().manual_seed(bits))])
     got = _decode_row(bytes(pack(idx.view(-1, 8), bits).reshape(-1).tolist()), bits, dtype)
     assert got == g[idx].tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_scaled_codebook_lookup_is_the_decompressed_value(bits, dtype):
+    """A row's codes looked up in its scaled codebook (what the kernel does: scale the 2**bits
+    entries once per row) give ``PackedKV.decompress_rotated(dtype)`` bit for bit, for every code
+    and for sigmas of every magnitude, including 0 (rows past the end of the sequence)."""
+    name = str(dtype).removeprefix("torch.")
+    n, d = 1 << bits, 128
+    gen = torch.Generator().manual_seed(10 + bits)
+    sigmas = [0.0, 1.0, 3.0e-5, 7.25, 1234.5] + (torch.rand(11, generator=gen) * 40).tolist()
+    idx = torch.stack([torch.arange(d) % n, torch.randint(0, n, (d,), generator=gen)])
+    for sigma in sigmas:
+        scales = torch.tensor([sigma, sigma], dtype=torch.float32)
+        packed = PackedKV(data=pack(idx, bits), scales=scales, bits=bits, head_dim=d, seed=0)
+        want = packed.decompress_rotated(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+        planes = planes_from_pairs([_scaled_pair(w, sigma, dtype) for w in entry_pairs(bits, name)],
+                                   prmt_reference)
+        for r in range(2):
+            row = bytes(packed.data[r].tolist())
+            assert _decode_row(row, bits, name, planes) == want[r].tolist(), (bits, sigma)
 
 
 def test_register_decode_ignores_higher_bits():

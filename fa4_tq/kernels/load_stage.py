@@ -17,7 +17,7 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cute.nvgpu import cpasync
 from cutlass.cutlass_dsl import T, dsl_user_op
 
-from .staging import decode_four
+from .staging import decode_four, entry_pairs, planes_from_pairs
 
 
 @cute.jit
@@ -110,24 +110,32 @@ def dequant_part(
     bits: cutlass.Constexpr[int],
     cols: cutlass.Constexpr[int],
     table: Optional[cute.Tensor] = None,  # shared float32 codebook (256,), 8-bit codes only
+    unroll: cutlass.Constexpr[int] = 1,
 ):
     """``dst[j] = T(g * sigma_hi + T(g * sigma_lo))``, ``g = g[code_j]``, in the tile dtype T
     (``sigma_hi = T(sigma)``, ``sigma_lo = T(sigma - sigma_hi)``), eight columns per 16-byte store.
 
-    2/3/4-bit codes are looked up in registers: the codebook is a compile-time constant split
-    into byte planes that ``prmt`` indexes by four codes at once (``staging.decode_four``). That
-    keeps the producer off shared memory, which FA4's wgmma reads already load heavily (random
-    lookups into a shared table cost 3-4 bank-conflicted wavefronts each). 8-bit codes use the
-    shared ``table``. The scale costs a packed multiply and a packed FMA per two elements."""
+    2/3/4-bit codes are looked up in registers: the row's 2**bits codebook entries are scaled
+    once (a packed multiply + FMA per two entries), split into byte planes, and ``prmt`` indexes
+    them by four codes at once (``staging.decode_four``): no per-element arithmetic besides the
+    permutes, and no shared-memory lookups beside FA4's wgmma reads (random lookups into a shared
+    table cost 3-4 bank-conflicted wavefronts each). 8-bit codes (256 entries, too many for
+    registers) use the shared ``table`` and scale each pair of elements."""
     bf16 = const_expr(dst.element_type == cutlass.BFloat16)
+    dtype_str = "bfloat16" if bf16 else "float16"
     sigma_hi, sigma_lo = pack_x2(sigma, sigma, bf16), scale_residual_x2(sigma, bf16)
+    planes = None
+    if const_expr(bits != 8):
+        pairs = [fma_x2(Uint32(g), sigma_hi, mul_x2(Uint32(g), sigma_lo, bf16), bf16)
+                 for g in entry_pairs(bits, dtype_str)]
+        planes = planes_from_pairs(pairs, prmt)
     src32 = cute.recast_tensor(cute.make_tensor(src.iterator, cute.make_layout((cols * bits // 8,))), Uint32)
     dst_chunks = cute.zipped_divide(dst, (8,))
-    # 32 codes (``bits`` words) per iteration, not unrolled: a fully unrolled row lets the
-    # scheduler hoist every lookup above every store, and at the producer's 56 registers that
-    # spilled (K4V4). All lookups of an iteration come before its stores, so each staging/table
-    # load's latency is paid once per 32 values.
-    for it in cutlass.range(cols // 32, unroll=1):
+    # 32 codes (``bits`` words) per iteration, ``unroll`` iterations per loop trip. With every
+    # element still scaled, a fully unrolled row spilled (K4V4 at 56 producer registers); the
+    # scaled codebook leaves a 4-bit element three integer ops, and the kernel unrolls a whole
+    # head_dim-128 row (sm90.py says what that measured).
+    for it in cutlass.range(cols // 32, unroll=unroll):
         words = cute.make_rmem_tensor((bits,), Uint32)
         cute.autovec_copy(cute.local_tile(src32, (bits,), (it,)), words)
         o = cute.make_rmem_tensor((16,), Uint32)
@@ -135,14 +143,13 @@ def dequant_part(
             if const_expr(bits == 8):
                 for p in cutlass.range_constexpr(4):
                     w = words[2 * c + p // 2] >> (16 * (p % 2))
-                    o[4 * c + p] = pack_x2(table[Int32(w & 0xFF)], table[Int32((w >> 8) & 0xFF)], bf16)
+                    g2 = pack_x2(table[Int32(w & 0xFF)], table[Int32((w >> 8) & 0xFF)], bf16)
+                    o[4 * c + p] = fma_x2(g2, sigma_hi, mul_x2(g2, sigma_lo, bf16), bf16)
             else:
                 chunk = _chunk_bits(words, 8 * bits * c, 8 * bits)
                 for h in cutlass.range_constexpr(2):
                     o[4 * c + 2 * h], o[4 * c + 2 * h + 1] = decode_four(
-                        chunk >> (4 * bits * h), bits, "bfloat16" if bf16 else "float16", prmt)
-        for p in cutlass.range_constexpr(16):
-            o[p] = fma_x2(o[p], sigma_hi, mul_x2(o[p], sigma_lo, bf16), bf16)
+                        chunk >> (4 * bits * h), bits, dtype_str, prmt, planes)
         out = cute.recast_tensor(o, dst.element_type)
         for c in cutlass.range_constexpr(4):
             cute.autovec_copy(cute.local_tile(out, (8,), (c,)), dst_chunks[None, it * 4 + c])

@@ -4,8 +4,10 @@ One thread owns one (row, column part) of a KV tile. It copies its packed bytes 
 memory into its own slice of a shared-memory staging ring (cp.async, so the next tile's bytes
 are in flight while this one is dequantised), then turns them into the swizzled tile the tensor
 cores read: ``tile[row, col] = T(g * s_hi + T(g * s_lo))`` in the tile dtype T, sigma split
-into two T parts (a packed multiply and FMA per two elements), exactly as
-``PackedKV.decompress_rotated(T)`` computes it, so tile and reference agree bit for bit.
+into two T parts (a packed multiply and FMA per two values), exactly as
+``PackedKV.decompress_rotated(T)`` computes it, so tile and reference agree bit for bit. A value
+depends only on the code and the row, so 2/3/4-bit rows scale the 2**bits codebook entries once
+and look the codes up in that scaled codebook.
 
 Because a thread only ever reads bytes it copied itself, the ring needs no barrier: each
 thread's ``cp.async.wait_group`` is enough. 2/3/4-bit codes are looked up in registers with
@@ -35,33 +37,50 @@ def uses_shared_table(bits: int) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def code_planes(bits: int, dtype: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The 2**bits codebook values in ``dtype`` ("bfloat16" or "float16") as two byte planes,
-    low bytes and high bytes, four entries per 32-bit word (entry 4j+i in byte i of word j).
-
-    ``prmt(plane[0], plane[1], sel)`` then yields byte ``sel_i`` of entries 0-7 for four codes at
-    once; 4-bit codes do the same on words 2-3 for entries 8-15 and pick per byte. Every codebook
-    value is a bf16 value, hence exact in float16 too."""
+def entry_pairs(bits: int, dtype: str) -> tuple[int, ...]:
+    """The 2**bits codebook values in ``dtype`` ("bfloat16" or "float16") as 32-bit words of two
+    16-bit values, entry 2j in the low half of word j. Every codebook value is a bf16 value,
+    hence exact in float16 too."""
     if bits not in (2, 3, 4):
         raise ValueError(f"register lookups are for 2/3/4-bit codes, got bits={bits}")
     fmt = {"bfloat16": "<f", "float16": "<e"}[dtype]  # bf16 = the top half of the float32 bits
     raw = [int.from_bytes(struct.pack(fmt, v)[-2:], "little") for v in centroid_values(bits)]
-    planes = []
-    for shift in (0, 8):
-        b = [(int(v) >> shift) & 0xFF for v in raw]
-        planes.append(tuple(sum(b[4 * j + i] << (8 * i) for i in range(4)) for j in range(len(b) // 4)))
-    return planes[0], planes[1]
+    return tuple(raw[2 * j] | (raw[2 * j + 1] << 16) for j in range(len(raw) // 2))
 
 
-def decode_four(x, bits: int, dtype: str, prmt):
+def planes_from_pairs(pairs, prmt) -> tuple[tuple, tuple]:
+    """Entry pairs (``entry_pairs`` layout) -> two byte planes, low bytes and high bytes, four
+    entries per word (entry 4j+i in byte i of word j): the form ``decode_four`` indexes.
+
+    The kernel calls it on codebook values already multiplied by a row's scale (registers);
+    ``code_planes`` on the plain codebook (ints)."""
+    lo = tuple(prmt(pairs[2 * k], pairs[2 * k + 1], 0x6420) for k in range(len(pairs) // 2))
+    hi = tuple(prmt(pairs[2 * k], pairs[2 * k + 1], 0x7531) for k in range(len(pairs) // 2))
+    return lo, hi
+
+
+@functools.lru_cache(maxsize=None)
+def code_planes(bits: int, dtype: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The codebook as the byte planes ``decode_four`` reads by default (``planes_from_pairs``).
+
+    ``prmt(plane[0], plane[1], sel)`` then yields byte ``sel_i`` of entries 0-7 for four codes at
+    once; 4-bit codes do the same on words 2-3 for entries 8-15 and pick per byte."""
+    return planes_from_pairs(entry_pairs(bits, dtype), prmt_reference)
+
+
+def decode_four(x, bits: int, dtype: str, prmt, planes=None):
     """Four 2/3/4-bit codes at the bottom of ``x`` (a packed bit stream, code 0 lowest; higher
     bits are ignored) -> two words of two ``dtype`` codebook values each (code 0 in the low half).
+
+    ``planes`` (default ``code_planes(bits, dtype)``) are the byte planes looked up: the kernel
+    passes the codebook already scaled by the row's sigma, so it scales 2**bits entries per row
+    instead of every element.
 
     Plain Python over ``&``, ``>>``, ``+``: the kernel calls it while tracing, with ``x`` a
     register and ``prmt`` the PTX byte permute; tests call it with ints and ``prmt_reference``.
     A selector nibble is a code (prmt reads nibble bit 3 as "sign-extend", so 4-bit codes
     look up entries ``code & 7`` in both halves of the codebook and ``pick`` chooses per byte)."""
-    lo_plane, hi_plane = code_planes(bits, dtype)
+    lo_plane, hi_plane = code_planes(bits, dtype) if planes is None else planes
     if bits == 4:
         sel, pick = x & 0x7777, ((x >> 1) & 0x4444) | 0x3210
 
