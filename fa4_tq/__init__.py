@@ -16,7 +16,7 @@ from .codec import (
     unrotate,
 )
 from .interface import BACKENDS, flash_attn_func, flash_attn_varlen_func
-from .paged import PagedKVCache
+from .paged import PagedKVCache, compress_into
 from .reference import attention_reference
 
 __version__ = "0.1.0"
@@ -30,6 +30,7 @@ __all__ = [
     "PagedKVCache",
     "attention_reference",
     "compress",
+    "compress_into",
     "flash_attn_func",
     "flash_attn_varlen_func",
     "rotate",

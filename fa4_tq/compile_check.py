@@ -187,10 +187,38 @@ def _case_tq_sm90(full: bool) -> list[str]:
     return done
 
 
+def cache_write_variants():
+    """(label, kwargs) of the cache-write kernels CI compiles: each K/V width pair on the
+    diagonal plus mixed ones at head_dim 128, every head_dim, fp16 with float32 scales."""
+    out = [(f"k{kb}v{vb} d128", dict(kb=kb, vb=vb)) for kb, vb in ((2, 2), (3, 3), (4, 4), (8, 8), (4, 2), (8, 3))]
+    out += [(f"k4v4 d{d}", dict(d=d)) for d in (64, 256)]
+    out += [("k3v8 d512", dict(d=512, kb=3, vb=8)), ("k2v4 d512", dict(d=512, kb=2, vb=4))]
+    out += [("k4v4 d128 fp16 fp32-scales int64-slots", dict(dtype="float16", scale_dtype="float32", slots="int64"))]
+    return out
+
+
+def _case_cache_write() -> list[str]:
+    import torch
+    from fa4_tq.kernels.launch import write_packed
+
+    done = []
+    for label, kw in cache_write_variants():
+        d, kb, vb = kw.get("d", 128), kw.get("kb", 4), kw.get("vb", 4)
+        dtype = getattr(torch, kw.get("dtype", "bfloat16"))
+        sdt = getattr(torch, kw.get("scale_dtype", "float16"))
+        k = torch.empty(300, 4, d, dtype=dtype, device="cuda")
+        slots = torch.empty(300, dtype=getattr(torch, kw.get("slots", "int32")), device="cuda")
+        kc, vc = (_fake_packed((16, 64, 4), d, b, sdt) for b in (kb, vb))
+        write_packed(k, k, slots, kc, vc)
+        done.append(label)
+    return done
+
+
 CASES: dict[str, Callable[[], list[str]]] = {
     "fa4-fwd": _case_fa4_fwd,
     "tq-sm90": lambda: _case_tq_sm90(full=True),
     "tq-sm90-smoke": lambda: _case_tq_sm90(full=False),
+    "cache-write": _case_cache_write,
 }
 
 

@@ -3,12 +3,16 @@
 Per layer: K and V bytes ``[num_pages, page_size, kv_heads, row_bytes]`` (uint8) and scales
 ``[num_pages, kv_heads, page_size]`` (head-major, docs/FORMAT.md). ``layer(i)`` returns the two
 ``PackedKV`` views that ``fa4_tq.flash_attn_varlen_func(..., page_table=, seqused_k=)`` takes.
-Writes use the reference codec (``fa4_tq.compress``) for now.
+
+Writes on an SM90+ GPU run one CuTeDSL kernel for K and V (``fa4_tq/kernels/cache_write.py``:
+rotation, quantisation, packing and scatter fused, no sync); elsewhere, or with
+``backend="reference"``, the reference codec (``fa4_tq.compress``). ``compress_into`` is the same
+kernel for a contiguous ``PackedKV`` (e.g. a growing per-sequence buffer).
 """
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -16,7 +20,31 @@ from .codec import SCALE_DTYPES, PackedKV, compress, row_bytes
 from .codec.codebook import _check_bits
 from .codec.rotation import _check_head_dim, check_seed
 
-__all__ = ["PagedKVCache"]
+__all__ = ["PagedKVCache", "compress_into"]
+
+WRITE_BACKENDS = ("auto", "kernel", "reference")
+
+
+def _kernel_usable(device: torch.device) -> Optional[str]:
+    """Why the cache-write kernel cannot run on ``device`` (None when it can)."""
+    if device.type != "cuda":
+        return "it needs CUDA tensors"
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        return "it is built for SM90 and newer"
+    try:
+        import flash_attn.cute  # noqa: F401  (the gpu extra)
+    except ImportError:
+        return "the gpu extra (flash-attn-4, nvidia-cutlass-dsl) is not installed"
+    return None
+
+
+def _pick_write_backend(backend: str, device: torch.device) -> str:
+    if backend not in WRITE_BACKENDS:
+        raise ValueError(f"backend must be one of {WRITE_BACKENDS}, got {backend!r}")
+    why = _kernel_usable(device)
+    if backend == "kernel" and why:
+        raise ValueError(f"backend='kernel' cannot run: {why}; use backend='reference' or 'auto'")
+    return backend if backend != "auto" else ("reference" if why else "kernel")
 
 BitsArg = Union[int, Sequence[int]]
 
@@ -117,9 +145,15 @@ class PagedKVCache:
         slot_mapping: torch.Tensor,
         *,
         check_indices: bool = True,
+        backend: str = "auto",
     ) -> None:
         """Compress new tokens ``k, v[num_tokens, kv_heads, head_dim]`` into the slots
-        ``slot_mapping[num_tokens]`` (slot = page * page_size + offset; -1 = padding, skipped)."""
+        ``slot_mapping[num_tokens]`` (slot = page * page_size + offset; -1 = padding, skipped).
+
+        ``check_indices`` validates the slots on the host (a device sync; serving loops that
+        trust their slot mapping pass False). ``backend``: "kernel" (one launch for K and V,
+        SM90+), "reference" (the PyTorch codec), "auto" (the kernel where it runs). The kernel
+        does not check for inf/NaN (that needs a sync): such rows get unspecified codes."""
         self._check_layer(layer)
         want = (self.kv_heads, self.head_dim)
         for name, t in (("k", k), ("v", v)):
@@ -149,6 +183,13 @@ class PagedKVCache:
                     f"slot_mapping values must be -1 (padding) or in [0, {self.num_slots}) "
                     f"(num_pages * page_size), got min {lo}, max {hi}"
                 )
+        if k.dtype not in (torch.bfloat16, torch.float16, torch.float32) or v.dtype != k.dtype:
+            raise TypeError(f"k and v must share one of bfloat16/float16/float32, got {k.dtype} and {v.dtype}")
+        if _pick_write_backend(backend, self.device) == "kernel" and k.dtype != torch.float32:
+            from .kernels.launch import write_packed
+
+            write_packed(k, v, slot_mapping, self._k[layer], self._v[layer])
+            return
         keep = slot_mapping >= 0
         slots = slot_mapping[keep].long()
         page, off = slots // self.page_size, slots % self.page_size
@@ -163,3 +204,43 @@ class PagedKVCache:
             f"kv_heads={self.kv_heads}, head_dim={self.head_dim}, k_bits={self.k_bits}, "
             f"v_bits={self.v_bits}, {self.nbytes / 2**20:.1f} MiB on {self.device})"
         )
+
+
+def compress_into(x: torch.Tensor, out: PackedKV, *, backend: str = "auto") -> None:
+    """Compress ``x`` into the existing buffers of ``out`` (same shape, ``[batch, seqlen, heads,
+    d]`` or ``[tokens, heads, d]``), as ``fa4_tq.compress(x, out.bits, seed=out.seed)`` would,
+    without allocating: the cache-write kernel on SM90+ for bf16/fp16 ``x``, else the reference."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(out, PackedKV):
+        raise TypeError(f"out must be a PackedKV, got {type(out).__name__}")
+    if tuple(x.shape) != tuple(out.shape):
+        raise ValueError(f"x has shape {tuple(x.shape)}, out holds {tuple(out.shape)}: they must match")
+    if x.dim() not in (3, 4):
+        raise ValueError(f"x must be [batch, seqlen, heads, d] or [tokens, heads, d], got {x.dim()} dims")
+    if x.device != out.device:
+        raise ValueError(f"x is on {x.device}, out on {out.device}")
+    kernel = _pick_write_backend(backend, x.device) == "kernel" and x.dtype in (torch.bfloat16, torch.float16)
+    if not kernel:
+        p = compress(x, out.bits, seed=out.seed, scale_dtype=out.scales.dtype)
+        out.data.copy_(p.data)
+        out.scales.copy_(p.scales)
+        return
+    if x.dim() == 4:  # data [b, s, h, nb] and scales [b, h, s] are already pages of s slots
+        b, s = x.shape[:2]
+        rows, paged = x.reshape(b * s, *x.shape[2:]), out
+    else:  # [t, h]: one page of t slots
+        rows = x
+        paged = PackedKV(data=out.data.unsqueeze(0), scales=out.scales.unsqueeze(0), bits=out.bits,
+                         head_dim=out.head_dim, seed=out.seed)
+    slots = torch.arange(rows.shape[0], device=x.device, dtype=torch.int32)
+    _write_one(rows, slots, paged)
+
+
+def _write_one(rows: torch.Tensor, slots: torch.Tensor, dst: PackedKV) -> None:
+    """One side through the K+V kernel: its V half gets the same rows and buffers, so every byte
+    is written twice with the same value (a second kernel variant would avoid it; this path is
+    not the serving one)."""
+    from .kernels.launch import write_packed
+
+    write_packed(rows, rows, slots, dst, dst)

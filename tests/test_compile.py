@@ -33,3 +33,16 @@ def test_packed_kv_sm90_kernel_compiles_over_its_matrix():
     want = [label for label, _ in tq_sm90_variants(full=True)]
     assert [ln.split(": ", 1)[1].rsplit(" -> ", 1)[0] for ln in lines] == want, lines
     assert all(ln.endswith("FlashAttentionForwardSm90TQ") for ln in lines), lines
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_cache_write_kernel_compiles_for(arch):
+    """The online cache-write kernel (every width, head_dim 64-512, fp16 + float32 scales, int64
+    slots) compiles for Hopper and Blackwell."""
+    from fa4_tq.compile_check import cache_write_variants
+
+    res = run_in_subprocess(arch, "cache-write")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("COMPILED")]
+    assert [ln.split(": ", 1)[1].rsplit(" -> ", 1)[0] for ln in lines] == [lb for lb, _ in cache_write_variants()]
+    assert all(ln.endswith("CacheWrite") for ln in lines), lines

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fa4_tq import PagedKVCache, compress
+from fa4_tq import PagedKVCache, compress, compress_into
 from helpers import realistic_kv
 
 
@@ -63,3 +63,30 @@ def test_write_rejects_bad_input():
         PagedKVCache(1, 2, 12, 2, 64)
     with pytest.raises(ValueError, match="k_bits must be one int or one per layer"):
         PagedKVCache(2, 2, 16, 2, 64, k_bits=[4])
+
+
+@pytest.mark.parametrize("shape", [(2, 24, 3, 64), (40, 2, 128)])
+def test_compress_into_fills_existing_buffers(shape):
+    """On the CPU compress_into runs the reference codec into the caller's buffers (the GPU
+    kernel path is tests/test_gpu_cache_write.py)."""
+    gen = torch.Generator().manual_seed(1)
+    x = realistic_kv(shape, generator=gen)
+    out = compress(torch.zeros(shape), 3, seed=9)
+    data_ptr, scales_ptr = out.data.data_ptr(), out.scales.data_ptr()
+    compress_into(x, out)
+    want = compress(x, 3, seed=9)
+    assert torch.equal(out.data, want.data) and torch.equal(out.scales, want.scales)
+    assert (out.data.data_ptr(), out.scales.data_ptr()) == (data_ptr, scales_ptr)
+
+
+def test_write_backends_are_checked():
+    cache = PagedKVCache(1, num_pages=2, page_size=8, kv_heads=1, head_dim=64)
+    k = torch.randn(3, 1, 64)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        cache.write(0, k, k, torch.tensor([0, 1, 2]), backend="fast")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        cache.write(0, k, k, torch.tensor([0, 1, 2]), backend="kernel")
+    with pytest.raises(ValueError, match="must match"):
+        compress_into(k, compress(torch.zeros(4, 1, 64), 4))
+    with pytest.raises(TypeError, match="PackedKV"):
+        compress_into(k, k)

@@ -141,3 +141,60 @@ def packed_attention(
             softmax_scale, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table, wl, wr,
         )
     return out, lse
+
+
+# ----------------------------------------------------------------------------- cache write
+_signs_on: dict = {}
+
+
+def _device_constants(d: int, seed: int, bits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(signs, search table) for one K or V side, one copy per device, made once."""
+    from ..codec.rotation import sign_vector
+    from .cache_write import search_table
+
+    key = (d, seed, bits, str(device))
+    if key not in _signs_on:
+        _signs_on[key] = (sign_vector(d, seed).to(device), search_table(bits).to(device))
+    return _signs_on[key]
+
+
+def write_packed(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, k_dst: PackedKV, v_dst: PackedKV):
+    """Compress ``k, v[T, H, d]`` into the paged ``k_dst``/``v_dst`` (data ``[P, S, H, nb]``,
+    scales ``[P, H, S]``) at ``slot_mapping[T]`` (-1 skips), one kernel launch for both.
+
+    Inputs are assumed validated by the caller (``PagedKVCache.write``, ``compress_into``);
+    rows that are not 16-byte aligned are copied to a contiguous buffer first."""
+    import cutlass.cute as cute
+    from flash_attn.cute.cute_dsl_utils import to_cute_tensor
+    from flash_attn.cute.testing import is_fake_mode
+
+    from .cache_write import CacheWrite
+
+    d = k.shape[-1]
+    if is_fake_mode():
+        ks = torch.empty(d, dtype=torch.float32, device=k.device)
+        vs, kt, vt = torch.empty_like(ks), torch.empty(2, 128, device=k.device), torch.empty(2, 128, device=k.device)
+    else:
+        k, v = (x if _rows_aligned(x) else x.contiguous() for x in (k, v))
+        ks, kt = _device_constants(d, k_dst.seed, k_dst.bits, k.device)
+        vs, vt = _device_constants(d, v_dst.seed, v_dst.bits, k.device)
+    key = ("cache_write", device_arch(), k.dtype, d, k_dst.bits, v_dst.bits, k_dst.scales.dtype,
+           v_dst.scales.dtype, slot_mapping.dtype)
+    args = (k, v, slot_mapping, k_dst.data, v_dst.data, k_dst.scales, v_dst.scales, ks, vs, kt, vt)
+    if key not in _compile_cache:
+        cargs = [to_cute_tensor(k), to_cute_tensor(v), to_cute_tensor(slot_mapping, assumed_align=4, leading_dim=0)]
+        cargs += [to_cute_tensor(t, assumed_align=4) for t in (k_dst.data, v_dst.data)]
+        cargs += [to_cute_tensor(t, assumed_align=2) for t in (k_dst.scales, v_dst.scales)]
+        cargs += [to_cute_tensor(t, assumed_align=16, leading_dim=0) for t in (ks, vs)]
+        cargs += [to_cute_tensor(t, assumed_align=16) for t in (kt, vt)]
+        cargs.append(cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
+        _compile_cache[key] = cute.compile(CacheWrite(d, k_dst.bits, v_dst.bits), *cargs, options="--enable-tvm-ffi")
+    if not is_fake_mode() and k.shape[0]:
+        _compile_cache[key](*args)
+
+
+def _rows_aligned(x: torch.Tensor) -> bool:
+    """Last dim contiguous and every (token, head) row starting on 16 bytes."""
+    per16 = 16 // x.element_size()
+    return (x.stride(-1) == 1 and x.data_ptr() % 16 == 0
+            and all(s % per16 == 0 for s in x.stride()[:-1]))

@@ -1,0 +1,72 @@
+"""On an SM90 GPU: the cache-write kernel (rotate, quantise, pack, scatter) against the reference
+codec, every bit width on K and on V, head_dim 64-512. The cache starts poisoned (0xA5 bytes,
+NaN scales): slots the mapping does not name must keep the poison."""
+
+import pytest
+import torch
+
+from fa4_tq import PagedKVCache, compress, compress_into
+from fa4_tq.codec import unpack
+from helpers import realistic_kv
+
+pytestmark = pytest.mark.gpu
+POISON = 0xA5
+
+
+def _compare(packed, page, off, x, bits, seed):
+    """(code mismatches, elements) of the written slots against compress(x); the scales must
+    agree to within one fp16 rounding, a mismatching code may only be a neighbour (a tie)."""
+    ref = compress(x, bits, seed=seed)
+    got_idx = unpack(packed.data[page, off], bits, x.shape[-1])
+    bad = got_idx != ref.indices()
+    assert ((got_idx - ref.indices()).abs()[bad] == 1).all(), "a code off by more than one"
+    got_s = packed.scales[page, :, off].float()  # [n, heads]
+    want_s = ref.scales.transpose(0, 1).float()
+    assert torch.isfinite(got_s).all()
+    assert ((got_s - want_s).abs() <= 2.0 ** -10 * want_s.abs() + 1e-7).all()
+    return int(bad.sum()), bad.numel()
+
+
+@pytest.mark.parametrize("d", [64, 128, 256, 512])
+@pytest.mark.parametrize("kbits,vbits", [(2, 3), (4, 8), (3, 2), (8, 4)])
+def test_cache_write_kernel_is_the_codec(d, kbits, vbits):
+    gen = torch.Generator().manual_seed(d + kbits * 10 + vbits)
+    tokens, heads, pages, page_size = 300, 4, 12, 64
+    cache = PagedKVCache(1, pages, page_size, heads, d, k_bits=kbits, v_bits=vbits, device="cuda")
+    kc, vc = cache.layer(0)
+    for p in (kc, vc):
+        p.data.fill_(POISON)
+        p.scales.fill_(float("nan"))
+    k = realistic_kv((tokens, heads, d), generator=gen).bfloat16().cuda()
+    v = torch.randn(tokens, heads, d, generator=gen).bfloat16().cuda()
+    slots = torch.randperm(pages * page_size, generator=gen)[:tokens].to(torch.int32)
+    slots[::7] = -1
+    slots = slots.cuda()
+    cache.write(0, k, v, slots, backend="kernel")
+    torch.cuda.synchronize()
+    keep = slots >= 0
+    s = slots[keep].long()
+    page, off = s // page_size, s % page_size
+    mism = 0
+    for packed, x, bits in ((kc, k, kbits), (vc, v, vbits)):
+        bad, n = _compare(packed, page, off, x[keep], bits, packed.seed)
+        mism += bad
+        assert bad <= max(2, 1e-4 * n), (bad, n)
+        untouched = torch.ones(pages * page_size, dtype=torch.bool, device="cuda")
+        untouched[s] = False
+        rows = packed.data.view(pages * page_size, heads, -1)[untouched]
+        assert (rows == POISON).all()
+        assert packed.scales.transpose(1, 2).reshape(pages * page_size, heads)[untouched].isnan().all()
+    print(f"TIES d{d} k{kbits}v{vbits}: {mism} codes differ from the reference (near-ties)")
+
+
+@pytest.mark.parametrize("shape", [(2, 100, 4, 128), (333, 2, 64)])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_compress_into_is_compress(shape, bits):
+    gen = torch.Generator().manual_seed(bits)
+    x = realistic_kv(shape, generator=gen).to(torch.float16).cuda()
+    out = compress(torch.zeros(shape, device="cuda"), bits, seed=5)
+    compress_into(x, out, backend="kernel")
+    ref = compress(x, bits, seed=5)
+    assert (out.indices() != ref.indices()).float().mean() <= 1e-4
+    assert torch.allclose(out.scales.float(), ref.scales.float(), rtol=2.0 ** -10, atol=0)
