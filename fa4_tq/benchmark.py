@@ -32,3 +32,38 @@ def attention_flops(batch: int, heads: int, seqlen_q: int, seqlen_k: int, head_d
 
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def write_results(out_dir: str, name: str, title: str, intro: str, header: str, lines) -> str:
+    """``<out_dir>/<name>-<gpu>.md``: a title naming the device, what was run, one markdown table."""
+    import os
+
+    gpu = device_name()
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}-{gpu.replace(' ', '_')}.md")
+    with open(path, "w") as f:
+        f.write(f"# {title}, {gpu}\n\n{intro}\n\n{header}\n|" + "---|" * (header.count("|") - 1) + "\n")
+        f.writelines(line + "\n" for line in lines)
+    print(f"wrote {path}")
+    return path
+
+
+def bench_parser(doc: str, reps: int, results_dir: str):
+    """The arguments every perf/ script takes: ``--reps`` and ``--out-dir``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=reps, help="timed runs per measurement (median)")
+    ap.add_argument("--out-dir", default=results_dir, help="where the results .md goes")
+    return ap
+
+
+def require_gpu(script: str) -> str:
+    """Exit with a message without CUDA; else print and return the device name."""
+    import sys
+
+    if not torch.cuda.is_available():
+        sys.exit(f"{script} needs a CUDA GPU")
+    gpu = device_name()
+    print(f"device: {gpu}")
+    return gpu

@@ -10,14 +10,12 @@ Times are medians of CUDA-event timings. Writes perf/results/compress-<gpu>.md.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 
 import torch
 
 from fa4_tq import PagedKVCache
-from fa4_tq.benchmark import device_name, time_cuda
+from fa4_tq.benchmark import bench_parser, require_gpu, time_cuda, write_results
 from fa4_tq.codec import row_bytes
 
 TOKENS = (1, 16, 256, 1024, 4096, 16384, 65536)
@@ -65,25 +63,15 @@ def _fmt(r):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=40)
-    ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap = bench_parser(__doc__, 40, os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("bench_compress needs a CUDA GPU")
-    gpu = device_name()
-    print(f"device: {gpu}\n{HEADER}")
+    require_gpu("bench_compress")
+    print(HEADER)
     copy, rows = run(args.reps)
-    os.makedirs(args.out_dir, exist_ok=True)
-    path = os.path.join(args.out_dir, f"compress-{gpu.replace(' ', '_')}.md")
-    with open(path, "w") as f:
-        f.write(f"# Cache write, {gpu}\n\n`python perf/bench_compress.py` ({HEADS} KV heads, head_dim {D}, "
-                f"page size {PAGE}, random slots; median of {args.reps} CUDA-event timings). "
-                f"Device-to-device copy bandwidth measured in the same run: {copy:.0f} GB/s.\n\n")
-        f.write(HEADER + "\n|" + "---|" * (HEADER.count("|") - 1) + "\n")
-        for r in rows:
-            f.write(_fmt(r) + "\n")
-    print(f"wrote {path}")
+    write_results(args.out_dir, "compress", "Cache write",
+                  f"`python perf/bench_compress.py` ({HEADS} KV heads, head_dim {D}, page size {PAGE}, random "
+                  f"slots; median of {args.reps} CUDA-event timings). Device-to-device copy bandwidth "
+                  f"measured in the same run: {copy:.0f} GB/s.", HEADER, [_fmt(r) for r in rows])
 
 
 if __name__ == "__main__":

@@ -19,15 +19,13 @@ the gap between them and the full kernel says where the time goes.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
-import sys
 
 import torch
 
 from fa4_tq import compress, flash_attn_func
-from fa4_tq.benchmark import attention_flops, device_name, time_cuda
+from fa4_tq.benchmark import attention_flops, bench_parser, require_gpu, time_cuda, write_results
 from fa4_tq.codec import rotate_rounded, unrotate_rounded
 from fa4_tq.kernels.launch import packed_attention
 
@@ -104,31 +102,20 @@ def _fmt(r, ablate):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = bench_parser(__doc__, 30, os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--full", action="store_true", help="the whole matrix (long)")
     ap.add_argument("--quick", action="store_true", help="only every bit pair at hd128 s8K causal GQA 8:1")
     ap.add_argument("--ablate", action="store_true", help="also time kernel variants without a load stage")
-    ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("bench_prefill needs a CUDA GPU")
-    gpu = device_name()
-    print(f"device: {gpu}")
+    require_gpu("bench_prefill")
     head = HEADER + (" no-copy TFLOP/s | no-dequant TFLOP/s |" if args.ablate else "")
     print(head)
     rows = run(_configs(args.full, args.quick), args.ablate, args.reps)
-    os.makedirs(args.out_dir, exist_ok=True)
-    path = os.path.join(args.out_dir, f"prefill-{gpu.replace(' ', '_')}.md")
-    with open(path, "w") as f:
-        f.write(f"# Prefill, {gpu}\n\n`python perf/bench_prefill.py{' --full' if args.full else ''}{' --quick' if args.quick else ''}"
-                f"{' --ablate' if args.ablate else ''}` (median of {args.reps} CUDA-event timings; "
-                f"~32K query tokens per call; GQA 8:1 = 32/4 heads, MHA = 32/32)\n\n")
-        f.write(head + "\n")
-        f.write("|" + "---|" * (head.count("|") - 1) + "\n")
-        for r in rows:
-            f.write(_fmt(r, args.ablate) + "\n")
-    print(f"wrote {path}")
+    flags = "".join(f" --{n}" for n in ("full", "quick", "ablate") if getattr(args, n))
+    write_results(args.out_dir, "prefill", "Prefill",
+                  f"`python perf/bench_prefill.py{flags}` (median of {args.reps} CUDA-event timings; "
+                  f"~32K query tokens per call; GQA 8:1 = 32/4 heads, MHA = 32/32)", head,
+                  [_fmt(r, args.ablate) for r in rows])
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ Rows whose slot is -1 (padding) are computed and not written; a zero vector gets
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import cuda.bindings.driver as cuda
 import cutlass
