@@ -44,7 +44,9 @@ def lanes_per_row(head_dim: int) -> tuple[int, int]:
 
 
 def positive_boundaries(bits: int) -> list[float]:
-    """The 2**(b-1) - 1 positive decision boundaries (float32 midpoints of bf16 centroids)."""
+    """The 2**(b-1) - 1 positive decision boundaries (float32 midpoints of bf16 centroids): the
+    upper half of ``codebook.boundaries(bits)``, computed from Python floats because the kernel
+    calls this while tracing, under torch's FakeTensorMode in CPU compiles (no torch ops there)."""
     import struct
 
     c = [v for v in centroid_values(bits) if v > 0]

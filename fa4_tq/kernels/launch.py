@@ -144,7 +144,7 @@ def packed_attention(
 
 
 # ----------------------------------------------------------------------------- cache write
-_signs_on: dict = {}
+_write_constants: dict = {}
 
 
 def _device_constants(d: int, seed: int, bits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,9 +153,9 @@ def _device_constants(d: int, seed: int, bits: int, device) -> tuple[torch.Tenso
     from .cache_write import search_table
 
     key = (d, seed, bits, str(device))
-    if key not in _signs_on:
-        _signs_on[key] = (sign_vector(d, seed).to(device), search_table(bits).to(device))
-    return _signs_on[key]
+    if key not in _write_constants:
+        _write_constants[key] = (sign_vector(d, seed).to(device), search_table(bits).to(device))
+    return _write_constants[key]
 
 
 def write_packed(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, k_dst: PackedKV, v_dst: PackedKV):
