@@ -10,17 +10,50 @@ import torch
 
 def time_cuda(fn: Callable[[], object], *, warmup: int = 5, reps: int = 30) -> float:
     """Median milliseconds of ``fn()`` on the current CUDA stream (events around each call)."""
+    return _median_event_ms(fn, warmup, reps, calls=1, hold_stream=False)
+
+
+def time_gpu(fn: Callable[[], object], *, warmup: int = 5, reps: int = 30, calls: int = 10) -> float:
+    """Median milliseconds of GPU time per ``fn()`` call, host overhead excluded: a sleep kernel
+    holds the stream while the host queues ``calls`` calls between two events, so the GPU runs
+    them back to back (as in a CUDA graph or a host that runs ahead). ``time_cuda`` measures a
+    single eager call instead, host work included when the kernel is shorter than it."""
+    return _median_event_ms(fn, warmup, reps, calls=calls, hold_stream=True)
+
+
+def _median_event_ms(fn, warmup: int, reps: int, *, calls: int, hold_stream: bool) -> float:
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if hold_stream:
+            torch.cuda._sleep(20_000_000)  # ~10 ms: far longer than queueing ``calls`` calls takes
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
+
+
+def time_host(fn: Callable[[], object], *, warmup: int = 5, reps: int = 30) -> float:
+    """Median milliseconds of host (Python + launch) time per ``fn()`` call, the GPU kept busy
+    by a sleep kernel so that no call waits on it."""
+    import time
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(20_000_000)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
     return statistics.median(times)
 
 

@@ -220,12 +220,15 @@ def compress_into(x: torch.Tensor, out: PackedKV, *, backend: str = "auto") -> N
         raise ValueError(f"x must be [batch, seqlen, heads, d] or [tokens, heads, d], got {x.dim()} dims")
     if x.device != out.device:
         raise ValueError(f"x is on {x.device}, out on {out.device}")
-    kernel = _pick_write_backend(backend, x.device) == "kernel" and x.dtype in (torch.bfloat16, torch.float16)
+    kernel = (_pick_write_backend(backend, x.device) == "kernel" and x.dtype in (torch.bfloat16, torch.float16)
+              and out.data.is_contiguous() and out.data.data_ptr() % 16 == 0)
     if not kernel:
         p = compress(x, out.bits, seed=out.seed, scale_dtype=out.scales.dtype)
         out.data.copy_(p.data)
         out.scales.copy_(p.scales)
         return
+    from .kernels.launch import write_packed
+
     if x.dim() == 4:  # data [b, s, h, nb] and scales [b, h, s] are already pages of s slots
         b, s = x.shape[:2]
         rows, paged = x.reshape(b * s, *x.shape[2:]), out
@@ -234,13 +237,4 @@ def compress_into(x: torch.Tensor, out: PackedKV, *, backend: str = "auto") -> N
         paged = PackedKV(data=out.data.unsqueeze(0), scales=out.scales.unsqueeze(0), bits=out.bits,
                          head_dim=out.head_dim, seed=out.seed)
     slots = torch.arange(rows.shape[0], device=x.device, dtype=torch.int32)
-    _write_one(rows, slots, paged)
-
-
-def _write_one(rows: torch.Tensor, slots: torch.Tensor, dst: PackedKV) -> None:
-    """One side through the K+V kernel: its V half gets the same rows and buffers, so every byte
-    is written twice with the same value (a second kernel variant would avoid it; this path is
-    not the serving one)."""
-    from .kernels.launch import write_packed
-
-    write_packed(rows, rows, slots, dst, dst)
+    write_packed(rows, None, slots, paged)

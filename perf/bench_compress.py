@@ -3,9 +3,13 @@
 and a device-to-device copy of a large buffer (the bandwidth ceiling).
 
 GB/s counts the bytes that must move: the bf16 K and V read, the packed rows and scales written.
-Times are medians of CUDA-event timings. Writes perf/results/compress-<gpu>.md.
+"GPU us" is the kernel's time per call with launches queued ahead (``time_gpu``: what a CUDA
+graph or a host running ahead sees); "host us" is the Python + launch time of one eager
+``PagedKVCache.write`` call, which bounds the rate of a host that waits on nothing else.
+Medians. Writes perf/results/compress-<gpu>.md. ``--sweep`` times the kernel's tuning knobs
+(values per thread, CTAs per SM) instead.
 
-    python perf/bench_compress.py [--out-dir D]
+    python perf/bench_compress.py [--out-dir D] [--sweep]
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import os
 import torch
 
 from fa4_tq import PagedKVCache
-from fa4_tq.benchmark import bench_parser, require_gpu, time_cuda, write_results
+from fa4_tq.benchmark import bench_parser, require_gpu, time_cuda, time_gpu, time_host, write_results
 from fa4_tq.codec import row_bytes
 
 TOKENS = (1, 16, 256, 1024, 4096, 16384, 65536)
@@ -31,6 +35,16 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() / (ms * 1e6)
 
 
+def _problem(kb, vb, t, gen):
+    pages = -(-t // PAGE) + 1
+    cache = PagedKVCache(1, pages, PAGE, HEADS, D, k_bits=kb, v_bits=vb, device="cuda")
+    k = torch.randn(t, HEADS, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    v = torch.randn(t, HEADS, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    slots = torch.randperm(pages * PAGE, device="cuda", generator=gen)[:t].to(torch.int32)
+    moved = 2 * k.numel() * 2 + t * HEADS * (row_bytes(D, kb) + row_bytes(D, vb) + 2 * 2)
+    return cache, k, v, slots, moved
+
+
 def run(reps: int):
     copy = copy_bandwidth()
     print(f"copy bandwidth: {copy:.0f} GB/s")
@@ -38,39 +52,61 @@ def run(reps: int):
     rows = []
     for kb, vb in PAIRS:
         for t in TOKENS:
-            pages = -(-t // PAGE) + 1
-            cache = PagedKVCache(1, pages, PAGE, HEADS, D, k_bits=kb, v_bits=vb, device="cuda")
-            k = torch.randn(t, HEADS, D, device="cuda", generator=gen, dtype=torch.bfloat16)
-            v = torch.randn(t, HEADS, D, device="cuda", generator=gen, dtype=torch.bfloat16)
-            slots = torch.randperm(pages * PAGE, device="cuda", generator=gen)[:t].to(torch.int32)
-            moved = 2 * k.numel() * 2 + t * HEADS * (row_bytes(D, kb) + row_bytes(D, vb) + 2 * 2)
-            ours = time_cuda(lambda: cache.write(0, k, v, slots, check_indices=False, backend="kernel"), reps=reps)
+            cache, k, v, slots, moved = _problem(kb, vb, t, gen)
+            write = lambda: cache.write(0, k, v, slots, check_indices=False, backend="kernel")
+            ours = time_gpu(write, reps=reps)
+            host = time_host(write, reps=reps)
             ref = time_cuda(lambda: cache.write(0, k, v, slots, check_indices=False, backend="reference"),
                             reps=max(3, reps // 4))
             gbs = moved / (ours * 1e6)
-            row = dict(kb=kb, vb=vb, t=t, ours_us=ours * 1e3, gbs=gbs, pct=100 * gbs / copy, ref_us=ref * 1e3)
+            row = dict(kb=kb, vb=vb, t=t, ours_us=ours * 1e3, gbs=gbs, pct=100 * gbs / copy,
+                       host_us=host * 1e3, ref_us=ref * 1e3)
             rows.append(row)
             print(_fmt(row), flush=True)
     return copy, rows
 
 
-HEADER = "| K/V bits | tokens | kernel us | kernel GB/s | % of copy | reference us | kernel speedup |"
+def sweep(reps: int):
+    """GPU time of the kernel's knobs at 4K and 64K tokens (printed, not written)."""
+    from fa4_tq.kernels.launch import write_packed
+
+    copy = copy_bandwidth()
+    print(f"copy bandwidth: {copy:.0f} GB/s")
+    print("| K/V bits | tokens | per_lane | ctas_per_sm | GPU us | % of copy |")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for kb, vb in ((4, 4), (8, 8)):
+        for t in (4096, 65536):
+            cache, k, v, slots, moved = _problem(kb, vb, t, gen)
+            kc, vc = cache.layer(0)
+            for per_lane in (32, 64):
+                for per_sm in (3, 4, 6):
+                    us = 1e3 * time_gpu(lambda: write_packed(k, v, slots, kc, vc, per_lane=per_lane,
+                                                             ctas_per_sm=per_sm), reps=reps)
+                    print(f"| K{kb}V{vb} | {t} | {per_lane} | {per_sm} | {us:.1f} | "
+                          f"{100 * moved / (us * 1e3) / copy:.0f}% |", flush=True)
+
+
+HEADER = ("| K/V bits | tokens | GPU us | GB/s | % of copy | host us per call | reference us "
+          "| GPU speedup over reference |")
 
 
 def _fmt(r):
     return (f"| K{r['kb']}V{r['vb']} | {r['t']} | {r['ours_us']:.1f} | {r['gbs']:.0f} | {r['pct']:.0f}% "
-            f"| {r['ref_us']:.1f} | {r['ref_us'] / r['ours_us']:.1f}x |")
+            f"| {r['host_us']:.1f} | {r['ref_us']:.1f} | {r['ref_us'] / r['ours_us']:.0f}x |")
 
 
 def main(argv=None):
     ap = bench_parser(__doc__, 40, os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--sweep", action="store_true", help="time the kernel's tuning knobs instead")
     args = ap.parse_args(argv)
     require_gpu("bench_compress")
+    if args.sweep:
+        return sweep(args.reps)
     print(HEADER)
     copy, rows = run(args.reps)
     write_results(args.out_dir, "compress", "Cache write",
                   f"`python perf/bench_compress.py` ({HEADS} KV heads, head_dim {D}, page size {PAGE}, random "
-                  f"slots; median of {args.reps} CUDA-event timings). Device-to-device copy bandwidth "
+                  f"slots; medians of {args.reps} timings, see the script's docstring). Device-to-device copy bandwidth "
                   f"measured in the same run: {copy:.0f} GB/s.", HEADER, [_fmt(r) for r in rows])
 
 

@@ -1,214 +1,307 @@
 """Online cache write (CuTeDSL): rotate, normalise, quantise, pack and scatter new K and V rows
 into a packed cache in one launch, any architecture (plain CUDA cores; compiled for SM90/SM100).
 
-One row = one (token, head) vector of ``d`` values. ``L = d / E`` consecutive lanes of a warp own
-a row, ``E = max(8, d / 32)`` values each (8 codes of ``b`` bits pack into ``b`` whole bytes, so a
-lane writes its bytes alone). Per row, exactly as ``fa4_tq.compress`` (the reference) computes it:
+One row = one (token, head) vector of ``d`` values, owned by ``L = d / E`` consecutive lanes of
+``E = 32`` values each (4 lanes at head_dim 128: measured faster on the H100 than 2 or 1, which
+hold more registers and keep fewer rows in flight; ``perf/bench_compress.py --sweep``). CTAs
+loop over blocks of rows, loading the next row while they compute one; blockIdx.y picks K or V.
+Per row, as ``fa4_tq.compress`` (the reference) computes it:
 
-1. ``f = x * s`` in float32; the Walsh-Hadamard butterflies in the reference's stage order
-   (strides 1, 2, 4, ...: within a lane, then across lanes by ``shfl.bfly``), times
-   ``1/sqrt(d)``. Same float32 operations in the same order: the rotated row is bit-identical.
-2. ``norm = ||y||`` (a lane sum, then a butterfly sum over the row's lanes: the only reduction
-   whose order differs from torch's, so ``u = y * sqrt(d) / norm`` can differ in its last bit
-   and a value on a decision boundary can take the neighbouring code: the tests count those).
-3. The code: the codebook is symmetric, so the magnitude index is the number of positive
-   boundaries below ``|u|`` (constants compared for 2/3/4 bits, a 7-step binary search in a
-   table for 8 bits); ``u > 0`` takes ``m + k``, else ``m - 1 - k`` (``m = 2**(b-1)``), and a value
-   on a boundary takes the lower code, as ``torch.bucketize`` does.
-4. ``sigma = norm / ||g[idx]||`` rounded to the scale dtype; codes packed little-endian.
+1. ``f = x * s`` (the sign flipped on the input bits, exact), the Walsh-Hadamard butterflies in
+   the reference's stage order (strides 1, 2, 4, ...: within a lane, then across lanes by
+   ``shfl.bfly``): the same float32 operations in the same order as the reference, so ``h = H f``
+   is bit-identical.
+2. ``u = h * sqrt(d) / ||h||`` (the reference's ``y = h / sqrt(d)``, ``u = y * sqrt(d) / ||y||``
+   in one product per value, and a running sum for the norm): ``u`` can differ from the
+   reference's in its last bit or two, so a value within that of a decision boundary can take
+   the neighbouring code. The tests count those ties.
+3. The code: the codebook is symmetric, so the magnitude index ``k`` is the number of positive
+   boundaries below ``|u|`` (``<=`` on the negative side, as ``torch.bucketize`` puts a value on
+   a boundary in the lower code). ``k`` comes from one shared-memory bucket: ``|u| * S`` (``S`` a
+   power of two so that a bucket holds at most one boundary, ``search_table``) names the bucket,
+   which stores how many boundaries lie below it, its one candidate boundary and the squared
+   centroids on both sides; one compare finishes the search, for every width (8 bits included).
+   ``u > 0`` takes ``m + k``, else ``m - 1 - k = (m + k) xor (2m - 1)`` (``m = 2**(b-1)``).
+4. ``sigma = ||y|| / ||g[idx]||`` rounded to the scale dtype; codes packed little-endian.
 
 Rows whose slot is -1 (padding) are computed and not written; a zero vector gets codes
-``m - 1`` and scale 0, like the reference.
+``m - 1`` and scale 0, like the reference. The plain PyTorch twin is ``fa4_tq.compress``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import struct
 
 import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
-from cutlass import Float32, Int32, Int64, Uint32, const_expr
-from cutlass._mlir.dialects import llvm
+from cutlass import Float32, Int32, Uint32, const_expr
+from cutlass._mlir.dialects import arith, llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
 from ..codec.codebook import centroid_values
+from .hadamard import butterflies
 
 THREADS = 128
+PER_LANE = 32  # values per thread (see the module docstring)
 
 
-def lanes_per_row(head_dim: int) -> tuple[int, int]:
+def lanes_per_row(head_dim: int, per_lane: int | None = None) -> tuple[int, int]:
     """(lanes L, values per lane E) for a row of ``head_dim`` values."""
-    e = max(8, head_dim // 32)
+    e = min(head_dim, PER_LANE) if per_lane is None else per_lane
+    # 128 values per thread spill (254 registers) and measured wrong scales on the H100: not offered
+    if e not in (32, 64) or head_dim % e:
+        raise ValueError(f"per_lane must be 32 or 64 (and divide head_dim {head_dim}), got {e}")
     return head_dim // e, e
+
+
+def _f32(x: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def _f32_bits(x: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", x))[0]
 
 
 def positive_boundaries(bits: int) -> list[float]:
     """The 2**(b-1) - 1 positive decision boundaries (float32 midpoints of bf16 centroids): the
     upper half of ``codebook.boundaries(bits)``, computed from Python floats because the kernel
     calls this while tracing, under torch's FakeTensorMode in CPU compiles (no torch ops there)."""
-    import struct
-
     c = [v for v in centroid_values(bits) if v > 0]
-    f32 = lambda x: struct.unpack("<f", struct.pack("<f", x))[0]
-    return [f32(0.5 * (c[j] + c[j + 1])) for j in range(len(c) - 1)]
+    return [_f32(0.5 * (c[j] + c[j + 1])) for j in range(len(c) - 1)]
 
 
-def search_table(bits: int):
-    """float32 [2, 128]: row 0 the positive boundaries padded with +inf, row 1 the squared
-    positive centroids (by magnitude index). The kernel reads it for 8-bit searches and for the
-    norm of the quantised row."""
+def bucket_scale(bits: int) -> int:
+    """The smallest power of two ``S`` whose buckets ``[q/S, (q+1)/S)`` hold at most one positive
+    boundary each (``|u| * S`` is then exact, so bucket membership is exact too)."""
+    pb, s = positive_boundaries(bits), 1
+    while len({math.floor(b * s) for b in pb}) < len(pb):
+        s *= 2
+    return s
+
+
+def bucket_count(bits: int, head_dim: int) -> int:
+    """Buckets in the table. Up to 4 bits, every possible ``|u| <= sqrt(d)`` has its own (a few
+    dozen rows), so the kernel needs no clamp; 8-bit tables stop one past the last boundary's
+    bucket, which every larger ``|u|`` shares (the kernel clamps)."""
+    s = bucket_scale(bits)
+    last = math.floor(positive_boundaries(bits)[-1] * s) + 1
+    return last + 1 if bits == 8 else max(last, math.floor(_f32(math.sqrt(head_dim)) * s) + 2) + 1
+
+
+@functools.lru_cache(maxsize=None)
+def search_rows(bits: int, head_dim: int) -> tuple[tuple[int, int, int, int], ...]:
+    """The bucket table as uint32 rows ``(m + below, candidate, c2[below], c2[below + 1])``:
+    ``m = 2**(bits-1)`` plus how many boundaries lie below the bucket, the float32 bits of the
+    one boundary inside it (+inf if none), and the squared centroids (float32 bits) for the two
+    possible magnitude indices."""
+    pb, s, m = positive_boundaries(bits), bucket_scale(bits), 1 << (bits - 1)
+    c2 = [_f32_bits(_f32(v * v)) for v in centroid_values(bits) if v > 0]
+    rows = []
+    for q in range(bucket_count(bits, head_dim)):
+        below = sum(1 for b in pb if math.floor(b * s) < q)
+        inside = [b for b in pb if math.floor(b * s) == q]
+        cand = _f32_bits(inside[0]) if inside else 0x7F800000
+        rows.append((m + below, cand, c2[below], c2[min(below + 1, len(c2) - 1)]))
+    return tuple(rows)
+
+
+def search_table(bits: int, head_dim: int):
+    """``search_rows`` as an int32 tensor [n, 4] (the bits of the uint32 rows), for the kernel."""
     import torch
 
-    t = torch.full((2, 128), float("inf"), dtype=torch.float32)
-    pb = positive_boundaries(bits)
-    t[0, : len(pb)] = torch.tensor(pb, dtype=torch.float32)
-    c = torch.tensor([v for v in centroid_values(bits) if v > 0], dtype=torch.float32)
-    t[1, : len(c)] = c * c
-    return t
+    rows = [[v - (1 << 32) if v >= 1 << 31 else v for v in r] for r in search_rows(bits, head_dim)]
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+def magnitude_index(u_bits: int, bits: int, head_dim: int) -> tuple[int, int]:
+    """Python model of the kernel's search for one float32 ``u`` (its bits): (code, c2 bits).
+    The CPU tests check it against ``torch.bucketize`` on the codebook at every bucket edge."""
+    m = 1 << (bits - 1)
+    pos = 0 < u_bits < 0x80000000
+    a = (u_bits & 0x7FFFFFFF) + (u_bits >> 31)  # the next float up for u < 0: b <= |u|
+    af = struct.unpack("<f", struct.pack("<I", a))[0]
+    rows = search_rows(bits, head_dim)
+    q = int(af * bucket_scale(bits))
+    assert bits == 8 or q < len(rows), "bucket past the table: |u| > sqrt(d)"
+    code_pos, cand, lo, hi = rows[min(q, len(rows) - 1)]
+    above = cand < a
+    code = code_pos + above
+    return (code if pos else code ^ (2 * m - 1)), (hi if above else lo)
 
 
 class CacheWrite:
-    """Compile-time configuration of one cache-write kernel (head_dim, K/V bits, dtypes)."""
+    """Compile-time configuration of one cache-write kernel: head_dim, K/V bits (``v_bits=None``
+    writes one side only, for ``compress_into``) and how many CTAs to launch at most (they loop
+    over the row blocks, so the constants are staged once per CTA)."""
 
-    def __init__(self, head_dim: int, k_bits: int, v_bits: int):
+    def __init__(self, head_dim: int, k_bits: int, v_bits: int | None, max_ctas: int, per_lane: int | None = None):
         self.head_dim = head_dim
         self.bits = (k_bits, v_bits)
-        self.lanes, self.per_lane = lanes_per_row(head_dim)
+        self.sides = 1 if v_bits is None else 2
+        self.max_ctas = max_ctas
+        self.lanes, self.per_lane = lanes_per_row(head_dim, per_lane)
         self.rows_per_cta = THREADS // self.lanes
+        self.table_rows = max(bucket_count(b, head_dim) for b in self.bits if b is not None)
 
     @cute.jit
     def __call__(
         self,
         mK: cute.Tensor,  # (T, H, d) bf16/fp16, last dim contiguous, rows 16-byte aligned
-        mV: cute.Tensor,
-        mSlots: cute.Tensor,  # (T,) int32/int64; -1 = skip
-        mKData: cute.Tensor,  # (P, S, H, d*kb/8) uint8
+        mV: cute.Tensor,  # (one-side kernels get mK again here and in every V argument)
+        mSlots: cute.Tensor,  # (T,) int32/int64 < 2**31; -1 = skip
+        mKData: cute.Tensor,  # (P, S, H, d*kb/8) uint8, 16-byte aligned
         mVData: cute.Tensor,
         mKScale: cute.Tensor,  # (P, H, S) fp16/fp32
         mVScale: cute.Tensor,
         mKSigns: cute.Tensor,  # (d,) float32 +-1
         mVSigns: cute.Tensor,
-        mKTable: cute.Tensor,  # (2, 128) float32, search_table(k_bits)
+        mKTable: cute.Tensor,  # (n, 4) int32, search_table(k_bits, d)
         mVTable: cute.Tensor,
         stream: cuda.CUstream = None,
     ):
-        rows = mK.shape[0] * mK.shape[1]
-        grid_x = (rows + self.rows_per_cta - 1) // self.rows_per_cta
+        blocks = (mK.shape[0] * mK.shape[1] + self.rows_per_cta - 1) // self.rows_per_cta
+        grid_x = cutlass.min(blocks, self.max_ctas // self.sides)
         self.kernel(mK, mV, mSlots, mKData, mVData, mKScale, mVScale, mKSigns, mVSigns, mKTable, mVTable).launch(
-            grid=[grid_x, 2, 1], block=[THREADS, 1, 1], stream=stream
+            grid=[cutlass.max(grid_x, 1), self.sides, 1], block=[THREADS, 1, 1], stream=stream
         )
 
     @cute.kernel
     def kernel(self, mK, mV, mSlots, mKData, mVData, mKScale, mVScale, mKSigns, mVSigns, mKTable, mVTable):
-        tidx, _, _ = cute.arch.thread_idx()
-        bidx, bidy, _ = cute.arch.block_idx()
-        row = bidx * self.rows_per_cta + tidx // self.lanes
-        lane = tidx % self.lanes
-        if bidy == 0:
-            self._row(mK, mSlots, mKData, mKScale, mKSigns, mKTable, self.bits[0], row, lane)
-        else:
-            self._row(mV, mSlots, mVData, mVScale, mVSigns, mVTable, self.bits[1], row, lane)
+        smem = cutlass.utils.SmemAllocator()
+        sTable = smem.allocate_tensor(Uint32, cute.make_layout((self.table_rows, 4), stride=(4, 1)), byte_alignment=16)
+        sSignMask = smem.allocate_tensor(Uint32, cute.make_layout((self.head_dim // 2,)), byte_alignment=16)
+        if cute.arch.block_idx()[1] == 0:
+            self._side(mK, mSlots, mKData, mKScale, mKSigns, mKTable, sTable, sSignMask, self.bits[0])
+        elif const_expr(self.sides == 2):
+            self._side(mV, mSlots, mVData, mVScale, mVSigns, mVTable, sTable, sSignMask, self.bits[1])
 
     @cute.jit
-    def _row(self, mX, mSlots, mData, mScale, mSigns, mTable, bits: cutlass.Constexpr[int], row, lane):
-        d, L, E = self.head_dim, self.lanes, self.per_lane
-        num_heads = mX.shape[1]
-        valid = row < mX.shape[0] * num_heads
-        tok = row // num_heads if valid else Int32(0)
-        head = row % num_heads
-        slot = Int64(mSlots[tok]) if valid else Int64(-1)
+    def _side(self, mX, mSlots, mData, mScale, mSigns, mTable, sTable, sSignMask, bits: cutlass.Constexpr[int]):
+        """Stage this side's constants in shared memory, then loop over blocks of rows."""
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        grid_x, _, _ = cute.arch.grid_dim()
+        n = bucket_count(bits, self.head_dim)
+        for i in cutlass.range(tidx, n * 4, THREADS, unroll=1):
+            sTable[i // 4, i % 4] = Uint32(mTable[i // 4, i % 4])
+        # sign bits of the bf16/fp16 pairs (bit 15 and bit 31): x * s is one xor on the input
+        for i in cutlass.range(tidx, self.head_dim // 2, THREADS, unroll=1):
+            lo = Uint32(0x8000) if mSigns[2 * i] < Float32(0.0) else Uint32(0)
+            hi = Uint32(0x80000000) if mSigns[2 * i + 1] < Float32(0.0) else Uint32(0)
+            sSignMask[i] = lo | hi
+        cute.arch.sync_threads()
+        rows = mX.shape[0] * mX.shape[1]
+        blocks = (rows + self.rows_per_cta - 1) // self.rows_per_cta
+        lane = tidx % self.lanes
+        # Software pipelining: the next block's row is loaded while this one is computed, so
+        # every thread keeps a load in flight through its arithmetic.
+        nxt = cute.make_rmem_tensor((self.per_lane // 2,), Uint32)
+        slot_nxt = self._load(mX, mSlots, bidx * self.rows_per_cta + tidx // self.lanes, rows, lane, nxt)
+        cur = cute.make_rmem_tensor((self.per_lane // 2,), Uint32)
+        for blk in cutlass.range(bidx, blocks, grid_x, unroll=1):
+            for i in cutlass.range_constexpr(self.per_lane // 2):
+                cur[i] = nxt[i]
+            slot = slot_nxt
+            slot_nxt = self._load(mX, mSlots, (blk + grid_x) * self.rows_per_cta + tidx // self.lanes, rows, lane, nxt)
+            row = blk * self.rows_per_cta + tidx // self.lanes
+            self._row(mX, mData, mScale, sTable, sSignMask, bits, row, slot, lane, cur)
 
-        # 1. load E values (16-byte vectors), signs, butterflies
-        xs = cute.make_rmem_tensor((E,), mX.element_type)
-        xs.fill(0)
-        if valid:
-            src = cute.domain_offset((tok, head, lane * E), mX)
-            ptr = cute.make_ptr(mX.element_type, src.iterator.toint(), cute.AddressSpace.gmem, assumed_align=16)
-            cute.autovec_copy(cute.make_tensor(ptr, cute.make_layout((E,))), xs)
+    @cute.jit
+    def _load(self, mX, mSlots, row, rows, lane, xw) -> Int32:
+        """This lane's ``E`` values of ``row`` into ``xw`` (16-byte loads) and the row's slot;
+        zeros and slot -1 past the last row."""
+        E, H = self.per_lane, mX.shape[1]
+        slot = Int32(-1)
+        xw.fill(0)
+        if row < rows:
+            tok = row // H
+            slot = Int32(mSlots[tok])
+            src = cute.domain_offset((tok, row % H, lane * E), mX)
+            ptr = cute.make_ptr(Uint32, src.iterator.toint(), cute.AddressSpace.gmem, assumed_align=16)
+            cute.autovec_copy(cute.make_tensor(ptr, cute.make_layout((E // 2,))), xw)
+        return slot
+
+    @cute.jit
+    def _row(self, mX, mData, mScale, sTable, sSignMask, bits: cutlass.Constexpr[int], row, slot, lane, xw):
+        d, L, E = self.head_dim, self.lanes, self.per_lane
+        head = row % mX.shape[1]
+
+        # 1. the signs on the input bits, the butterflies
+        mask = cute.make_rmem_tensor((E // 2,), Uint32)
+        cute.autovec_copy(cute.local_tile(sSignMask, (E // 2,), (lane,)), mask)
+        for i in cutlass.range_constexpr(E // 2):
+            xw[i] = xw[i] ^ mask[i]
+        xs = cute.recast_tensor(xw, mX.element_type)
         f = cute.make_rmem_tensor((E,), Float32)
         for j in cutlass.range_constexpr(E):
-            f[j] = Float32(xs[j]) * mSigns[lane * E + j]
-        for s in cutlass.range_constexpr(E.bit_length() - 1):  # strides 1, 2, .. E/2 inside a lane
-            h = 1 << s
-            for j in cutlass.range_constexpr(E):
-                if const_expr(j & h == 0):
-                    a, b = f[j], f[j + h]
-                    f[j], f[j + h] = a + b, a - b
-        for s in cutlass.range_constexpr(L.bit_length() - 1):  # strides E, 2E, ..: across lanes
-            off = 1 << s
-            upper = (lane & off) != 0  # the upper partner keeps (lower - upper)
-            for j in cutlass.range_constexpr(E):
-                other = cute.arch.shuffle_sync_bfly(f[j], offset=off)
-                f[j] = (other - f[j]) if upper else (f[j] + other)
-        inv_sqrt_d = Float32(1.0 / math.sqrt(d))
+            f[j] = Float32(xs[j])
+        butterflies(f, E, lane, L)
         sq = Float32(0.0)
         for j in cutlass.range_constexpr(E):
-            f[j] = f[j] * inv_sqrt_d
             sq += f[j] * f[j]
-        sq = cute.arch.warp_reduction(sq, lambda x, y: x + y, threads_in_group=L)
-        norm = cute.math.sqrt(sq)
-        safe = norm if norm > Float32(0.0) else Float32(1.0)
-        to_unit = Float32(math.sqrt(d)) / safe
+        if const_expr(L > 1):
+            sq = cute.arch.warp_reduction(sq, lambda x, y: x + y, threads_in_group=L)
+        h_norm = cute.math.sqrt(sq)
+        to_unit = Float32(math.sqrt(d)) / (h_norm if h_norm > Float32(0.0) else Float32(1.0))
 
-        # 2. codes and the norm of the quantised row
-        m = 1 << (bits - 1)
-        pb = positive_boundaries(bits)
-        codes = cute.make_rmem_tensor((E,), Uint32)
+        # 2. codes (bucket search), the norm of the quantised row, packing
+        flip = Uint32((1 << bits) - 1)  # (m + k) xor flip = m - 1 - k
+        n, scale = bucket_count(bits, d), Float32(bucket_scale(bits))
+        words = cute.make_rmem_tensor((E * bits // 32,), Uint32)
+        words.fill(0)
         gsq = Float32(0.0)
         for j in cutlass.range_constexpr(E):
-            u = f[j] * to_unit
-            pos = u > Float32(0.0)
-            # ``b <= |u|`` on the negative side: compare against the next float above |u|
-            a = u if pos else _next_up(-u)
-            k = Int32(0)
-            if const_expr(bits == 8):
-                for step in (64, 32, 16, 8, 4, 2, 1):
-                    if mTable[0, k + step - 1] < a:
-                        k += step
-            else:
-                for bnd in pb:
-                    if Float32(bnd) < a:
-                        k += 1
-            codes[j] = Uint32(m + k) if pos else Uint32(m - 1 - k)
-            gsq += mTable[1, k]
-        gsq = cute.arch.warp_reduction(gsq, lambda x, y: x + y, threads_in_group=L)
-        sigma = norm / cute.math.sqrt(gsq)
+            ub = _as_u32(f[j] * to_unit)
+            a = (ub & Uint32(0x7FFFFFFF)) + (ub >> 31)  # the next float up for u < 0: b <= |u|
+            q = _floor_index(_as_f32(a), scale)
+            if const_expr(bits == 8):  # larger |u| share the last bucket
+                q = cutlass.min(q, Int32(n - 1))
+            entry = cute.make_rmem_tensor((4,), Uint32)
+            cute.autovec_copy(sTable[q, None], entry)
+            above = entry[1] < a
+            gsq += _as_f32(entry[3] if above else entry[2])
+            code = entry[0] + (Uint32(1) if above else Uint32(0))
+            code = code if Int32(ub) > Int32(0) else code ^ flip  # +0.0 and -0.0 take m - 1
+            w, sh = (bits * j) // 32, (bits * j) % 32
+            words[w] = words[w] | (code << sh)
+            if const_expr(sh + bits > 32):  # a 3-bit code straddling two words
+                words[w + 1] = words[w + 1] | (code >> (32 - sh))
+        if const_expr(L > 1):
+            gsq = cute.arch.warp_reduction(gsq, lambda x, y: x + y, threads_in_group=L)
+        sigma = h_norm * Float32(1.0 / math.sqrt(d)) / cute.math.sqrt(gsq)
 
-        # 3. pack (E codes -> E*bits/8 bytes) and store where the slot says
+        # 3. store where the slot says
         if slot >= 0:
             page_size = mData.shape[1]
             page, pos_in_page = slot // page_size, slot % page_size
             nbytes = E * bits // 8
             dst = cute.domain_offset((page, pos_in_page, head, lane * nbytes), mData)
-            addr = dst.iterator.toint()
-            for g in cutlass.range_constexpr(E // 8):  # 8 codes -> ``bits`` bytes (format v1)
-                words = []
-                for w in cutlass.range_constexpr(2 if bits == 8 else 1):
-                    word = Uint32(0)
-                    for i in cutlass.range_constexpr(4 if bits == 8 else 8):
-                        word = word | (codes[8 * g + (4 if bits == 8 else 8) * w + i] << (bits * i))
-                    words.append(word)
-                if const_expr(bits >= 4):  # 4 or 8 bytes, 4-byte aligned
-                    p = cute.make_ptr(Uint32, addr + g * bits, cute.AddressSpace.gmem, assumed_align=4)
-                    out32 = cute.make_tensor(p, cute.make_layout((len(words),)))
-                    for w in cutlass.range_constexpr(len(words)):
-                        out32[w] = words[w]
-                else:  # 2 or 3 bytes (3-bit groups are not 2-byte aligned)
-                    p = cute.make_ptr(cutlass.Uint8, addr + g * bits, cute.AddressSpace.gmem, assumed_align=1)
-                    out8 = cute.make_tensor(p, cute.make_layout((bits,)))
-                    for i in cutlass.range_constexpr(bits):
-                        out8[i] = cutlass.Uint8((words[0] >> (8 * i)) & 0xFF)
+            align = math.gcd(16, nbytes, d * bits // 8)
+            p = cute.make_ptr(Uint32, dst.iterator.toint(), cute.AddressSpace.gmem, assumed_align=align)
+            cute.autovec_copy(words, cute.make_tensor(p, cute.make_layout((E * bits // 32,))))
             if lane == 0:
                 mScale[page, head, pos_in_page] = mScale.element_type(sigma)
 
 
 @dsl_user_op
-def _next_up(a: Float32, *, loc=None, ip=None) -> Float32:
-    """The next float32 above a finite ``a >= 0`` (its bit pattern + 1), so that
-    ``b < _next_up(a)`` is ``b <= a``."""
-    return Float32(llvm.inline_asm(
-        T.f32(), [Float32(a).ir_value(loc=loc, ip=ip)],
-        "{ .reg .b32 t;\n mov.b32 t, $1;\n add.u32 t, t, 1;\n mov.b32 $0, t; }", "=f,f",
-        has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT,
+def _floor_index(a: Float32, scale: Float32, *, loc=None, ip=None) -> Int32:
+    """``floor(a * scale)`` for ``0 <= a * scale < 2**22`` without a conversion instruction
+    (quarter rate): ``a * scale + 2**23`` rounded toward zero has it in its low mantissa bits."""
+    return Int32(llvm.inline_asm(
+        T.i32(), [Float32(a).ir_value(loc=loc, ip=ip), Float32(scale).ir_value(loc=loc, ip=ip)],
+        "{ .reg .f32 t;\n fma.rz.f32 t, $1, $2, 0f4B000000;\n mov.b32 $0, t;\n sub.s32 $0, $0, 0x4B000000; }",
+        "=r,f,f", has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT,
     ))
+
+
+@dsl_user_op
+def _as_u32(x: Float32, *, loc=None, ip=None) -> Uint32:
+    return Uint32(arith.bitcast(T.i32(), Float32(x).ir_value(loc=loc, ip=ip), loc=loc, ip=ip))
+
+
+@dsl_user_op
+def _as_f32(x: Uint32, *, loc=None, ip=None) -> Float32:
+    return Float32(arith.bitcast(T.f32(), Uint32(x).ir_value(loc=loc, ip=ip), loc=loc, ip=ip))

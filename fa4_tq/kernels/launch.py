@@ -147,50 +147,81 @@ def packed_attention(
 _write_constants: dict = {}
 
 
+def _signs(d: int, seed: int, device) -> torch.Tensor:
+    """R's sign vector as float32 on ``device``, one copy per (d, seed, device)."""
+    key = ("signs", d, seed, str(device))
+    if key not in _write_constants:
+        from ..codec.rotation import sign_vector
+
+        _write_constants[key] = sign_vector(d, seed).to(device)
+    return _write_constants[key]
+
+
 def _device_constants(d: int, seed: int, bits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(signs, search table) for one K or V side, one copy per device, made once."""
-    from ..codec.rotation import sign_vector
     from .cache_write import search_table
 
     key = (d, seed, bits, str(device))
     if key not in _write_constants:
-        _write_constants[key] = (sign_vector(d, seed).to(device), search_table(bits).to(device))
+        _write_constants[key] = (_signs(d, seed, device), search_table(bits, d).to(device))
     return _write_constants[key]
 
 
-def write_packed(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, k_dst: PackedKV, v_dst: PackedKV):
+def write_packed(k: torch.Tensor, v: Optional[torch.Tensor], slot_mapping: torch.Tensor, k_dst: PackedKV,
+                 v_dst: Optional[PackedKV] = None, *, per_lane: Optional[int] = None, ctas_per_sm: int = 4):
     """Compress ``k, v[T, H, d]`` into the paged ``k_dst``/``v_dst`` (data ``[P, S, H, nb]``,
-    scales ``[P, H, S]``) at ``slot_mapping[T]`` (-1 skips), one kernel launch for both.
+    scales ``[P, H, S]``) at ``slot_mapping[T]`` (-1 skips), one kernel launch for both;
+    ``v=None`` writes ``k`` alone (``compress_into``).
 
-    Inputs are assumed validated by the caller (``PagedKVCache.write``, ``compress_into``);
-    rows that are not 16-byte aligned are copied to a contiguous buffer first."""
+    Inputs are assumed validated by the caller (``PagedKVCache.write``, ``compress_into``); rows
+    that are not 16-byte aligned are copied to a contiguous buffer first. ``per_lane`` (values
+    per thread) and ``ctas_per_sm`` (the grid, in CTAs per SM) are tuning knobs for perf/."""
     import cutlass.cute as cute
     from flash_attn.cute.cute_dsl_utils import to_cute_tensor
     from flash_attn.cute.testing import is_fake_mode
 
-    from .cache_write import CacheWrite
+    from .cache_write import CacheWrite, bucket_count
 
+    sides = [(k, k_dst)] + ([] if v is None else [(v, v_dst)])
     d = k.shape[-1]
-    if is_fake_mode():
-        ks = torch.empty(d, dtype=torch.float32, device=k.device)
-        vs, kt, vt = torch.empty_like(ks), torch.empty(2, 128, device=k.device), torch.empty(2, 128, device=k.device)
-    else:
-        k, v = (x if _rows_aligned(x) else x.contiguous() for x in (k, v))
-        ks, kt = _device_constants(d, k_dst.seed, k_dst.bits, k.device)
-        vs, vt = _device_constants(d, v_dst.seed, v_dst.bits, k.device)
-    key = ("cache_write", device_arch(), k.dtype, d, k_dst.bits, v_dst.bits, k_dst.scales.dtype,
-           v_dst.scales.dtype, slot_mapping.dtype)
+    pages, page_size = k_dst.data.shape[:2]
+    if pages * page_size >= 2 ** 31:
+        raise ValueError(f"a cache of {pages * page_size} slots needs 64-bit slot arithmetic (at most 2**31 - 1)")
+    consts = []
+    for x, dst in sides:
+        if is_fake_mode():
+            consts.append((torch.empty(d, dtype=torch.float32, device=k.device),
+                           torch.empty(bucket_count(dst.bits, d), 4, dtype=torch.int32, device=k.device)))
+        else:
+            consts.append(_device_constants(d, dst.seed, dst.bits, k.device))
+    if not is_fake_mode():
+        sides = [(x if _rows_aligned(x) else x.contiguous(), dst) for x, dst in sides]
+    (k, k_dst), (v, v_dst) = sides[0], sides[-1]
+    (ks, kt), (vs, vt) = consts[0], consts[-1]
+    sms = _sm_count(k.device)
+    key = ("cache_write", device_arch(), k.dtype, d, k_dst.bits,
+           None if len(sides) == 1 else v_dst.bits, k_dst.scales.dtype, v_dst.scales.dtype,
+           slot_mapping.dtype, sms * ctas_per_sm, per_lane)
     args = (k, v, slot_mapping, k_dst.data, v_dst.data, k_dst.scales, v_dst.scales, ks, vs, kt, vt)
     if key not in _compile_cache:
         cargs = [to_cute_tensor(k), to_cute_tensor(v), to_cute_tensor(slot_mapping, assumed_align=4, leading_dim=0)]
-        cargs += [to_cute_tensor(t, assumed_align=4) for t in (k_dst.data, v_dst.data)]
+        cargs += [to_cute_tensor(t, assumed_align=16) for t in (k_dst.data, v_dst.data)]
         cargs += [to_cute_tensor(t, assumed_align=2) for t in (k_dst.scales, v_dst.scales)]
         cargs += [to_cute_tensor(t, assumed_align=16, leading_dim=0) for t in (ks, vs)]
         cargs += [to_cute_tensor(t, assumed_align=16) for t in (kt, vt)]
         cargs.append(cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        _compile_cache[key] = cute.compile(CacheWrite(d, k_dst.bits, v_dst.bits), *cargs, options="--enable-tvm-ffi")
+        kernel = CacheWrite(d, k_dst.bits, None if len(sides) == 1 else v_dst.bits, sms * ctas_per_sm, per_lane)
+        _compile_cache[key] = cute.compile(kernel, *cargs, options="--enable-tvm-ffi")
     if not is_fake_mode() and k.shape[0]:
         _compile_cache[key](*args)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device) -> int:
+    """SMs of ``device`` (132, an H100 SXM's, when compiling without a GPU)."""
+    if torch.cuda.is_available() and torch.device(device).type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
 
 
 def _rows_aligned(x: torch.Tensor) -> bool:
