@@ -7,7 +7,8 @@ Backends (``backend=``):
   the rotated space, run FlashAttention-4 on it, rotate the output back. It materialises the
   scratch the inline-dequant kernel exists to avoid; it stays selectable for comparisons.
 - ``"inline"``: the packed-KV kernel (``fa4_tq.kernels``): FA4's SM90 forward with a load stage that
-  dequantises packed K/V inside the kernel. Hopper (SM 9.x), head_dim 64/128/256.
+  dequantises packed K/V inside the kernel, and the query rotation / output un-rotation done by
+  its consumer warpgroups (no extra pass over q or o). Hopper (SM 9.x), head_dim 64/128/256.
 - ``"auto"``: "inline" on a GPU it supports, else "decompress" on CUDA, "reference" on CPU.
 """
 
@@ -285,14 +286,12 @@ def _run(prob: _Problem, return_lse: bool, backend: str):
 def _run_inline(prob: _Problem, return_lse: bool):
     from .kernels.launch import packed_attention  # needs the gpu extra: only here
 
-    q = prob.q
-    out_rot, lse = packed_attention(
-        rotate_rounded(q, prob.k.seed), prob.k, prob.v,
+    return packed_attention(
+        prob.q, prob.k, prob.v,
         softmax_scale=prob.softmax_scale, causal=prob.causal, window_size=prob.window_size,
         cu_seqlens_q=prob.cu_seqlens_q, cu_seqlens_k=prob.cu_seqlens_k, seqused_k=prob.seqused_k,
         page_table=prob.page_table, return_lse=return_lse,
     )
-    return unrotate_rounded(out_rot, prob.v.seed), lse
 
 
 def _decompress_pages(p: PackedKV, page_table: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,9 +3,11 @@
 - FA4 bf16: ``flash_attn.cute.flash_attn_func`` on the original bf16 K/V (the ceiling);
 - decompress + FA4: ``fa4_tq.flash_attn_func(backend="decompress")`` (decode to a bf16 scratch,
   FA4, rotate back), end to end;
-- ours: the inline-dequant kernel alone on a rotated query ("kernel", what the TFLOP/s ratio to
-  FA4 compares) and end to end through ``fa4_tq.flash_attn_func`` (rotate q, kernel, rotate the
-  output back: what the speedup over decompress + FA4 compares).
+- ours: the inline-dequant kernel with the query rotation and output un-rotation fused in (what
+  users run: the TFLOP/s and the ratio to FA4), and end to end through ``fa4_tq.flash_attn_func``
+  (what the speedup over decompress + FA4 compares). "rotation" columns: what the rotations add
+  to the kernel alone (``rotation="none"``, pre-rotated q, rotated output), fused and as two
+  bf16 GEMMs around it.
 
 TFLOP/s count 4·b·h·sq·sk·d, halved when causal. Times are medians of CUDA-event timings.
 ``--ablate`` adds kernel variants that drop a stage of the load (results wrong, timing only):
@@ -14,6 +16,7 @@ the gap between them and the full kernel says where the time goes.
     python perf/bench_prefill.py              # default matrix, ~5 min on an H100
     python perf/bench_prefill.py --full       # every bit pair x head_dim x seqlen x mask x GQA
     python perf/bench_prefill.py --quick      # every bit pair at one shape (hd128 s8K causal GQA 8:1)
+    python perf/bench_prefill.py --rotation   # K4V4 GQA 8:1 at seqlen 1K/4K: what the rotations cost
     python perf/bench_prefill.py --out-dir D  # where prefill-<gpu>.md goes (default perf/results)
 """
 
@@ -33,8 +36,10 @@ BITS = (2, 3, 4, 8)
 HEADS = {"gqa8": (32, 4), "mha": (32, 32)}
 
 
-def _configs(full: bool, quick: bool = False):
+def _configs(full: bool, quick: bool = False, rotation: bool = False):
     """(kbits, vbits, head_dim, seqlen, causal, heads) tuples."""
+    if rotation:  # where the rotations weigh most: short sequences
+        return [(4, 4, d, s, c, "gqa8") for d, s, c in itertools.product((128, 64), (1024, 4096), (True, False))]
     if quick:
         return [(kb, vb, 128, 8192, True, "gqa8") for kb, vb in itertools.product(BITS, BITS)]
     if full:
@@ -66,14 +71,16 @@ def run(configs, ablate: bool, reps: int):
         batch, q, k, v, kp, vp = _inputs(kb, vb, d, s, heads, gen)
         flops = attention_flops(batch, HEADS[heads][0], s, s, d, causal)
         q_rot = rotate_rounded(q, kp.seed)
-        kern = lambda ab=None: packed_attention(q_rot, kp, vp, softmax_scale=d ** -0.5, causal=causal,
-                                                window_size=(None, None), return_lse=False, _ablate=ab)
+        kern = lambda ab=None, x=q_rot, rot="none": packed_attention(
+            x, kp, vp, softmax_scale=d ** -0.5, causal=causal, window_size=(None, None), return_lse=False,
+            rotation=rot, _ablate=ab)
         t = {
             "fa4": time_cuda(lambda: fa4(q, k, v, causal=causal), reps=reps),
-            "ours": time_cuda(kern, reps=reps),
+            "ours": time_cuda(lambda: kern(x=q, rot="fused"), reps=reps),
+            "kernel": time_cuda(kern, reps=reps),
             "ours_e2e": time_cuda(lambda: flash_attn_func(q, kp, vp, causal=causal, backend="inline"), reps=reps),
             "decomp": time_cuda(lambda: flash_attn_func(q, kp, vp, causal=causal, backend="decompress"), reps=reps),
-            # what e2e adds to the kernel: R_k q before it, R_v^T on the output after it
+            # R_k q and R_v^T o as two bf16 GEMMs (the unfused alternative)
             "rot": time_cuda(lambda: (rotate_rounded(q, kp.seed), unrotate_rounded(q_rot, vp.seed)), reps=reps),
         }
         if ablate:
@@ -88,14 +95,15 @@ def run(configs, ablate: bool, reps: int):
 
 
 HEADER = ("| K/V bits | hd | seqlen | causal | heads | FA4 bf16 TFLOP/s | ours TFLOP/s | ours/FA4 "
-          "| ours e2e ms | decompress+FA4 ms | e2e speedup | rotate q+o ms | rotate / kernel |")
+          "| ours e2e ms | decompress+FA4 ms | e2e speedup | rotation fused: + | rotation as GEMMs: + |")
 
 
 def _fmt(r, ablate):
     line = (f"| K{r['kb']}V{r['vb']} | {r['d']} | {r['s']} | {'yes' if r['causal'] else 'no'} | {r['heads']} "
             f"| {r['tf_fa4']:.0f} | {r['tf_ours']:.0f} | {r['tf_ours'] / r['tf_fa4']:.3f} "
             f"| {r['ms_ours_e2e']:.3f} | {r['ms_decomp']:.3f} | {r['ms_decomp'] / r['ms_ours_e2e']:.2f}x "
-            f"| {r['ms_rot']:.3f} | {100 * r['ms_rot'] / r['ms_ours']:.1f}% |")
+            f"| {100 * (r['ms_ours'] - r['ms_kernel']) / r['ms_kernel']:.1f}% "
+            f"| {100 * r['ms_rot'] / r['ms_kernel']:.1f}% |")
     if ablate:
         line += f" {r['tf_no_copy']:.0f} | {r['tf_no_dequant']:.0f} |"
     return line
@@ -106,12 +114,13 @@ def main(argv=None):
     ap.add_argument("--full", action="store_true", help="the whole matrix (long)")
     ap.add_argument("--quick", action="store_true", help="only every bit pair at hd128 s8K causal GQA 8:1")
     ap.add_argument("--ablate", action="store_true", help="also time kernel variants without a load stage")
+    ap.add_argument("--rotation", action="store_true", help="only K4V4 GQA 8:1 at seqlen 1K/4K (rotation cost)")
     args = ap.parse_args(argv)
     require_gpu("bench_prefill")
     head = HEADER + (" no-copy TFLOP/s | no-dequant TFLOP/s |" if args.ablate else "")
     print(head)
-    rows = run(_configs(args.full, args.quick), args.ablate, args.reps)
-    flags = "".join(f" --{n}" for n in ("full", "quick", "ablate") if getattr(args, n))
+    rows = run(_configs(args.full, args.quick, args.rotation), args.ablate, args.reps)
+    flags = "".join(f" --{n}" for n in ("full", "quick", "ablate", "rotation") if getattr(args, n))
     write_results(args.out_dir, "prefill", "Prefill",
                   f"`python perf/bench_prefill.py{flags}` (median of {args.reps} CUDA-event timings; "
                   f"~32K query tokens per call; GQA 8:1 = 32/4 heads, MHA = 32/32)", head,

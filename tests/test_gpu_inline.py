@@ -121,6 +121,7 @@ def test_inline_equals_decompress_tiles_bit_for_bit():
         q = torch.randn(1, 1, 2, 128, generator=gen).to(torch.bfloat16).to(DEV)
         v = compress(torch.randn(1, 1, 2, 128, generator=gen).to(DEV), vbits, seed=5)
         qr = rotate(q, v.seed).to(q.dtype)
-        out_rot, _ = packed_attention(qr, v, v, softmax_scale=0.1, causal=False, window_size=(None, None))
+        out_rot, _ = packed_attention(qr, v, v, softmax_scale=0.1, causal=False, window_size=(None, None),
+                                      rotation="none")
         want = v.decompress_rotated(torch.bfloat16)  # [1, 1, 2, 128]
         assert torch.equal(out_rot, want), vbits

@@ -54,8 +54,11 @@ def _kernel_class(arch: int):
     )
 
 
+ROTATIONS = ("fused", "gemm", "none")
+
+
 def packed_attention(
-    q_rot: torch.Tensor,
+    q: torch.Tensor,
     k: PackedKV,
     v: PackedKV,
     *,
@@ -67,13 +70,30 @@ def packed_attention(
     seqused_k: Optional[torch.Tensor] = None,
     page_table: Optional[torch.Tensor] = None,
     return_lse: bool = True,
+    rotation: str = "fused",
     _ablate: Optional[str] = None,
 ):
-    """Attention of ``q_rot`` (already rotated by R_k) on packed K/V, in the rotated space.
+    """Attention of ``q`` on packed K/V. Returns ``(out, lse)`` with FA4's layouts, ``out`` in
+    q's dtype.
 
-    Inputs are assumed validated by ``fa4_tq.interface``. Returns ``(out_rot, lse)`` with FA4's
-    layouts; ``out_rot`` has q's dtype and still needs ``R_v^T``.
+    ``rotation``: "fused" (the kernel rotates q and un-rotates the output itself), "gemm" (one
+    bf16 GEMM each around the kernel, ``rotate_rounded``/``unrotate_rounded``), "none" (``q`` is
+    already ``R_k q`` and the output stays rotated: the kernel alone, for tests and benchmarks).
+    Inputs are assumed validated by ``fa4_tq.interface``.
     """
+    if rotation not in ROTATIONS:
+        raise ValueError(f"rotation must be one of {ROTATIONS}, got {rotation!r}")
+    if rotation == "gemm":
+        from ..codec import rotate_rounded, unrotate_rounded
+
+        out, lse = packed_attention(
+            rotate_rounded(q, k.seed), k, v, softmax_scale=softmax_scale, causal=causal,
+            window_size=window_size, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+            seqused_k=seqused_k, page_table=page_table, return_lse=return_lse, rotation="none", _ablate=_ablate,
+        )
+        return unrotate_rounded(out, v.seed), lse
+    q_rot = q  # rotated by the kernel ("fused") or by the caller ("none")
+    fused = rotation == "fused"
     import cutlass
     import cutlass.cute as cute
     from flash_attn.cute.cute_dsl_utils import to_cute_tensor
@@ -104,20 +124,23 @@ def packed_attention(
     if is_fake_mode():  # compile only: the tables' shapes are all that matter
         k_table, v_table = (torch.empty(1 << b, dtype=torch.float32, device=q_rot.device)
                             for b in (k.bits, v.bits))
+        k_signs, v_signs = (torch.empty(head_dim, dtype=torch.float32, device=q_rot.device) for _ in range(2))
     else:
         k_table, v_table = lookup_table(k.bits, q_rot.device), lookup_table(v.bits, q_rot.device)
+        k_signs, v_signs = (_signs(head_dim, p.seed, q_rot.device) for p in (k, v))
 
     key = (
         arch, cls.__name__, q_rot.dtype, head_dim, qhead_per_kvhead, k.bits, v.bits,
         k.scales.dtype, v.scales.dtype, causal, local, wl is None, wr is None, pack_gqa,
         cu_seqlens_q is None, cu_seqlens_k is None, seqused_k is None, page_table is None,
-        lse is None, tile_m, tile_n, _ablate,
+        lse is None, tile_m, tile_n, fused, _ablate,
     )
     if key not in _compile_cache:
         dtype = {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16}[q_rot.dtype]
         kernel = cls(
             dtype, head_dim, qhead_per_kvhead, k_bits=k.bits, v_bits=v.bits, is_causal=causal,
-            is_local=local, pack_gqa=pack_gqa, tile_m=tile_m, tile_n=tile_n, ablate=_ablate,
+            is_local=local, pack_gqa=pack_gqa, tile_m=tile_m, tile_n=tile_n, fuse_rotation=fused,
+            ablate=_ablate,
         )
         small = dict(assumed_align=4, leading_dim=0)
         args = [
@@ -125,6 +148,8 @@ def packed_attention(
             to_cute_tensor(k.data), to_cute_tensor(v.data),
             to_cute_tensor(k.scales, assumed_align=2), to_cute_tensor(v.scales, assumed_align=2),
             to_cute_tensor(k_table, assumed_align=16), to_cute_tensor(v_table, assumed_align=16),
+            to_cute_tensor(k_signs, assumed_align=16, leading_dim=0),
+            to_cute_tensor(v_signs, assumed_align=16, leading_dim=0),
             to_cute_tensor(out), to_cute_tensor(lse, assumed_align=4) if lse is not None else None,
             softmax_scale,
             to_cute_tensor(cu_seqlens_q, **small) if cu_seqlens_q is not None else None,
@@ -137,7 +162,7 @@ def packed_attention(
         _compile_cache[key] = cute.compile(kernel, *args, options="--enable-tvm-ffi")
     if not is_fake_mode():
         _compile_cache[key](
-            q_rot, k.data, v.data, k.scales, v.scales, k_table, v_table, out, lse,
+            q_rot, k.data, v.data, k.scales, v.scales, k_table, v_table, k_signs, v_signs, out, lse,
             softmax_scale, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table, wl, wr,
         )
     return out, lse

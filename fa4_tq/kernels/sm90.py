@@ -7,8 +7,10 @@ FA4's consumer warpgroups read with wgmma; each thread fences the async proxy an
 stage's mbarrier. QK^T, softmax, masks, PV, the epilogue and the tile schedulers are FA4's own
 code, run unchanged. No bf16 K or V exists in global memory.
 
-Attention runs in the rotated space: the caller passes ``R_k q`` and un-rotates the output with
-``R_v^T`` (``fa4_tq.kernels.launch``).
+Attention runs in the rotated space. With ``fuse_rotation`` (the default) the kernel takes q and
+returns o as the caller has them: the consumer warpgroups rotate their Q rows in shared memory
+before the first QK^T and un-rotate the output accumulator before FA4's epilogue
+(``fused_rotation.py``). Without it, the caller passes ``R_k q`` and un-rotates the output.
 
 What FA4 lacks, and how it is bridged (each listed in docs/UPSTREAM.md):
 - ``__call__`` derives shapes and smem layouts from K/V tensors of the compute dtype. We hand it
@@ -18,6 +20,9 @@ What FA4 lacks, and how it is bridged (each listed in docs/UPSTREAM.md):
   own ``kernel`` body, inlined.
 - ``load`` issues TMA or FA4's paged cp.async for K/V; it is overridden (Q is still loaded as FA4
   does, by TMA or PackGQA).
+- The rotations need a step between "Q has landed" and the first QK^T, and one between the final
+  rescale of O and its conversion: ``first_half_block_overlap`` and ``epilogue`` are wrapped
+  (FA4's own code runs after / after ours), and ``mma`` only to keep a handle on ``sQ``.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from flash_attn.cute.utils import AuxData
 from quack import copy_utils
 from quack.cute_dsl_utils import ParamsBase
 
+from .fused_rotation import rotate_q_rows, unrotate_acc
 from .load_stage import copy_part_async, dequant_part
 from .staging import StagingPlan, choose_staging, table_floats, uses_shared_table
 
@@ -54,6 +60,8 @@ class TQOperands(NamedTuple):
     v_scale: cute.Tensor
     k_table: cute.Tensor  # float32 codebook (staging.lookup_table), read for 8-bit codes
     v_table: cute.Tensor
+    k_signs: cute.Tensor  # float32 (d,) sign vectors of R_k and R_v (fused rotation)
+    v_signs: cute.Tensor
 
 
 def _inline_body(kernel_fn) -> Callable:
@@ -76,8 +84,10 @@ _fa4_kernel_body = _inline_body(FlashAttentionForwardSm90.kernel)
 class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
     """FA4 SM90 forward whose K/V come packed (``k_bits``/``v_bits`` in {2, 3, 4, 8})."""
 
-    # A hardware named barrier for the producer warpgroup alone, after the ones FA4's consumers use.
+    # Hardware named barriers after the ones FA4 uses: the producer warpgroup's, then one per
+    # consumer warpgroup (its Q rows rotated).
     _producer_barrier_id = max(int(b) for b in NamedBarrierFwd) + 1
+    _rotate_q_barrier_id = _producer_barrier_id + 1
     # Iterations of 32 codes the conversion loop unrolls (load_stage.dequant_part): 4 = a whole
     # head_dim-128 row. Measured on the H100 (hd128 s8K causal): +2-4% over 1 at K2V2/K4V4/K8V8.
     dequant_unroll = 4
@@ -99,6 +109,7 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
         mma_pv_is_rs: bool = True,
         producer_regs: int = 72,
         consumer_regs: int = 216,
+        fuse_rotation: bool = True,
         ablate: Optional[str] = None,
     ):
         if tile_m != 128:
@@ -122,6 +133,9 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
         )
         self.head_dim = head_dim
         self.k_bits, self.v_bits = k_bits, v_bits
+        if fuse_rotation and not intra_wg_overlap:
+            raise ValueError("fuse_rotation rotates Q in first_half_block_overlap: it needs intra_wg_overlap=True")
+        self.fuse_rotation = fuse_rotation
         self.k_plan = StagingPlan(tile_n, head_dim, k_bits)
         self.v_plan = StagingPlan(tile_n, head_dim, v_bits)
         self.staging_slots, self.staging_padded = choose_staging(tile_m, tile_n, head_dim, k_bits, v_bits)
@@ -151,6 +165,8 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
         mVScale: cute.Tensor,
         mKTable: cute.Tensor,
         mVTable: cute.Tensor,
+        mKSigns: cute.Tensor,  # float32 (d,): R_k's and R_v's signs (read when fuse_rotation)
+        mVSigns: cute.Tensor,
         mO: cute.Tensor,
         mLSE: Optional[cute.Tensor],
         softmax_scale: Float32,
@@ -162,7 +178,7 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
         window_size_right: Int32 | int | None = None,
         stream: cuda.CUstream = None,
     ):
-        self._tq_host = TQOperands(mK, mV, mKScale, mVScale, mKTable, mVTable)
+        self._tq_host = TQOperands(mK, mV, mKScale, mVScale, mKTable, mVTable, mKSigns, mVSigns)
         FlashAttentionForwardSm90.__call__(
             self,
             mQ,
@@ -269,6 +285,29 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
             tiled_mma_qk, tiled_mma_pv, tile_sched_params, TileScheduler, SharedStorage,
             aux_data, fastdiv_mods,
         )
+
+    # ------------------------------------------------------------------ consumers: fused rotation
+    def mma(self, tiled_mma_qk, tiled_mma_pv, mO, mLSE, sQ, *rest):
+        """FA4's ``mma``; keeps ``sQ`` for ``first_half_block_overlap`` (which FA4 does not pass it)."""
+        self._sQ = sQ
+        return FlashAttentionForwardSm90.mma(self, tiled_mma_qk, tiled_mma_pv, mO, mLSE, sQ, *rest)
+
+    def first_half_block_overlap(self, *args, is_first_block: bool = False, **kwargs):
+        """Rotate this warpgroup's Q rows (Q has landed: FA4 waited on pipeline_q before the first
+        block of a tile), then FA4's first half block."""
+        if const_expr(self.fuse_rotation and is_first_block):
+            tidx = cute.arch.thread_idx()[0] - 128  # consumer threads, as FA4's mma numbers them
+            wg = cute.arch.make_warp_uniform(tidx // 128)
+            rotate_q_rows(self._sQ, wg * 64, tidx % 128, self._tq.k_signs, 64, self._rotate_q_barrier_id + wg)
+        return FlashAttentionForwardSm90.first_half_block_overlap(self, *args, is_first_block=is_first_block, **kwargs)
+
+    def epilogue(self, acc_O, lse, mO, mLSE, sO, seqlen, gmem_tiled_copy_O, tma_atom_O, tiled_mma, tidx,
+                 m_block, head_idx, batch_idx):
+        """Un-rotate the normalised output in registers, then FA4's epilogue."""
+        if const_expr(self.fuse_rotation):
+            unrotate_acc(acc_O, tiled_mma, tidx, self._tq.v_signs, (self.tile_m, self.tile_hdimv))
+        FlashAttentionForwardSm90.epilogue(self, acc_O, lse, mO, mLSE, sO, seqlen, gmem_tiled_copy_O, tma_atom_O,
+                                           tiled_mma, tidx, m_block, head_idx, batch_idx)
 
     # ------------------------------------------------------------------ producer
     @cute.jit
