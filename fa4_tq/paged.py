@@ -12,6 +12,7 @@ kernel for a contiguous ``PackedKV`` (e.g. a growing per-sequence buffer).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence, Union
 
 import torch
@@ -25,8 +26,10 @@ __all__ = ["PagedKVCache", "compress_into"]
 WRITE_BACKENDS = ("auto", "kernel", "reference")
 
 
+@functools.lru_cache(maxsize=None)
 def _kernel_usable(device: torch.device) -> Optional[str]:
-    """Why the cache-write kernel cannot run on ``device`` (None when it can)."""
+    """Why the cache-write kernel cannot run on ``device`` (None when it can); asked once per
+    device, not on every write."""
     if device.type != "cuda":
         return "it needs CUDA tensors"
     if torch.cuda.get_device_capability(device)[0] < 9:

@@ -127,7 +127,7 @@ def packed_attention(
         k_signs, v_signs = (torch.empty(head_dim, dtype=torch.float32, device=q_rot.device) for _ in range(2))
     else:
         k_table, v_table = lookup_table(k.bits, q_rot.device), lookup_table(v.bits, q_rot.device)
-        k_signs, v_signs = (_signs(head_dim, p.seed, q_rot.device) for p in (k, v))
+        k_signs, v_signs = (_signs_on(head_dim, p.seed, q_rot.device) for p in (k, v))
 
     key = (
         arch, cls.__name__, q_rot.dtype, head_dim, qhead_per_kvhead, k.bits, v.bits,
@@ -168,28 +168,21 @@ def packed_attention(
     return out, lse
 
 
+@functools.lru_cache(maxsize=None)
+def _signs_on(d: int, seed: int, device: torch.device) -> torch.Tensor:
+    """R's float32 sign vector on ``device``, made once (like ``staging.lookup_table``)."""
+    from ..codec.rotation import sign_vector
+
+    return sign_vector(d, seed, device)
+
+
 # ----------------------------------------------------------------------------- cache write
-_write_constants: dict = {}
-
-
-def _signs(d: int, seed: int, device) -> torch.Tensor:
-    """R's sign vector as float32 on ``device``, one copy per (d, seed, device)."""
-    key = ("signs", d, seed, str(device))
-    if key not in _write_constants:
-        from ..codec.rotation import sign_vector
-
-        _write_constants[key] = sign_vector(d, seed).to(device)
-    return _write_constants[key]
-
-
-def _device_constants(d: int, seed: int, bits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(signs, search table) for one K or V side, one copy per device, made once."""
+@functools.lru_cache(maxsize=None)
+def _search_table_on(bits: int, d: int, device: torch.device) -> torch.Tensor:
+    """``cache_write.search_table`` on ``device``, made once."""
     from .cache_write import search_table
 
-    key = (d, seed, bits, str(device))
-    if key not in _write_constants:
-        _write_constants[key] = (_signs(d, seed, device), search_table(bits, d).to(device))
-    return _write_constants[key]
+    return search_table(bits, d).to(device)
 
 
 def write_packed(k: torch.Tensor, v: Optional[torch.Tensor], slot_mapping: torch.Tensor, k_dst: PackedKV,
@@ -218,7 +211,7 @@ def write_packed(k: torch.Tensor, v: Optional[torch.Tensor], slot_mapping: torch
             consts.append((torch.empty(d, dtype=torch.float32, device=k.device),
                            torch.empty(bucket_count(dst.bits, d), 4, dtype=torch.int32, device=k.device)))
         else:
-            consts.append(_device_constants(d, dst.seed, dst.bits, k.device))
+            consts.append((_signs_on(d, dst.seed, k.device), _search_table_on(dst.bits, d, k.device)))
     if not is_fake_mode():
         sides = [(x if _rows_aligned(x) else x.contiguous(), dst) for x, dst in sides]
     (k, k_dst), (v, v_dst) = sides[0], sides[-1]
