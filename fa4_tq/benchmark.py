@@ -57,6 +57,16 @@ def time_host(fn: Callable[[], object], *, warmup: int = 5, reps: int = 30) -> f
     return statistics.median(times)
 
 
+def copy_bandwidth() -> float:
+    """GB/s of a 1 GiB device-to-device copy (read + write counted): the bandwidth ceiling the
+    memory-bound benchmarks report against, measured in their own run."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = time_cuda(lambda: b.copy_(a), reps=20)
+    del a, b
+    return 2 * (1 << 30) / (ms * 1e6)
+
+
 def attention_flops(batch: int, heads: int, seqlen_q: int, seqlen_k: int, head_dim: int, causal: bool) -> float:
     """4·b·h·sq·sk·d (QK^T and PV), halved for causal when sq == sk (FA's convention)."""
     f = 4.0 * batch * heads * seqlen_q * seqlen_k * head_dim

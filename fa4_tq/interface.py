@@ -149,6 +149,18 @@ def flash_attn_varlen_func(
     the device; pass False when the caller guarantees them (inside a CUDA graph, say). Returns ``(out, lse)``; ``lse`` is
     ``[heads, total_q]`` for varlen q, ``[batch, heads, seqlen_q]`` for batched q.
     """
+    prob = _varlen_problem(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, page_table,
+        softmax_scale, causal, window_size, check_indices,
+    )
+    return _run(prob, return_lse, backend)
+
+
+def _varlen_problem(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, page_table,
+    softmax_scale, causal, window_size, check_indices: bool,
+) -> _Problem:
+    """flash_attn_varlen_func's checks (shared with fa4_tq.decode); returns the checked problem."""
     _check_common(q, k, v, softmax_scale, window_size)
     dev = q.device
     if cu_seqlens_q is not None:
@@ -211,12 +223,11 @@ def flash_attn_varlen_func(
             if page_table is not None:
                 _check_page_table(page_table, used, kshape[0], kshape[1])
 
-    prob = _Problem(
+    return _Problem(
         q, k, v, batch, _scale(q, softmax_scale), bool(causal), tuple(window_size),
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
         page_table=page_table, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
     )
-    return _run(prob, return_lse, backend)
 
 
 def _check_page_table(page_table: torch.Tensor, used: torch.Tensor, num_pages: int, page_size: int):

@@ -19,20 +19,12 @@ import os
 import torch
 
 from fa4_tq import PagedKVCache
-from fa4_tq.benchmark import bench_parser, require_gpu, time_cuda, time_gpu, time_host, write_results
+from fa4_tq.benchmark import bench_parser, copy_bandwidth, require_gpu, time_cuda, time_gpu, time_host, write_results
 from fa4_tq.codec import row_bytes
 
 TOKENS = (1, 16, 256, 1024, 4096, 16384, 65536)
 PAIRS = ((4, 4), (2, 2), (8, 8), (3, 3))
 HEADS, D, PAGE = 8, 128, 64
-
-
-def copy_bandwidth() -> float:
-    """GB/s of a 1 GiB device-to-device copy (read + write counted)."""
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    ms = time_cuda(lambda: b.copy_(a), reps=20)
-    return 2 * a.numel() / (ms * 1e6)
 
 
 def _problem(kb, vb, t, gen):

@@ -71,10 +71,13 @@ def packed_attention(
     page_table: Optional[torch.Tensor] = None,
     return_lse: bool = True,
     rotation: str = "fused",
+    out: Optional[torch.Tensor] = None,
+    lse: Optional[torch.Tensor] = None,
     _ablate: Optional[str] = None,
 ):
     """Attention of ``q`` on packed K/V. Returns ``(out, lse)`` with FA4's layouts, ``out`` in
-    q's dtype.
+    q's dtype. ``out``/``lse`` may be given (contiguous, of those shapes): the kernel writes into
+    them (split-KV writes its partial results into slices of one buffer this way).
 
     ``rotation``: "fused" (the kernel rotates q and un-rotates the output itself), "gemm" (one
     bf16 GEMM each around the kernel, ``rotate_rounded``/``unrotate_rounded``), "none" (``q`` is
@@ -86,12 +89,14 @@ def packed_attention(
     if rotation == "gemm":
         from ..codec import rotate_rounded, unrotate_rounded
 
-        out, lse = packed_attention(
+        o_rot, lse = packed_attention(
             rotate_rounded(q, k.seed), k, v, softmax_scale=softmax_scale, causal=causal,
             window_size=window_size, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-            seqused_k=seqused_k, page_table=page_table, return_lse=return_lse, rotation="none", _ablate=_ablate,
+            seqused_k=seqused_k, page_table=page_table, return_lse=return_lse, rotation="none", lse=lse,
+            _ablate=_ablate,
         )
-        return unrotate_rounded(out, v.seed), lse
+        o = unrotate_rounded(o_rot, v.seed)
+        return (out.copy_(o) if out is not None else o), lse
     q_rot = q  # rotated by the kernel ("fused") or by the caller ("none")
     fused = rotation == "fused"
     import cutlass
@@ -119,8 +124,14 @@ def packed_attention(
         lse_shape = (batch, num_head, seqlen_q)
     else:
         lse_shape = (num_head, q_rot.shape[0])
-    out = torch.empty(q_rot.shape, dtype=q_rot.dtype, device=q_rot.device)
-    lse = torch.empty(lse_shape, dtype=torch.float32, device=q_rot.device) if return_lse else None
+    if out is None:
+        out = torch.empty(q_rot.shape, dtype=q_rot.dtype, device=q_rot.device)
+    if lse is None and return_lse:
+        lse = torch.empty(lse_shape, dtype=torch.float32, device=q_rot.device)
+    if out.shape != q_rot.shape or out.dtype != q_rot.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {q_rot.dtype} tensor of shape {tuple(q_rot.shape)}")
+    if lse is not None and (lse.shape != lse_shape or lse.dtype != torch.float32 or not lse.is_contiguous()):
+        raise ValueError(f"lse must be a contiguous float32 tensor of shape {lse_shape}")
     if is_fake_mode():  # compile only: the tables' shapes are all that matter
         k_table, v_table = (torch.empty(1 << b, dtype=torch.float32, device=q_rot.device)
                             for b in (k.bits, v.bits))
