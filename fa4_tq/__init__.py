@@ -15,6 +15,7 @@ from .codec import (
     rotate,
     unrotate,
 )
+from .decode import flash_attn_with_kvcache
 from .interface import BACKENDS, flash_attn_func, flash_attn_varlen_func
 from .paged import PagedKVCache, compress_into
 from .reference import attention_reference
@@ -33,6 +34,7 @@ __all__ = [
     "compress_into",
     "flash_attn_func",
     "flash_attn_varlen_func",
+    "flash_attn_with_kvcache",
     "rotate",
     "unrotate",
 ]

@@ -187,6 +187,44 @@ def _case_tq_sm90(full: bool) -> list[str]:
     return done
 
 
+def decode_variants():
+    """(label, kwargs) of flash_attn_with_kvcache's split path (fa4_tq.decode) at GQA 8:1, pages of
+    64: the non-causal chunk kernel at every bit pair and head_dim 64, FA4's combine kernel, and
+    the causal tail of a verification step (seqlen_q 4) with the LSE returned."""
+    from itertools import product
+
+    out = []
+    for i, (kb, vb) in enumerate(product((2, 3, 4, 8), repeat=2)):
+        out.append((f"k{kb}v{vb} d128 decode chunks", dict(kb=kb, vb=vb)))
+        if i == 0:
+            out.append(("combine d128", None))
+    out.append(("k4v4 d64 decode chunks", dict(d=64)))
+    out.append(("combine d64", None))
+    out.append(("k4v4 d128 verify tail (causal)", dict(sq=4, lse=True)))
+    out.append(("combine d128 with lse", None))
+    return out
+
+
+def _case_decode() -> list[str]:
+    import torch
+    from fa4_tq.decode import _run_split
+    from fa4_tq.interface import _Problem
+
+    done = []
+    for label, kw in decode_variants():
+        done.append(label)
+        if kw is None:  # compiled by the call before
+            continue
+        d, kb, vb, sq = kw.get("d", 128), kw.get("kb", 4), kw.get("vb", 4), kw.get("sq", 1)
+        q = torch.empty(2, sq, 16, d, dtype=torch.bfloat16, device="cuda")
+        k, v = (_fake_packed((32, 64, 2), d, b) for b in (kb, vb))
+        prob = _Problem(q, k, v, 2, d ** -0.5, True, (None, None),
+                        seqused_k=torch.empty(2, dtype=torch.int32, device="cuda"),
+                        page_table=torch.empty(2, 16, dtype=torch.int32, device="cuda"))
+        _run_split(prob, 4, kw.get("lse", False))
+    return done
+
+
 def cache_write_variants():
     """(label, kwargs) of the cache-write kernels CI compiles: each K/V width pair on the
     diagonal plus mixed ones at head_dim 128, every head_dim, fp16 with float32 scales."""
@@ -219,6 +257,7 @@ CASES: dict[str, Callable[[], list[str]]] = {
     "tq-sm90": lambda: _case_tq_sm90(full=True),
     "tq-sm90-smoke": lambda: _case_tq_sm90(full=False),
     "cache-write": _case_cache_write,
+    "decode": _case_decode,
 }
 
 

@@ -58,3 +58,29 @@ def paged_problem(page_size, d, gen, device, *, k_bits=4, v_bits=2, h=8, hk=2):
                 page_table=table.to(device), causal=True)
     kp, vp = cache.layer(0)
     return q, kp, vp, args
+
+
+def ragged_paged_cache(lens, page_size, kv_heads, d, gen, *, k_bits=4, v_bits=2, k_seed=3, v_seed=4,
+                       device="cpu"):
+    """Sequences of ``lens`` tokens on shuffled pages of a PagedKVCache (K realistic, V Gaussian).
+    The table has two columns more than any sequence needs, its unused entries -1 (never read).
+    Returns ``(k_pages, v_pages), page_table, seqused_k, [(k, v) of each sequence]``."""
+    from fa4_tq import PagedKVCache
+
+    max_pages = max(-(-n // page_size) for n in lens) + 2
+    num_pages = sum(-(-n // page_size) for n in lens) + 3
+    cache = PagedKVCache(1, num_pages, page_size, kv_heads, d, k_bits=k_bits, v_bits=v_bits, k_seed=k_seed,
+                         v_seed=v_seed, device=device)
+    perm = torch.randperm(num_pages, generator=gen)
+    table = torch.full((len(lens), max_pages), -1, dtype=torch.int32)
+    raw, slots, nxt = [], [], 0
+    for b, n in enumerate(lens):
+        for j in range(-(-n // page_size)):
+            table[b, j] = perm[nxt]
+            nxt += 1
+        slots += [int(table[b, t // page_size]) * page_size + t % page_size for t in range(n)]
+        raw.append((realistic_kv((n, kv_heads, d), generator=gen), torch.randn(n, kv_heads, d, generator=gen)))
+    k = torch.cat([r[0] for r in raw]).to(device)
+    v = torch.cat([r[1] for r in raw]).to(device)
+    cache.write(0, k, v, torch.tensor(slots, device=device))
+    return cache.layer(0), table.to(device), torch.tensor(lens, dtype=torch.int32, device=device), raw

@@ -1,0 +1,212 @@
+"""Decode and speculative verification on a paged packed cache: ``flash_attn_with_kvcache``.
+
+A decode step reads a sequence's whole context for a handful of query rows: it is bound by the
+bytes read (and, here, by their dequantisation), and a small batch has too few (sequence, KV
+head) tiles to occupy the GPU. Two things address that, neither of which changes FA4's kernel:
+
+- pack-GQA: the ``seqlen_q x heads/kv_heads`` query rows of one KV head share one 128-row tile
+  (FA4's ``PackGQA``), so each packed K/V tile is read and dequantised once for all of them.
+- split-KV as a virtual batch: each sequence's context is cut on page boundaries into chunks;
+  every (chunk, sequence) pair is one entry of a virtual batch (its slice of the page table, its
+  own ``seqused_k``), the packed-KV kernel runs once over all of them, and FA4's combine kernel
+  merges the partial outputs by their log-sum-exp. FA4's SM90 forward has no split-KV (b36 runs
+  one split and its ``mma`` loop ignores the split index); adding one in the subclass would mean
+  copying that loop, the virtual batch needs nothing from the kernel (docs/UPSTREAM.md).
+
+Causal verification (``seqlen_q = K > 1``): query ``i`` sees the keys up to ``L - K + i``. A
+chunk that ends on or before key ``L - K`` is seen whole by every query, so the chunks of the
+page-aligned prefix run non-causally; the remainder, from the page that holds key ``L - K`` to
+the end (at most ``page_size + K - 1`` keys), runs as a second, causal launch, where FA4's
+bottom-right alignment is exactly the verification mask. Its result is one more partial.
+
+The partial outputs are stored in q's dtype (the kernel's output type), so a split result carries
+one more bf16/fp16 rounding than an unsplit one; the device tests bound it like the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import validation as V
+from .codec import PackedKV
+from .interface import BACKENDS, _resolve_backend, _run, _varlen_problem
+
+__all__ = ["flash_attn_with_kvcache", "plan_num_splits", "MAX_SEQLEN_Q", "MAX_SPLITS"]
+
+MAX_SEQLEN_Q = 16  # decode (1) and verification of up to 16 draft tokens
+MAX_SPLITS = 128  # FA4's combine kernel takes at most 256 partials; FA4's own heuristic stops at 128
+SM90_TILE_M = 128  # query rows per tile of the packed-KV kernel (pack-GQA fills them)
+
+
+def flash_attn_with_kvcache(
+    q: torch.Tensor,
+    cache: Sequence[PackedKV],
+    page_table: torch.Tensor,
+    seqused_k: torch.Tensor,
+    *,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    num_splits: Optional[int] = None,
+    skip_softmax_threshold: Optional[float] = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+    check_indices: bool = True,
+):
+    """Attention of ``seqlen_q`` (1 to 16) new query tokens per sequence on a paged packed cache.
+
+    q: ``[batch, seqlen_q, heads, head_dim]`` bf16/fp16, the newest ``seqlen_q`` tokens of each
+    sequence (their K/V already written to the cache, e.g. by ``PagedKVCache.write``).
+    cache: ``(k_pages, v_pages)`` as ``PagedKVCache.layer(i)`` returns them, pages
+    ``[num_pages, page_size, kv_heads, head_dim]``.
+    page_table: int32 ``[batch, max_pages]``; seqused_k: int32 ``[batch]``, each sequence's key
+    count including the new tokens (ragged).
+    causal: the new tokens attend causally among themselves (bottom-right aligned: query ``i``
+    sees keys ``< seqused_k - seqlen_q + i + 1``), as speculative verification needs.
+    num_splits: KV chunks per sequence (partials merged by LSE; with causal verification the
+    last few keys are one more, causal, chunk); None chooses from the grid size (FA4's
+    heuristic: enough (sequence, KV head, chunk) tiles to fill the SMs); 1 = one launch.
+    skip_softmax_threshold: not implemented yet (must be None).
+    backend: as in ``flash_attn_func``; "inline" is the packed-KV kernel with split-KV.
+    check_indices: check seqused_k and the page ids on the host (a device sync); pass False
+    inside CUDA graphs when the caller guarantees them.
+
+    Returns ``(out, lse)``: ``out`` like ``q``, ``lse`` float32 ``[batch, heads, seqlen_q]`` or
+    None unless ``return_lse``.
+    """
+    if not isinstance(cache, (tuple, list)) or len(cache) != 2:
+        raise TypeError(
+            "cache must be the pair (k_pages, v_pages) of PackedKV pages that "
+            "PagedKVCache.layer(layer) returns"
+        )
+    k, v = cache
+    V.check_query(q)
+    if q.dim() != 4:
+        raise ValueError(f"q must be [batch, seqlen_q, heads, head_dim], got {q.dim()} dims")
+    seqlen_q = q.shape[1]
+    if not 1 <= seqlen_q <= MAX_SEQLEN_Q:
+        raise ValueError(
+            f"seqlen_q must be 1 to {MAX_SEQLEN_Q} (decode or verification), got {seqlen_q}: "
+            f"for prefill use fa4_tq.flash_attn_varlen_func"
+        )
+    if page_table is None or seqused_k is None:
+        raise ValueError("flash_attn_with_kvcache needs page_table [batch, max_pages] and seqused_k [batch]")
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
+                                   or not 1 <= num_splits <= MAX_SPLITS):
+        raise ValueError(f"num_splits must be None or an int in [1, {MAX_SPLITS}], got {num_splits!r}")
+    if skip_softmax_threshold is not None:
+        raise NotImplementedError(
+            "skip_softmax_threshold is not implemented yet: pass None (dense attention)"
+        )
+    prob = _varlen_problem(
+        q, k, v, None, None, seqlen_q, None, seqused_k, page_table, softmax_scale, causal,
+        (None, None), check_indices,
+    )
+    if check_indices:
+        least = seqlen_q if prob.causal else 1
+        used = seqused_k.detach().to("cpu", torch.int64)
+        if bool((used < least).any()):
+            raise ValueError(
+                f"seqused_k must be >= {least} for every sequence"
+                + (" (with causal=True the new tokens' keys are in the cache)" if prob.causal else "")
+                + f", got {used.tolist()[:8]}"
+            )
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if _resolve_backend(backend, prob) != "inline":
+        return _run(prob, return_lse, backend)
+    return _run_split(prob, num_splits, return_lse)
+
+
+def plan_num_splits(batch: int, kv_heads: int, rows_per_kv_head: int, max_pages: int, page_size: int,
+                    num_sms: int, tile_n: int = 128) -> int:
+    """KV chunks per sequence: FA4's ``num_splits_heuristic`` over the packed-KV kernel's tiles
+    (one 128-row tile per (sequence, KV head) with pack-GQA), never more chunks than pages."""
+    from flash_attn.cute.interface import num_splits_heuristic
+
+    tiles = batch * kv_heads * math.ceil(rows_per_kv_head / SM90_TILE_M)
+    n_blocks = math.ceil(max_pages * page_size / tile_n)
+    return max(1, min(num_splits_heuristic(tiles, num_sms, n_blocks, MAX_SPLITS), max_pages))
+
+
+class Launch(NamedTuple):
+    """One kernel launch of a split: its (virtual) batch and where its partials go."""
+
+    q: torch.Tensor  # [vbatch, seqlen_q, heads, d]
+    page_table: torch.Tensor  # int32 [vbatch, pages]
+    seqused_k: torch.Tensor  # int32 [vbatch]
+    causal: bool
+    parts: slice  # its entries of the partial-result buffers ([parts, batch, ...])
+
+
+def split_launches(q: torch.Tensor, page_table: torch.Tensor, seqused_k: torch.Tensor, causal: bool,
+                   page_size: int, num_splits: int) -> tuple[list[Launch], torch.Tensor]:
+    """The launches of a ``num_splits``-way split (see the module docstring), as device tensors
+    (no sync), and a bool ``[parts, batch]`` that is True where a chunk holds no key."""
+    batch, seqlen_q = q.shape[:2]
+    max_pages = page_table.shape[1]
+    tail = causal and seqlen_q > 1
+    n_prefix = num_splits
+    pages_per_chunk = -(-max_pages // n_prefix)
+    n_prefix = -(-max_pages // pages_per_chunk)  # no chunk that starts past the table
+    used = seqused_k.long()
+    prefix = ((used - seqlen_q).clamp_min(0) // page_size) * page_size if tail else used
+    starts = torch.arange(n_prefix, device=q.device).view(-1, 1) * (pages_per_chunk * page_size)
+    chunk_used = (prefix.view(1, -1) - starts).clamp(0, pages_per_chunk * page_size)  # [n_prefix, batch]
+    table = F.pad(page_table, (0, n_prefix * pages_per_chunk - max_pages))
+    table = table.view(batch, n_prefix, pages_per_chunk).transpose(0, 1)
+    vb = n_prefix * batch  # chunk-major: entry j * batch + b
+    launches = [Launch(
+        q.unsqueeze(0).expand(n_prefix, *q.shape).reshape(vb, *q.shape[1:]),
+        table.reshape(vb, pages_per_chunk), chunk_used.reshape(vb).int(), False, slice(0, n_prefix),
+    )]
+    empty = chunk_used == 0
+    if tail:
+        tail_pages = -(-(page_size + seqlen_q - 1) // page_size)
+        first = (prefix // page_size).view(-1, 1) + torch.arange(tail_pages, device=q.device).view(1, -1)
+        launches.append(Launch(
+            q, page_table.gather(1, first.clamp_max(max_pages - 1)), (used - prefix).int(), True,
+            slice(n_prefix, n_prefix + 1),
+        ))
+        empty = torch.cat([empty, (used - prefix == 0).view(1, -1)])
+    return launches, empty
+
+
+def _run_split(prob, num_splits: Optional[int], return_lse: bool):
+    from flash_attn.cute.interface import _flash_attn_fwd_combine
+
+    from .kernels.launch import _sm_count, packed_attention, sm90_tiles
+
+    q, k, v = prob.q, prob.k, prob.v
+    batch, seqlen_q, heads, d = q.shape
+    kv_heads, page_size, max_pages = k.shape[2], k.shape[1], prob.page_table.shape[1]
+    if num_splits is None:
+        rows = seqlen_q * (heads // kv_heads)
+        tile_n = sm90_tiles(d, k.bits, v.bits)[1]
+        num_splits = plan_num_splits(batch, kv_heads, rows, max_pages, page_size, _sm_count(q.device), tile_n)
+    common = dict(softmax_scale=prob.softmax_scale, window_size=(None, None))
+    if num_splits == 1:
+        return packed_attention(q, k, v, causal=prob.causal, page_table=prob.page_table,
+                                seqused_k=prob.seqused_k, return_lse=return_lse, **common)
+    launches, empty = split_launches(q, prob.page_table, prob.seqused_k, prob.causal, page_size, num_splits)
+    parts = empty.shape[0]
+    out_part = torch.empty(parts, batch, seqlen_q, heads, d, dtype=q.dtype, device=q.device)
+    lse_part = torch.empty(parts, batch, heads, seqlen_q, dtype=torch.float32, device=q.device)
+    for ln in launches:
+        vb = ln.q.shape[0]
+        n = ln.parts.stop - ln.parts.start
+        packed_attention(ln.q, k, v, causal=ln.causal, page_table=ln.page_table, seqused_k=ln.seqused_k,
+                         out=out_part.narrow(0, ln.parts.start, n).view(vb, seqlen_q, heads, d),
+                         lse=lse_part.narrow(0, ln.parts.start, n).view(vb, heads, seqlen_q), **common)
+    # A chunk without keys (a short sequence beside long ones) gets no weight in the combine.
+    lse_part.masked_fill_(empty.view(parts, batch, 1, 1), float("-inf"))
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, heads, seqlen_q, dtype=torch.float32, device=q.device) if return_lse else None
+    # float32 partials: FA4's combine accepts bf16/fp16 ones but merges them wrongly (measured on
+    # the H100: errors of order 1 on random partials; docs/UPSTREAM.md).
+    _flash_attn_fwd_combine(out_part.float(), lse_part.transpose(-1, -2), out,
+                            lse.transpose(-1, -2) if return_lse else None)
+    return out, lse

@@ -1,0 +1,134 @@
+"""flash_attn_with_kvcache on the CPU: what it computes (the last rows of a causal prefill), the
+split-KV decomposition of fa4_tq.decode (each launch run by the float64 reference in the
+kernel's place, partials merged by LSE as FA4's combine does), the split planner, and the input
+checks."""
+
+import pytest
+import torch
+
+from fa4_tq import attention_reference, compress, flash_attn_func, flash_attn_with_kvcache
+from fa4_tq.decode import plan_num_splits, split_launches
+from helpers import ragged_paged_cache, rel_err
+
+D, H, HK = 64, 8, 2
+
+
+def _paged(lens, page_size, gen):
+    return ragged_paged_cache(lens, page_size, HK, D, gen)
+
+
+@pytest.mark.parametrize("seqlen_q", [1, 4])
+def test_decode_is_the_last_rows_of_a_causal_prefill(seqlen_q):
+    gen = torch.Generator().manual_seed(seqlen_q)
+    lens = [seqlen_q, 37, 130]
+    (kp, vp), table, used, raw = _paged(lens, 16, gen)
+    q_full = [torch.randn(n, H, D, generator=gen).to(torch.bfloat16) for n in lens]
+    q = torch.stack([qf[-seqlen_q:] for qf in q_full])
+    out, lse = flash_attn_with_kvcache(q, (kp, vp), table, used, return_lse=True)
+    assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == (3, H, seqlen_q)
+    for b, ((k, v), qf) in enumerate(zip(raw, q_full)):
+        kc, vc = compress(k[None], 4, seed=3), compress(v[None], 2, seed=4)
+        ref, ref_lse = attention_reference(qf[None], kc, vc, causal=True, dtype=torch.float64)
+        assert rel_err(out[b], ref[0, -seqlen_q:]) < 8e-3  # bf16 output rounding
+        assert rel_err(lse[b], ref_lse[0, :, -seqlen_q:]) < 1e-5
+
+
+def _merge(out_part, lse_part):
+    """What FA4's combine kernel computes: partials weighted by exp(lse_j - logsumexp_j lse_j)."""
+    lse = torch.logsumexp(lse_part, 0)
+    w = torch.exp(lse_part - lse).transpose(-1, -2).unsqueeze(-1)  # [parts, batch, seqlen_q, heads, 1]
+    return (w * out_part).sum(0), lse
+
+
+CASES = [  # (lens, seqlen_q, causal, page_size, num_splits)
+    ([1, 37, 200, 513], 1, True, 16, 2),
+    ([1, 37, 200, 513], 1, True, 16, 7),
+    ([1, 37, 200, 513], 1, False, 64, 3),
+    ([4, 17, 129, 300], 4, True, 16, 2),  # 129 - 4 = 125: the tail starts mid-page
+    ([4, 17, 129, 300], 4, True, 16, 5),
+    ([16, 33, 64, 95], 16, True, 16, 3),  # tail spans two pages
+    ([4, 17, 129, 300], 4, False, 16, 4),
+    ([5, 300], 4, True, 64, 40),  # more splits than pages
+]
+
+
+@pytest.mark.parametrize("lens,seqlen_q,causal,page_size,num_splits", CASES)
+def test_split_launches_merge_to_the_unsplit_answer(lens, seqlen_q, causal, page_size, num_splits):
+    gen = torch.Generator().manual_seed(sum(lens) + num_splits)
+    (kp, vp), table, used, _ = _paged(lens, page_size, gen)
+    q = torch.randn(len(lens), seqlen_q, H, D, generator=gen).to(torch.bfloat16)
+    ref, ref_lse = attention_reference(q, kp, vp, page_table=table, seqused_k=used, causal=causal, dtype=torch.float64)
+
+    launches, empty = split_launches(q, table, used, causal, page_size, num_splits)
+    parts = empty.shape[0]
+    assert parts <= num_splits + (causal and seqlen_q > 1)
+    out_part = torch.empty(parts, len(lens), seqlen_q, H, D, dtype=torch.float64)
+    lse_part = torch.empty(parts, len(lens), H, seqlen_q, dtype=torch.float64)
+    for ln in launches:
+        vb = ln.q.shape[0]
+        keys = ln.seqused_k.clamp_min(1)  # an empty chunk: the kernel's result is garbage, made finite here
+        o, lse = attention_reference(ln.q, kp, vp, page_table=ln.page_table, seqused_k=keys, causal=ln.causal,
+                                     dtype=torch.float64)
+        out_part[ln.parts] = o.view(-1, len(lens), seqlen_q, H, D)
+        lse_part[ln.parts] = lse.view(-1, len(lens), H, seqlen_q)
+        assert vb == (ln.parts.stop - ln.parts.start) * len(lens)
+    lse_part.masked_fill_(empty.view(parts, len(lens), 1, 1), float("-inf"))
+    out, lse = _merge(out_part, lse_part)
+    assert rel_err(out, ref) < 1e-12 and rel_err(lse, ref_lse) < 1e-12
+    # every key is in exactly one chunk
+    assert torch.equal(sum(ln.seqused_k.view(-1, len(lens)).sum(0) for ln in launches), used)
+
+
+def test_plan_num_splits_fills_the_gpu_and_stops_at_the_pages():
+    # batch 1, 8 KV heads, GQA 8 (8 rows): 8 tiles on 132 SMs -> 16 chunks
+    assert plan_num_splits(1, 8, 8, 256, 128, 132) == 16
+    assert plan_num_splits(128, 8, 8, 256, 128, 132) == 1  # 1024 tiles: no split
+    assert plan_num_splits(1, 8, 8, 3, 128, 132) == 1  # 3 KV tiles: too short to split
+    assert plan_num_splits(1, 1, 8, 6, 128, 132) == 6  # never more chunks than pages
+
+
+def _small():
+    gen = torch.Generator().manual_seed(0)
+    (kp, vp), table, used, _ = _paged([20, 40], 16, gen)
+    q = torch.randn(2, 1, H, D, generator=gen).to(torch.bfloat16)
+    return q, (kp, vp), table, used
+
+
+def test_decode_inputs_are_checked():
+    q, cache, table, used = _small()
+    with pytest.raises(TypeError, match="cache must be the pair"):
+        flash_attn_with_kvcache(q, cache[0], table, used)
+    with pytest.raises(ValueError, match="seqlen_q must be 1 to 16"):
+        flash_attn_with_kvcache(q.expand(2, 17, H, D), cache, table, used)
+    with pytest.raises(ValueError, match=r"q must be \[batch, seqlen_q"):
+        flash_attn_with_kvcache(q[:, 0], cache, table, used)
+    with pytest.raises(ValueError, match="needs page_table"):
+        flash_attn_with_kvcache(q, cache, None, used)
+    for bad in (0, 129, 2.0, True):
+        with pytest.raises(ValueError, match="num_splits"):
+            flash_attn_with_kvcache(q, cache, table, used, num_splits=bad)
+    with pytest.raises(NotImplementedError, match="skip_softmax_threshold"):
+        flash_attn_with_kvcache(q, cache, table, used, skip_softmax_threshold=1e-3)
+    with pytest.raises(ValueError, match="seqused_k must be >= 4"):
+        flash_attn_with_kvcache(q.expand(2, 4, H, D), cache, table, torch.tensor([3, 40], dtype=torch.int32))
+    with pytest.raises(TypeError, match="seqused_k must be torch.int32"):
+        flash_attn_with_kvcache(q, cache, table, used.long())
+    with pytest.raises(ValueError, match="page_table"):
+        flash_attn_with_kvcache(q, cache, table.clamp_max(0) - 5, used)
+    with pytest.raises(ValueError, match="backend"):
+        flash_attn_with_kvcache(q, cache, table, used, backend="fast")
+
+
+def test_decode_matches_the_varlen_api_on_cpu():
+    q, cache, table, used = _small()
+    out, lse = flash_attn_with_kvcache(q, cache, table, used, return_lse=True)
+    q_var = q.reshape(2, H, D)
+    cu = torch.tensor([0, 1, 2], dtype=torch.int32)
+    from fa4_tq import flash_attn_varlen_func
+
+    ref, ref_lse = flash_attn_varlen_func(q_var, *cache, cu_seqlens_q=cu, seqused_k=used, page_table=table,
+                                          causal=True, return_lse=True)
+    assert torch.equal(out.reshape(2, H, D), ref) and torch.equal(lse.reshape(2, H), ref_lse.t())
+    out_nolse, none = flash_attn_with_kvcache(q, cache, table, used)
+    assert none is None and torch.equal(out_nolse, out)
+    assert flash_attn_func  # the module's import surface stays importable on the CPU
