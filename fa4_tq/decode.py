@@ -69,7 +69,8 @@ def flash_attn_with_kvcache(
     num_splits: KV chunks per sequence (partials merged by LSE; with causal verification the
     last few keys are one more, causal, chunk); None chooses from the grid size (FA4's
     heuristic: enough (sequence, KV head, chunk) tiles to fill the SMs); 1 = one launch.
-    skip_softmax_threshold: not implemented yet (must be None).
+    skip_softmax_threshold: not implemented in the kernel yet (must be None); its semantics and
+    error bound are fixed by ``fa4_tq.skip_softmax``.
     backend: as in ``flash_attn_func``; "inline" is the packed-KV kernel with split-KV.
     check_indices: check seqused_k and the page ids on the host (a device sync); pass False
     inside CUDA graphs when the caller guarantees them.
@@ -99,7 +100,8 @@ def flash_attn_with_kvcache(
         raise ValueError(f"num_splits must be None or an int in [1, {MAX_SPLITS}], got {num_splits!r}")
     if skip_softmax_threshold is not None:
         raise NotImplementedError(
-            "skip_softmax_threshold is not implemented yet: pass None (dense attention)"
+            "skip_softmax_threshold is not implemented in the kernel yet: pass None (dense "
+            "attention); fa4_tq.skip_softmax.skip_softmax_attention is the reference it will follow"
         )
     prob = _varlen_problem(
         q, k, v, None, None, seqlen_q, None, seqused_k, page_table, softmax_scale, causal,

@@ -61,9 +61,10 @@ def paged_problem(page_size, d, gen, device, *, k_bits=4, v_bits=2, h=8, hk=2):
 
 
 def ragged_paged_cache(lens, page_size, kv_heads, d, gen, *, k_bits=4, v_bits=2, k_seed=3, v_seed=4,
-                       device="cpu"):
-    """Sequences of ``lens`` tokens on shuffled pages of a PagedKVCache (K realistic, V Gaussian).
-    The table has two columns more than any sequence needs, its unused entries -1 (never read).
+                       device="cpu", raw=None):
+    """Sequences of ``lens`` tokens on shuffled pages of a PagedKVCache (K realistic, V Gaussian,
+    or the given ``raw`` list of per-sequence ``(k, v)``). The table has two columns more than any
+    sequence needs, its unused entries -1 (never read).
     Returns ``(k_pages, v_pages), page_table, seqused_k, [(k, v) of each sequence]``."""
     from fa4_tq import PagedKVCache
 
@@ -73,13 +74,14 @@ def ragged_paged_cache(lens, page_size, kv_heads, d, gen, *, k_bits=4, v_bits=2,
                          v_seed=v_seed, device=device)
     perm = torch.randperm(num_pages, generator=gen)
     table = torch.full((len(lens), max_pages), -1, dtype=torch.int32)
-    raw, slots, nxt = [], [], 0
+    given, raw, slots, nxt = raw, [], [], 0
     for b, n in enumerate(lens):
         for j in range(-(-n // page_size)):
             table[b, j] = perm[nxt]
             nxt += 1
         slots += [int(table[b, t // page_size]) * page_size + t % page_size for t in range(n)]
-        raw.append((realistic_kv((n, kv_heads, d), generator=gen), torch.randn(n, kv_heads, d, generator=gen)))
+        raw.append(given[b] if given is not None else
+                   (realistic_kv((n, kv_heads, d), generator=gen), torch.randn(n, kv_heads, d, generator=gen)))
     k = torch.cat([r[0] for r in raw]).to(device)
     v = torch.cat([r[1] for r in raw]).to(device)
     cache.write(0, k, v, torch.tensor(slots, device=device))
