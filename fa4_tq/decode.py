@@ -33,9 +33,9 @@ import torch.nn.functional as F
 
 from . import validation as V
 from .codec import PackedKV
-from .interface import BACKENDS, _resolve_backend, _run, _varlen_problem
+from .interface import _resolve_backend, _run_resolved, _varlen_problem
 
-__all__ = ["flash_attn_with_kvcache", "plan_num_splits", "MAX_SEQLEN_Q", "MAX_SPLITS"]
+__all__ = ["flash_attn_with_kvcache", "choose_num_splits", "plan_num_splits", "MAX_SEQLEN_Q", "MAX_SPLITS"]
 
 MAX_SEQLEN_Q = 16  # decode (1) and verification of up to 16 draft tokens
 MAX_SPLITS = 128  # FA4's combine kernel takes at most 256 partials; FA4's own heuristic stops at 128
@@ -103,24 +103,28 @@ def flash_attn_with_kvcache(
             "skip_softmax_threshold is not implemented in the kernel yet: pass None (dense "
             "attention); fa4_tq.skip_softmax.skip_softmax_attention is the reference it will follow"
         )
+    causal = bool(causal)
     prob = _varlen_problem(
         q, k, v, None, None, seqlen_q, None, seqused_k, page_table, softmax_scale, causal,
-        (None, None), check_indices,
+        (None, None), check_indices, min_seqused_k=seqlen_q if causal else 1,
+        min_seqused_why=" (with causal=True the new tokens' keys are in the cache)" if causal else "",
     )
-    if check_indices:
-        least = seqlen_q if prob.causal else 1
-        used = seqused_k.detach().to("cpu", torch.int64)
-        if bool((used < least).any()):
-            raise ValueError(
-                f"seqused_k must be >= {least} for every sequence"
-                + (" (with causal=True the new tokens' keys are in the cache)" if prob.causal else "")
-                + f", got {used.tolist()[:8]}"
-            )
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if _resolve_backend(backend, prob) != "inline":
-        return _run(prob, return_lse, backend)
+    resolved = _resolve_backend(backend, prob)
+    if resolved != "inline":
+        return _run_resolved(prob, return_lse, resolved)
     return _run_split(prob, num_splits, return_lse)
+
+
+def choose_num_splits(q: torch.Tensor, k: PackedKV, v: PackedKV, page_table: torch.Tensor) -> int:
+    """What ``num_splits=None`` becomes for this call on this GPU (``plan_num_splits`` with the
+    kernel's tile and the device's SM count)."""
+    from .kernels.launch import _sm_count, sm90_tiles
+
+    batch, seqlen_q, heads, d = q.shape
+    kv_heads, page_size = k.shape[2], k.shape[1]
+    tile_n = sm90_tiles(d, k.bits, v.bits)[1]
+    return plan_num_splits(batch, kv_heads, seqlen_q * (heads // kv_heads), page_table.shape[1], page_size,
+                           _sm_count(q.device), tile_n)
 
 
 def plan_num_splits(batch: int, kv_heads: int, rows_per_kv_head: int, max_pages: int, page_size: int,
@@ -180,15 +184,13 @@ def split_launches(q: torch.Tensor, page_table: torch.Tensor, seqused_k: torch.T
 def _run_split(prob, num_splits: Optional[int], return_lse: bool):
     from flash_attn.cute.interface import _flash_attn_fwd_combine
 
-    from .kernels.launch import _sm_count, packed_attention, sm90_tiles
+    from .kernels.launch import packed_attention
 
     q, k, v = prob.q, prob.k, prob.v
     batch, seqlen_q, heads, d = q.shape
-    kv_heads, page_size, max_pages = k.shape[2], k.shape[1], prob.page_table.shape[1]
+    page_size = k.shape[1]
     if num_splits is None:
-        rows = seqlen_q * (heads // kv_heads)
-        tile_n = sm90_tiles(d, k.bits, v.bits)[1]
-        num_splits = plan_num_splits(batch, kv_heads, rows, max_pages, page_size, _sm_count(q.device), tile_n)
+        num_splits = choose_num_splits(q, k, v, prob.page_table)
     common = dict(softmax_scale=prob.softmax_scale, window_size=(None, None))
     if num_splits == 1:
         return packed_attention(q, k, v, causal=prob.causal, page_table=prob.page_table,

@@ -158,9 +158,10 @@ def flash_attn_varlen_func(
 
 def _varlen_problem(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, page_table,
-    softmax_scale, causal, window_size, check_indices: bool,
+    softmax_scale, causal, window_size, check_indices: bool, min_seqused_k: int = 0, min_seqused_why: str = "",
 ) -> _Problem:
-    """flash_attn_varlen_func's checks (shared with fa4_tq.decode); returns the checked problem."""
+    """flash_attn_varlen_func's checks (shared with fa4_tq.decode, which also needs every
+    seqused_k >= ``min_seqused_k``, for the reason ``min_seqused_why``); returns the checked problem."""
     _check_common(q, k, v, softmax_scale, window_size)
     dev = q.device
     if cu_seqlens_q is not None:
@@ -219,6 +220,10 @@ def _varlen_problem(
                     f"seqused_k must lie in [0, {cap}] ("
                     + ("max_pages * page_size" if page_table is not None else "seqlen_k")
                     + f"), got {used.tolist()[:8]}"
+                )
+            if bool((used < min_seqused_k).any()):
+                raise ValueError(
+                    f"seqused_k must be >= {min_seqused_k} for every sequence{min_seqused_why}, got {used.tolist()[:8]}"
                 )
             if page_table is not None:
                 _check_page_table(page_table, used, kshape[0], kshape[1])
@@ -281,7 +286,11 @@ def _resolve_backend(backend: str, prob: _Problem) -> str:
 
 
 def _run(prob: _Problem, return_lse: bool, backend: str):
-    backend = _resolve_backend(backend, prob)
+    return _run_resolved(prob, return_lse, _resolve_backend(backend, prob))
+
+
+def _run_resolved(prob: _Problem, return_lse: bool, backend: str):
+    """Run ``prob`` on a backend ``_resolve_backend`` returned ("reference", "inline", "decompress")."""
     if backend == "reference":
         out, lse = attention_reference(
             prob.q, prob.k, prob.v, softmax_scale=prob.softmax_scale, causal=prob.causal,

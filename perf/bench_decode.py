@@ -60,9 +60,6 @@ class Setup:
             self._packed[(kb, vb)] = cache.layer(0)
         return self._packed[(kb, vb)]
 
-    def tokens(self) -> int:
-        return self.batch * self.context
-
     def q(self, seqlen_q: int) -> torch.Tensor:
         return torch.randn(self.batch, seqlen_q, HEADS, D, device="cuda", generator=self.gen, dtype=torch.bfloat16)
 
@@ -95,14 +92,11 @@ def time_baselines(s: Setup, q: torch.Tensor, reps: int) -> dict:
 
 
 def time_ours(s: Setup, q: torch.Tensor, kb: int, vb: int, reps: int, decompress: bool) -> dict:
-    from fa4_tq.decode import plan_num_splits
-    from fa4_tq.kernels.launch import _sm_count
+    from fa4_tq.decode import choose_num_splits
 
     cache = s.packed(kb, vb)
     run = lambda backend: flash_attn_with_kvcache(q, cache, s.table, s.used, check_indices=False, backend=backend)
-    splits = plan_num_splits(s.batch, KV_HEADS, q.shape[1] * HEADS // KV_HEADS, s.pages_per_seq, PAGE,
-                             _sm_count(q.device))
-    r = dict(ours=time_gpu(lambda: run("inline"), reps=reps), splits=splits)
+    r = dict(ours=time_gpu(lambda: run("inline"), reps=reps), splits=choose_num_splits(q, *cache, s.table))
     if decompress:
         r["decompress"] = time_gpu(lambda: run("decompress"), reps=max(3, reps // 4))
     return r

@@ -16,9 +16,9 @@ import math
 
 import torch
 
-from .codebook import SUPPORTED_BITS, _check_bits, boundaries, centroids
+from .codebook import _check_bits, boundaries, centroids
 from .packing import pack, row_bytes, unpack
-from .rotation import SUPPORTED_HEAD_DIMS, _check_head_dim, check_seed, rotate, unrotate
+from .rotation import _check_head_dim, check_seed, rotate, unrotate
 
 __all__ = ["FORMAT_VERSION", "PackedKV", "compress", "SCALE_DTYPES", "scales_shape"]
 
