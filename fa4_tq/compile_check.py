@@ -252,12 +252,50 @@ def _case_cache_write() -> list[str]:
     return done
 
 
+def mla_variants():
+    """(label, kwargs) of the MLA prefill kernel (``mla/sm90.py``) CI compiles for SM90: the bf16
+    latent and every packed width, heads 16/64/128, causal and not, with and without the LSE,
+    float16 and float32 scales."""
+    return [
+        ("bf16 latent h128 causal lse", dict(bits=None, heads=128, lse=True)),
+        ("k2 latent h16 causal", dict(bits=2, heads=16)),
+        ("k3 latent h64 causal", dict(bits=3, heads=64)),
+        ("k4 latent h128 causal lse", dict(bits=4, heads=128, lse=True)),
+        ("k8 latent h128 causal", dict(bits=8, heads=128)),
+        ("bf16 latent h16 non-causal", dict(bits=None, heads=16, causal=False)),
+        ("k4 latent h64 non-causal fp32-scales", dict(bits=4, heads=64, causal=False, scale_dtype="float32")),
+    ]
+
+
+def _case_mla() -> list[str]:
+    import torch
+    from mla.launch import mla_attention
+
+    done = []
+    for label, kw in mla_variants():
+        heads, bits = kw["heads"], kw["bits"]
+        qn = torch.empty(300, heads, 512, dtype=torch.bfloat16, device="cuda")
+        qp = torch.empty(300, heads, 64, dtype=torch.bfloat16, device="cuda")
+        if bits is None:
+            latent = torch.empty(32, 64, 1, 512, dtype=torch.bfloat16, device="cuda")
+        else:
+            latent = _fake_packed((32, 64, 1), 512, bits, getattr(torch, kw.get("scale_dtype", "float16")))
+        rope = torch.empty(32, 64, 1, 64, dtype=torch.bfloat16, device="cuda")
+        idx = dict(dtype=torch.int32, device="cuda")
+        mla_attention(qn, qp, latent, rope, torch.empty(2, 16, **idx), torch.empty(3, **idx),
+                      torch.empty(2, **idx), 200, softmax_scale=576 ** -0.5, causal=kw.get("causal", True),
+                      return_lse=kw.get("lse", False))
+        done.append(label)
+    return done
+
+
 CASES: dict[str, Callable[[], list[str]]] = {
     "fa4-fwd": _case_fa4_fwd,
     "tq-sm90": lambda: _case_tq_sm90(full=True),
     "tq-sm90-smoke": lambda: _case_tq_sm90(full=False),
     "cache-write": _case_cache_write,
     "decode": _case_decode,
+    "mla": _case_mla,
 }
 
 

@@ -59,3 +59,14 @@ def test_decode_split_path_compiles_for_sm90():
     assert [ln.split(": ", 1)[1].rsplit(" -> ", 1)[0] for ln in lines] == [lb for lb, _ in decode_variants()]
     for ln, (_, kw) in zip(lines, decode_variants()):
         assert ln.endswith("FlashAttentionForwardCombine" if kw is None else "FlashAttentionForwardSm90TQ"), ln
+
+
+def test_mla_prefill_kernel_compiles_for_sm90():
+    """mla's SM90 kernel: bf16 and every packed latent width, heads 16/64/128, causal and not."""
+    from fa4_tq.compile_check import mla_variants
+
+    res = run_in_subprocess("sm_90a", "mla")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("COMPILED")]
+    assert [ln.split(": ", 1)[1].rsplit(" -> ", 1)[0] for ln in lines] == [lb for lb, _ in mla_variants()]
+    assert all(ln.endswith("FlashMLAForwardSm90") for ln in lines), lines

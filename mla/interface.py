@@ -1,0 +1,163 @@
+"""``flash_mla_prefill``: absorbed MLA prefill over a paged latent cache (packed or bf16)."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+
+from fa4_tq import validation as V
+from fa4_tq.codec import PackedKV, rotate_rounded, unrotate_rounded
+from fa4_tq.interface import _check_page_table
+
+from .cache import D_LATENT, D_ROPE
+from .reference import mla_reference
+
+__all__ = ["flash_mla_prefill", "BACKENDS"]
+
+BACKENDS = ("auto", "kernel", "reference")
+
+
+def _kernel_unavailable(device: torch.device) -> Optional[str]:
+    if device.type != "cuda":
+        return "it needs CUDA tensors"
+    if torch.cuda.get_device_capability(device)[0] != 9:
+        return "it is built for SM90 (Hopper) only"
+    try:
+        import flash_attn.cute  # noqa: F401  (the gpu extra)
+    except ImportError:
+        return "the gpu extra (flash-attn-4, nvidia-cutlass-dsl) is not installed"
+    return None
+
+
+def flash_mla_prefill(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    latent_cache: Union[torch.Tensor, PackedKV],
+    rope_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seqused_k: torch.Tensor,
+    *,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    return_lse: bool = False,
+    max_seqlen_q: Optional[int] = None,
+    backend: str = "auto",
+    check_indices: bool = True,
+):
+    """MLA attention of absorbed queries over a paged latent cache.
+
+    - ``q_nope[total_q, heads, 512]`` (queries already multiplied into latent space),
+      ``q_pe[total_q, heads, 64]`` (RoPE part), bf16; sequence b's queries are rows
+      ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]`` and are its last tokens: with ``causal`` query i of n
+      sees keys ``j <= i + seqused_k[b] - n`` (chunked prefill: cached tokens come first).
+    - ``latent_cache``: ``[num_pages, page_size, 1, 512]``, a ``fa4_tq.PackedKV`` (bits 2/3/4/8)
+      or bf16; ``rope_cache``: bf16 ``[num_pages, page_size, 1, 64]``; ``mla.MLACache`` holds both.
+      ``page_size`` a multiple of 64.
+    - ``page_table[batch, max_pages]``, ``cu_seqlens_q[batch + 1]``, ``seqused_k[batch]``: int32.
+    - ``softmax_scale`` defaults to ``1/sqrt(576)``; DeepSeek models pass their own.
+
+    Returns ``out[total_q, heads, 512]`` (bf16, in the latent's original space) and, with
+    ``return_lse``, ``(out, lse[heads, total_q])`` (natural log; -inf for a row with no key).
+    ``backend``: "kernel" (SM90 CuTeDSL), "reference" (float32 PyTorch), "auto" (the kernel where
+    it runs). ``max_seqlen_q`` (the longest query run) saves a host read of ``cu_seqlens_q``;
+    ``check_indices=False`` skips the host checks of the index tensors (no sync).
+    """
+    _check_inputs(q_nope, q_pe, latent_cache, rope_cache, page_table, cu_seqlens_q, seqused_k,
+                  softmax_scale, check_indices)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D_LATENT + D_ROPE)
+    why = _kernel_unavailable(q_nope.device)
+    if backend == "kernel" and why:
+        raise ValueError(f"backend='kernel' cannot run: {why}; use backend='reference' or 'auto'")
+    if backend == "reference" or (backend == "auto" and why):
+        out, lse = mla_reference(q_nope, q_pe, latent_cache, rope_cache, page_table, cu_seqlens_q, seqused_k,
+                                 causal=causal, softmax_scale=scale)
+        out = out.to(q_nope.dtype)
+        return (out, lse) if return_lse else out
+
+    from .launch import mla_attention
+
+    if max_seqlen_q is None:
+        cu = cu_seqlens_q.detach().to("cpu", torch.int64)
+        max_seqlen_q = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+    packed = isinstance(latent_cache, PackedKV)
+    q_in = rotate_rounded(q_nope, latent_cache.seed) if packed else q_nope
+    out, lse = mla_attention(q_in, q_pe, latent_cache, rope_cache, page_table, cu_seqlens_q, seqused_k,
+                             int(max_seqlen_q), softmax_scale=scale, causal=bool(causal), return_lse=return_lse)
+    if packed:
+        out = unrotate_rounded(out, latent_cache.seed)
+    return (out, lse) if return_lse else out
+
+
+def _check_inputs(q_nope, q_pe, latent, rope, page_table, cu_seqlens_q, seqused_k, softmax_scale,
+                  check_indices: bool) -> None:
+    for name, t, d in (("q_nope", q_nope, D_LATENT), ("q_pe", q_pe, D_ROPE)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != torch.bfloat16:
+            raise TypeError(f"{name} must be torch.bfloat16, got {t.dtype}: cast it with .to(torch.bfloat16)")
+        if t.dim() != 3 or t.shape[-1] != d:
+            raise ValueError(f"{name} must be [total_q, heads, {d}], got {tuple(t.shape)}")
+    if q_pe.shape[:2] != q_nope.shape[:2]:
+        raise ValueError(f"q_pe {tuple(q_pe.shape)} and q_nope {tuple(q_nope.shape)} must share [total_q, heads]")
+    dev = q_nope.device
+    if q_pe.device != dev:
+        raise ValueError(f"q_pe is on {q_pe.device} but q_nope on {dev}: move it")
+    if not isinstance(rope, torch.Tensor) or rope.dtype != torch.bfloat16 or rope.dim() != 4 \
+            or rope.shape[2:] != (1, D_ROPE):
+        raise ValueError(
+            f"rope_cache must be a bf16 tensor [num_pages, page_size, 1, {D_ROPE}], got "
+            f"{tuple(rope.shape) if isinstance(rope, torch.Tensor) else type(rope).__name__}"
+            + (f" of {rope.dtype}" if isinstance(rope, torch.Tensor) else "")
+        )
+    num_pages, page_size = rope.shape[:2]
+    if page_size % 64:
+        raise ValueError(f"page_size must be a multiple of 64, got {page_size}")
+    if rope.device != dev:
+        raise ValueError(f"rope_cache is on {rope.device} but q_nope on {dev}: move it")
+    if rope.stride(-1) != 1 or rope.stride(1) != D_ROPE or rope.data_ptr() % 16:
+        raise ValueError("rope_cache rows must be contiguous and 16-byte aligned: pass rope_cache.contiguous()")
+    want = (num_pages, page_size, 1, D_LATENT)
+    if isinstance(latent, PackedKV):
+        V.check_packed("latent_cache", latent)
+        if tuple(latent.shape) != want:
+            raise ValueError(f"latent_cache must hold shape {want} (rope_cache's pages), got {tuple(latent.shape)}")
+        if latent.device != dev:
+            raise ValueError(f"latent_cache is on {latent.device} but q_nope on {dev}: move it")
+        V.check_buffers("latent_cache", latent)
+    elif isinstance(latent, torch.Tensor):
+        if latent.dtype != torch.bfloat16 or tuple(latent.shape) != want:
+            raise ValueError(
+                f"a plain latent_cache must be bf16 of shape {want} (rope_cache's pages), got "
+                f"{tuple(latent.shape)} of {latent.dtype}"
+            )
+        if latent.device != dev:
+            raise ValueError(f"latent_cache is on {latent.device} but q_nope on {dev}: move it")
+        if latent.stride(-1) != 1 or latent.stride(1) != D_LATENT or latent.data_ptr() % 16:
+            raise ValueError("latent_cache rows must be contiguous and 16-byte aligned: pass latent_cache.contiguous()")
+    else:
+        raise TypeError(
+            f"latent_cache must be a fa4_tq.PackedKV or a bf16 tensor, got {type(latent).__name__}: "
+            f"take both caches from mla.MLACache"
+        )
+    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale must be a positive float or None, got {softmax_scale!r}")
+    if not isinstance(cu_seqlens_q, torch.Tensor) or cu_seqlens_q.dim() != 1 or cu_seqlens_q.numel() < 2:
+        raise ValueError("cu_seqlens_q must be a 1-D int32 tensor of batch + 1 offsets")
+    batch = cu_seqlens_q.numel() - 1
+    V.check_index_tensor("cu_seqlens_q", cu_seqlens_q, (batch + 1,), dev)
+    V.check_index_tensor("seqused_k", seqused_k, (batch,), dev)
+    if not isinstance(page_table, torch.Tensor) or page_table.dim() != 2:
+        raise ValueError("page_table must be a 2-D int32 tensor [batch, max_pages_per_seq]")
+    V.check_index_tensor("page_table", page_table, (batch, page_table.shape[1]), dev)
+    if check_indices:
+        V.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q_nope.shape[0])
+        used = seqused_k.detach().to("cpu", torch.int64)
+        cap = page_size * page_table.shape[1]
+        if bool((used < 0).any()) or bool((used > cap).any()):
+            raise ValueError(f"seqused_k must lie in [0, {cap}] (max_pages * page_size), got {used.tolist()[:8]}")
+        _check_page_table(page_table, used, num_pages, page_size)

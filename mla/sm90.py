@@ -1,0 +1,439 @@
+"""Head-dim 576/512 MLA prefill on SM90 (CuTeDSL): absorbed queries over a paged latent cache.
+
+FA4 has no SM90 kernel for this shape (``flash_attn.cute`` b36 stops at head_dim 256 on SM90):
+one warpgroup cannot hold a 64 x 512 float32 output accumulator (256 registers a thread). The
+layout is FlashMLA's and FA3's "large head_dim V" one, three warpgroups per CTA:
+
+- WG0, producer: loads the Q tile once and, per KV block, the 64 x 512 latent (bf16 by cp.async,
+  or packed codes dequantised in registers with ``fa4_tq.kernels.load_stage.dequant_part``, the
+  prefill kernel's conversion) and the 64 x 64 bf16 RoPE keys into a two-stage ring.
+- WG1, scores: ``S = Q_nope C^T + Q_pe K_pe^T`` (64 x 64 over 576 dims), FA4's mask and online
+  softmax, P (bf16) and the row rescale factors into shared memory, then ``O[:, :256] += P C[:, :256]``.
+- WG2: ``O[:, 256:] += P C[:, 256:]`` once WG1 has published P.
+
+The 64 rows of a tile are (query token, head) pairs, ``row = token * heads + head`` (FA4's
+PackGQA order with one KV head): every head reads the same latent, so one tile of keys serves 64
+rows. Values are the latent itself: the PV operand is a transposed view of the latent stage, not
+a second load. ``sQ_nope`` is reused for the output tile.
+
+FA4 pieces used as they are: ``Softmax`` (online softmax, finalize, rescale), ``AttentionMask``
+and ``BlockInfo`` (causal masking and block ranges with packed rows), ``SeqlenInfoQK``, the cp.async
+pipeline, quack's wgmma helpers. What FA4 would need so this could be a subclass instead is in
+docs/UPSTREAM.md.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Optional
+
+import cuda.bindings.driver as cuda
+import cutlass
+import cutlass.cute as cute
+import cutlass.utils.hopper_helpers as sm90_utils_basic
+from cutlass import Float32, Int32, const_expr
+from cutlass.cute.nvgpu import cpasync, warpgroup
+from cutlass.pipeline import pipeline_init_arrive, pipeline_init_wait
+from cutlass.utils import LayoutEnum
+from cutlass import pipeline
+
+from flash_attn.cute import pipeline as pipeline_custom
+from flash_attn.cute import utils as fa_utils
+from flash_attn.cute.block_info import BlockInfo
+from flash_attn.cute.mask import AttentionMask
+from flash_attn.cute.seqlen_info import SeqlenInfoQK
+from flash_attn.cute.softmax import Softmax
+from quack import layout_utils, sm90_utils
+
+from fa4_tq.kernels.load_stage import dequant_part
+from fa4_tq.kernels.staging import table_floats, uses_shared_table
+
+D_LATENT = 512
+D_ROPE = 64
+TILE_M = 64
+TILE_N = 64
+
+
+class _Bar:
+    """Named hardware barriers (0 is __syncthreads)."""
+
+    P_FULL = 1  # WG1 has written P and the row factors (WG1 + WG2 sync)
+    P_FREE = 2  # WG2 has finished reading them (WG2 arrives, WG1 syncs)
+    EPILOGUE = 3  # the output tile is in shared memory (WG1 + WG2)
+    PRODUCER = 4  # the producer's 8-bit codebook is in shared memory
+
+
+class FlashMLAForwardSm90:
+    """One compiled variant: ``num_heads`` query heads sharing one latent, latent ``bits`` in
+    {2, 3, 4, 8} (packed, format v1) or None (bf16), causal or not, LSE written or not."""
+
+    num_stages = 2
+    dequant_unroll = 2
+
+    def __init__(self, num_heads: int, bits: Optional[int], is_causal: bool, scale_dtype=Float32):
+        if bits not in (None, 2, 3, 4, 8):
+            raise ValueError(f"bits must be None (bf16 latent) or one of 2, 3, 4, 8, got {bits!r}")
+        self.num_heads = num_heads
+        self.bits = bits
+        self.is_causal = is_causal
+        self.dtype = cutlass.BFloat16
+        # setmaxnreg moves registers inside the launch's 384 x 168: the producer keeps what the
+        # dequantisation needs, WG1 holds O (128), S (32) and P (16) per thread.
+        self.producer_regs, self.consumer_regs = (40, 232) if bits is None else (56, 224)
+
+    # ------------------------------------------------------------------ host entry
+    @cute.jit
+    def __call__(
+        self,
+        mQn: cute.Tensor,  # (total_q * heads, 512) bf16, row = token * heads + head
+        mQp: cute.Tensor,  # (total_q * heads, 64) bf16
+        mLat: cute.Tensor,  # bf16 (pages, page_size, 512) | uint8 (pages, page_size, 64 * bits)
+        mScale: cute.Tensor,  # (pages, page_size) fp16/fp32 (read for a packed latent)
+        mTable: cute.Tensor,  # float32 codebook (read for 8-bit codes)
+        mRope: cute.Tensor,  # (pages, page_size, 64) bf16
+        mO: cute.Tensor,  # (total_q * heads, 512) bf16
+        mLSE: Optional[cute.Tensor],  # (heads, total_q) float32
+        mCuSeqlensQ: cute.Tensor,  # (batch + 1,) int32
+        mSeqUsedK: cute.Tensor,  # (batch,) int32
+        mPageTable: cute.Tensor,  # (batch, max_pages) int32
+        softmax_scale: Float32,
+        max_seqlen_q: Int32,
+        stream: cuda.CUstream = None,
+    ):
+        self.sQn_layout = sm90_utils.make_smem_layout(self.dtype, LayoutEnum.ROW_MAJOR, (TILE_M, D_LATENT))
+        self.sQp_layout = sm90_utils.make_smem_layout(self.dtype, LayoutEnum.ROW_MAJOR, (TILE_M, D_ROPE))
+        self.sC_layout = sm90_utils.make_smem_layout(self.dtype, LayoutEnum.ROW_MAJOR, (TILE_N, D_LATENT), self.num_stages)
+        self.sR_layout = sm90_utils.make_smem_layout(self.dtype, LayoutEnum.ROW_MAJOR, (TILE_N, D_ROPE), self.num_stages)
+        self.sP_layout = sm90_utils.make_smem_layout(self.dtype, LayoutEnum.ROW_MAJOR, (TILE_M, TILE_N))
+        tiled_mma_qk = sm90_utils_basic.make_trivial_tiled_mma(
+            self.dtype, self.dtype, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K, Float32,
+            atom_layout_mnk=(1, 1, 1), tiler_mn=(64, TILE_N),
+        )
+        # P @ C: the two consumer warpgroups side by side along the 512 value columns.
+        tiled_mma_pv = sm90_utils_basic.make_trivial_tiled_mma(
+            self.dtype, self.dtype, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.MN, Float32,
+            atom_layout_mnk=(1, 2, 1), tiler_mn=(64, D_LATENT // 2),
+            a_source=warpgroup.OperandSource.SMEM,
+        )
+        n_table = table_floats(self.bits) if self.bits is not None else 0
+
+        @cute.struct
+        class SharedStorage:
+            mbar_q: cute.struct.MemRange[cutlass.Int64, 2]
+            mbar_kv: cute.struct.MemRange[cutlass.Int64, 2 * self.num_stages]
+            row_factor: cute.struct.MemRange[Float32, TILE_M]
+            table: cute.struct.Align[cute.struct.MemRange[Float32, max(n_table, 4)], 16]
+            sQn: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(self.sQn_layout)], 1024]
+            sQp: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(self.sQp_layout)], 1024]
+            sC: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(self.sC_layout)], 1024]
+            sR: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(self.sR_layout)], 1024]
+            sP: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(self.sP_layout)], 1024]
+
+        softmax_scale_log2 = softmax_scale * math.log2(math.e)
+        grid_m = (max_seqlen_q * self.num_heads + TILE_M - 1) // TILE_M
+        self.kernel(
+            mQn, mQp, mLat, mScale, mTable, mRope, mO, mLSE, mCuSeqlensQ, mSeqUsedK, mPageTable,
+            softmax_scale_log2, tiled_mma_qk, tiled_mma_pv, SharedStorage,
+            self.sQn_layout, self.sQp_layout, self.sC_layout, self.sR_layout, self.sP_layout,
+        ).launch(
+            grid=[cutlass.max(grid_m, 1), mCuSeqlensQ.shape[0] - 1, 1],
+            block=[384, 1, 1],
+            stream=stream,
+            min_blocks_per_mp=1,
+        )
+
+    # ------------------------------------------------------------------ kernel
+    @cute.kernel
+    def kernel(
+        self,
+        mQn: cute.Tensor,
+        mQp: cute.Tensor,
+        mLat: cute.Tensor,
+        mScale: cute.Tensor,
+        mTable: cute.Tensor,
+        mRope: cute.Tensor,
+        mO: cute.Tensor,
+        mLSE: Optional[cute.Tensor],
+        mCuSeqlensQ: cute.Tensor,
+        mSeqUsedK: cute.Tensor,
+        mPageTable: cute.Tensor,
+        softmax_scale_log2: Float32,
+        tiled_mma_qk: cute.TiledMma,
+        tiled_mma_pv: cute.TiledMma,
+        SharedStorage: cutlass.Constexpr,
+        sQn_layout: cute.ComposedLayout,
+        sQp_layout: cute.ComposedLayout,
+        sC_layout: cute.ComposedLayout,
+        sR_layout: cute.ComposedLayout,
+        sP_layout: cute.ComposedLayout,
+    ):
+        warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        tidx, _, _ = cute.arch.thread_idx()
+        m_block, batch_idx, _ = cute.arch.block_idx()
+
+        smem = cutlass.utils.SmemAllocator()
+        storage = smem.allocate(SharedStorage)
+        threads = partial(pipeline.CooperativeGroup, pipeline.Agent.Thread)
+        pipeline_q = pipeline_custom.PipelineCpAsync.create(
+            barrier_storage=storage.mbar_q.data_ptr(), num_stages=1, producer_group=threads(128),
+            consumer_group=threads(8), defer_sync=True, elect_one_release=True, syncwarp_before_release=False,
+        )
+        pipeline_kv = pipeline_custom.PipelineCpAsync.create(
+            barrier_storage=storage.mbar_kv.data_ptr(), num_stages=self.num_stages, producer_group=threads(128),
+            consumer_group=threads(8), defer_sync=True, elect_one_release=True, syncwarp_before_release=False,
+        )
+        pipeline_init_arrive(cluster_shape_mn=(1, 1), is_relaxed=True)
+
+        sQn = storage.sQn.get_tensor(sQn_layout.outer, swizzle=sQn_layout.inner)
+        sQp = storage.sQp.get_tensor(sQp_layout.outer, swizzle=sQp_layout.inner)
+        sC = storage.sC.get_tensor(sC_layout.outer, swizzle=sC_layout.inner)
+        sR = storage.sR.get_tensor(sR_layout.outer, swizzle=sR_layout.inner)
+        sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)
+        sRowFactor = storage.row_factor.get_tensor(cute.make_layout((TILE_M,)))
+        sTable = storage.table.get_tensor(cute.make_layout((max(table_floats(self.bits) if self.bits else 0, 4),)))
+
+        seqlen = SeqlenInfoQK.create(
+            batch_idx, Int32(0), Int32(0), mCuSeqlensQ=mCuSeqlensQ, mSeqUsedK=mSeqUsedK,
+            tile_m=TILE_M, tile_n=TILE_N,
+        )
+        block_info = BlockInfo(TILE_M, TILE_N, self.is_causal, qhead_per_kvhead_packgqa=self.num_heads)
+        n_block_min, n_block_max = block_info.get_n_block_min_max(seqlen, m_block)
+        n_blocks = cutlass.max(n_block_max - n_block_min, 0)
+        pipeline_init_wait(cluster_shape_mn=(1, 1))
+
+        if m_block * TILE_M < seqlen.seqlen_q * self.num_heads:  # the same answer for the whole CTA
+            if warp_idx < 4:
+                cute.arch.setmaxregister_decrease(self.producer_regs)
+                self.load(mQn, mQp, mLat, mScale, mTable, mRope, mPageTable, sQn, sQp, sC, sR, sTable,
+                          pipeline_q, pipeline_kv, seqlen, batch_idx, m_block, n_block_max, n_blocks)
+            else:
+                cute.arch.setmaxregister_increase(self.consumer_regs)
+                self.mma(mO, mLSE, sQn, sQp, sC, sR, sP, sRowFactor, pipeline_q, pipeline_kv,
+                         tiled_mma_qk, tiled_mma_pv, softmax_scale_log2, seqlen, block_info,
+                         batch_idx, m_block, n_block_min, n_block_max, n_blocks)
+
+    # ------------------------------------------------------------------ producer
+    @cute.jit
+    def load(self, mQn, mQp, mLat, mScale, mTable, mRope, mPageTable, sQn, sQp, sC, sR, sTable,
+             pipeline_q, pipeline_kv, seqlen, batch_idx, m_block, n_block_max, n_blocks):
+        tidx, _, _ = cute.arch.thread_idx()  # 0..127
+        row, half = tidx // 2, tidx % 2  # two threads per tile row, one half of its columns each
+        if const_expr(self.bits is not None and uses_shared_table(self.bits)):
+            for i in cutlass.range(tidx, table_floats(self.bits), 128, unroll=1):
+                sTable[i] = mTable[i]
+            cute.arch.barrier(barrier_id=_Bar.PRODUCER, number_of_threads=128)
+
+        # Q: rows m_block * 64 + row of the (token * heads + head) matrix. Rows past the end load
+        # the last valid row instead (their output is never stored): every copy is a cp.async, so
+        # the pipeline's cp.async-tracked arrive covers the whole tile.
+        q_row = cutlass.min(m_block * TILE_M + row, seqlen.seqlen_q * self.num_heads - 1)
+        g_row = seqlen.offset_q * self.num_heads + q_row
+        self._copy_row_async(mQn, g_row, sQn[row, None], half, D_LATENT // 2)
+        self._copy_row_async(mQp, g_row, sQp[row, None], half, D_ROPE // 2)
+        pipeline_q.producer_commit_w_index(0)
+
+        page_size = mRope.shape[1]
+        kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.num_stages)
+        for i in cutlass.range(n_blocks, unroll=1):
+            n_block = n_block_max - 1 - i
+            token = n_block * TILE_N + row
+            valid = token < seqlen.seqlen_k
+            # Rows past the sequence read its last key (finite data; the mask zeroes their P,
+            # and 0 * finite = 0 where unwritten cache memory could hold NaN).
+            token = cutlass.min(token, seqlen.seqlen_k - 1)
+            page = mPageTable[batch_idx, token // page_size]
+            slot = page * page_size + token % page_size
+            pipeline_kv.producer_acquire(kv_state)
+            stage = kv_state.index
+            self._copy_row_async(mRope, slot, sR[row, None, stage], half, D_ROPE // 2, paged=True)
+            if const_expr(self.bits is None):
+                self._copy_row_async(mLat, slot, sC[row, None, stage], half, D_LATENT // 2, paged=True)
+                # The stage's barrier arrives when this thread's copies land: the producer moves on.
+                pipeline_kv.producer_commit(kv_state)
+            else:
+                cute.arch.cp_async_commit_group()  # the RoPE keys fly while the latent is converted
+                self._dequant_row(mLat, mScale, slot, sC[row, None, stage], half, valid, sTable)
+                cute.arch.cp_async_wait_group(0)
+                cute.arch.fence_proxy("async.shared", space="cta")
+                cute.arch.mbarrier_arrive(pipeline_kv.sync_object_full.get_barrier(stage))
+            kv_state.advance()
+
+    @cute.jit
+    def _copy_row_async(self, mX, g_row, s_row, half, cols: cutlass.Constexpr[int], paged: cutlass.Constexpr[bool] = False):
+        """``cols`` bf16 of one global row (``half`` of it) into a swizzled shared row, 16 bytes
+        per cp.async."""
+        dst = cute.zipped_divide(cute.local_tile(s_row, (cols,), (half,)), (8,))
+        if const_expr(paged):
+            src_t = cute.domain_offset((g_row // mX.shape[1], g_row % mX.shape[1], half * cols), mX)
+        else:
+            src_t = cute.domain_offset((g_row, half * cols), mX)
+        ptr = cute.make_ptr(self.dtype, src_t.iterator.toint(), cute.AddressSpace.gmem, assumed_align=16)
+        src = cute.zipped_divide(cute.make_tensor(ptr, cute.make_layout((cols,))), (8,))
+        atom = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), self.dtype,
+                                   num_bits_per_copy=128)
+        for c in cutlass.range_constexpr(cols // 8):
+            cute.copy(atom, src[None, c], dst[None, c])
+
+    @cute.jit
+    def _dequant_row(self, mLat, mScale, slot, s_row, half, valid, sTable):
+        """Half a packed latent row -> bf16 in the stage, in registers (no staging buffer: the two
+        latent stages and Q fill shared memory). Rows past the sequence get scale 0: zeros."""
+        page_size = mScale.shape[1]
+        page, off = slot // page_size, slot % page_size
+        part_bytes = D_LATENT // 2 * self.bits // 8
+        sigma = Float32(0.0)
+        if valid:
+            sigma = Float32(mScale[page, off])
+        src_t = cute.domain_offset((page, off, half * part_bytes), mLat)
+        ptr = cute.make_ptr(cutlass.Uint8, src_t.iterator.toint(), cute.AddressSpace.gmem, assumed_align=16)
+        dequant_part(cute.make_tensor(ptr, cute.make_layout((part_bytes,))), sigma,
+                     cute.local_tile(s_row, (D_LATENT // 2,), (half,)), self.bits, D_LATENT // 2,
+                     sTable if const_expr(uses_shared_table(self.bits)) else None, unroll=self.dequant_unroll)
+
+    # ------------------------------------------------------------------ consumers
+    @cute.jit
+    def mma(self, mO, mLSE, sQn, sQp, sC, sR, sP, sRowFactor, pipeline_q, pipeline_kv, tiled_mma_qk,
+            tiled_mma_pv, softmax_scale_log2, seqlen, block_info, batch_idx, m_block, n_block_min,
+            n_block_max, n_blocks):
+        tidx = cute.arch.thread_idx()[0] - 128  # 0..255 over the two consumer warpgroups
+        wg = cute.arch.make_warp_uniform(tidx // 128)
+        sCt = layout_utils.transpose_view(sC)  # (512, 64, stages): the values, N-major
+        wg_mma_pv = tiled_mma_pv.get_slice(cute.make_layout(2, stride=128)(wg))
+        acc_O, tOrP, tOrCt = sm90_utils.partition_fragment_ABC(wg_mma_pv, (TILE_M, D_LATENT, TILE_N), sP, sCt)
+        thr_mma_pv = tiled_mma_pv.get_slice(tidx)
+        acc_O.fill(0.0)
+        kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.num_stages)
+        if wg == 0:
+            softmax = self.scores(sQn, sQp, sC, sR, sP, sRowFactor, pipeline_q, pipeline_kv, tiled_mma_qk,
+                                  tiled_mma_pv, acc_O, tOrP, tOrCt, kv_state, softmax_scale_log2, seqlen,
+                                  block_info, batch_idx, m_block, n_block_min, n_block_max)
+            row_factor = softmax.finalize()
+            cute.arch.barrier(barrier_id=_Bar.P_FREE, number_of_threads=256)
+            self._publish_row_factor(tiled_mma_qk, tidx, row_factor, sRowFactor)
+            cute.arch.barrier(barrier_id=_Bar.P_FULL, number_of_threads=256)
+            softmax.rescale_O(acc_O, row_factor)
+            if const_expr(mLSE is not None):
+                self._store_lse(mLSE, softmax.row_sum, tiled_mma_qk, tidx, seqlen, m_block)
+        else:
+            cute.arch.barrier_arrive(barrier_id=_Bar.P_FREE, number_of_threads=256)
+            for _ in cutlass.range(n_blocks, unroll=1):
+                cute.arch.barrier(barrier_id=_Bar.P_FULL, number_of_threads=256)
+                self._rescale_from_smem(acc_O, thr_mma_pv, sRowFactor)
+                pipeline_kv.consumer_wait(kv_state, pipeline_kv.consumer_try_wait(kv_state))
+                sm90_utils.gemm_w_idx(tiled_mma_pv, acc_O, tOrP, tOrCt, zero_init=False, B_idx=kv_state.index, wg_wait=0)
+                cute.arch.barrier_arrive(barrier_id=_Bar.P_FREE, number_of_threads=256)
+                pipeline_kv.consumer_release(kv_state)
+                kv_state.advance()
+            cute.arch.barrier(barrier_id=_Bar.P_FULL, number_of_threads=256)
+            self._rescale_from_smem(acc_O, thr_mma_pv, sRowFactor)
+        self.epilogue(acc_O, mO, sQn, tiled_mma_pv, tidx, seqlen, m_block)
+
+    @cute.jit
+    def scores(self, sQn, sQp, sC, sR, sP, sRowFactor, pipeline_q, pipeline_kv, tiled_mma_qk, tiled_mma_pv,
+               acc_O, tOrP, tOrCt, kv_state, softmax_scale_log2, seqlen, block_info, batch_idx, m_block,
+               n_block_min, n_block_max):
+        """WG1: per block S, mask, online softmax, publish P, its half of P @ C. Returns the softmax."""
+        tidx = cute.arch.thread_idx()[0] - 128  # 0..127
+        thr_mma_qk = tiled_mma_qk.get_slice(tidx)
+        wg_mma_qk = tiled_mma_qk.get_slice(0)
+        _, tSrQn, tSrC = sm90_utils.partition_fragment_ABC(wg_mma_qk, (TILE_M, TILE_N, D_LATENT), sQn, sC)
+        _, tSrQp, tSrR = sm90_utils.partition_fragment_ABC(wg_mma_qk, (TILE_M, TILE_N, D_ROPE), sQp, sR)
+        smem_thr_copy_P = cute.make_tiled_copy_C(
+            fa_utils.get_smem_store_atom(90, self.dtype), tiled_mma_qk).get_slice(tidx)
+        tPsP = smem_thr_copy_P.partition_D(sP)
+        softmax = Softmax.create(softmax_scale_log2, num_rows=acc_O.shape[0][0] * acc_O.shape[1], arch=90)
+        softmax.reset()
+        mask = AttentionMask(TILE_M, TILE_N, seqlen, qhead_per_kvhead_packgqa=self.num_heads)
+        mask_fn = partial(mask.apply_mask, batch_idx=batch_idx, head_idx=Int32(0), m_block=m_block,
+                          thr_mma=thr_mma_qk, mask_causal=self.is_causal)
+        block = partial(self._score_block, tiled_mma_qk=tiled_mma_qk, tiled_mma_pv=tiled_mma_pv,
+                        tSrQn=tSrQn, tSrC=tSrC, tSrQp=tSrQp, tSrR=tSrR, smem_thr_copy_P=smem_thr_copy_P,
+                        tPsP=tPsP, sRowFactor=sRowFactor, softmax=softmax, pipeline_kv=pipeline_kv,
+                        acc_O=acc_O, tOrP=tOrP, tOrCt=tOrCt, tidx=tidx)
+
+        pipeline_q.consumer_wait_w_index_phase(0, Int32(0))
+        if n_block_max > n_block_min:
+            # The last block first, masked for the sequence end (and the diagonal when causal).
+            kv_state = block(kv_state, n_block_max - 1, mask_fn=partial(mask_fn, mask_seqlen=True))
+            n_block_max -= 1
+            if const_expr(self.is_causal):
+                n_block_causal = block_info.get_n_block_min_causal_local_mask(seqlen, m_block, n_block_min)
+                for n_tile in cutlass.range(n_block_max - n_block_causal, unroll=1):
+                    kv_state = block(kv_state, n_block_max - 1 - n_tile, mask_fn=partial(mask_fn, mask_seqlen=False))
+                n_block_max = cutlass.min(n_block_max, n_block_causal)
+            for n_tile in cutlass.range(n_block_max - n_block_min, unroll=1):
+                kv_state = block(kv_state, n_block_max - 1 - n_tile, mask_fn=None)
+        return softmax
+
+    @cute.jit
+    def _score_block(self, kv_state, n_block, *, mask_fn, tiled_mma_qk, tiled_mma_pv, tSrQn, tSrC, tSrQp,
+                     tSrR, smem_thr_copy_P, tPsP, sRowFactor, softmax, pipeline_kv, acc_O, tOrP, tOrCt, tidx):
+        pipeline_kv.consumer_wait(kv_state, pipeline_kv.consumer_try_wait(kv_state))
+        acc_S = sm90_utils.gemm_zero_init(tiled_mma_qk, (TILE_M, TILE_N), tSrQn, tSrC, B_idx=kv_state.index, wg_wait=-1)
+        sm90_utils.gemm_w_idx(tiled_mma_qk, acc_S, tSrQp, tSrR, zero_init=False, B_idx=kv_state.index, wg_wait=0)
+        if const_expr(mask_fn is not None):
+            mask_fn(acc_S, n_block=n_block)
+        row_factor = softmax.online_softmax(acc_S, is_first=False, check_inf=True)
+        tOrP_acc = layout_utils.reshape_acc_to_frgA(acc_S)
+        rP = cute.make_rmem_tensor_like(tOrP_acc, self.dtype)
+        fa_utils.cvt_f16(tOrP_acc, rP)
+        # WG2 must be done with the previous P and row factors before they are overwritten.
+        cute.arch.barrier(barrier_id=_Bar.P_FREE, number_of_threads=256)
+        cute.copy(smem_thr_copy_P, smem_thr_copy_P.retile(rP), tPsP)
+        self._publish_row_factor(tiled_mma_qk, tidx, row_factor, sRowFactor)
+        cute.arch.fence_view_async_shared()
+        cute.arch.barrier(barrier_id=_Bar.P_FULL, number_of_threads=256)
+        softmax.rescale_O(acc_O, row_factor)
+        sm90_utils.gemm_w_idx(tiled_mma_pv, acc_O, tOrP, tOrCt, zero_init=False, B_idx=kv_state.index, wg_wait=0)
+        pipeline_kv.consumer_release(kv_state)
+        kv_state.advance()
+        return kv_state
+
+    @cute.jit
+    def _publish_row_factor(self, tiled_mma_qk, tidx, row_factor, sRowFactor):
+        """One thread of each row's quad writes the row's factor for WG2."""
+        tScS = layout_utils.reshape_acc_to_mn(
+            tiled_mma_qk.get_slice(tidx).partition_C(cute.make_identity_tensor((TILE_M, TILE_N))))
+        if tScS[0, 0][1] == 0:
+            for r in cutlass.range_constexpr(cute.size(row_factor)):
+                sRowFactor[tScS[r, 0][0]] = row_factor[r]
+
+    @cute.jit
+    def _rescale_from_smem(self, acc_O, thr_mma_pv, sRowFactor):
+        tOcO = layout_utils.reshape_acc_to_mn(thr_mma_pv.partition_C(cute.make_identity_tensor((TILE_M, D_LATENT))))
+        acc_O_mn = layout_utils.reshape_acc_to_mn(acc_O)
+        for r in cutlass.range_constexpr(cute.size(acc_O_mn, mode=[0])):
+            f = sRowFactor[tOcO[r, 0][0]]
+            acc_O_mn[r, None].store(acc_O_mn[r, None].load() * f)
+
+    @cute.jit
+    def _store_lse(self, mLSE, lse, tiled_mma_qk, tidx, seqlen, m_block):
+        tScS = layout_utils.reshape_acc_to_mn(
+            tiled_mma_qk.get_slice(tidx).partition_C(cute.make_identity_tensor((TILE_M, TILE_N))))
+        if tScS[0, 0][1] == 0:
+            for r in cutlass.range_constexpr(cute.size(lse)):
+                q_row = m_block * TILE_M + tScS[r, 0][0]
+                token, head = q_row // self.num_heads, q_row % self.num_heads
+                if token < seqlen.seqlen_q:
+                    mLSE[head, seqlen.offset_q + token] = lse[r]
+
+    @cute.jit
+    def epilogue(self, acc_O, mO, sO, tiled_mma_pv, tidx, seqlen, m_block):
+        """O (bf16) -> shared memory (over Q_nope, no longer read) -> 16-byte global stores of
+        the valid rows."""
+        rO = cute.make_rmem_tensor_like(acc_O, self.dtype)
+        fa_utils.cvt_f16(acc_O, rO)
+        smem_thr_copy_O = cute.make_tiled_copy_C(fa_utils.get_smem_store_atom(90, self.dtype), tiled_mma_pv).get_slice(tidx)
+        cute.copy(smem_thr_copy_O, smem_thr_copy_O.retile(rO), smem_thr_copy_O.partition_D(sO))
+        cute.arch.barrier(barrier_id=_Bar.EPILOGUE, number_of_threads=256)
+        chunk = tidx % (D_LATENT // 8)
+        buf = cute.make_rmem_tensor((8,), self.dtype)
+        for i in cutlass.range_constexpr(TILE_M * D_LATENT // 8 // 256):
+            row = i * (256 // (D_LATENT // 8)) + tidx // (D_LATENT // 8)
+            q_row = m_block * TILE_M + row
+            if q_row < seqlen.seqlen_q * self.num_heads:
+                cute.autovec_copy(cute.local_tile(sO[row, None], (8,), (chunk,)), buf)
+                g = cute.domain_offset((seqlen.offset_q * self.num_heads + q_row, chunk * 8), mO)
+                ptr = cute.make_ptr(self.dtype, g.iterator.toint(), cute.AddressSpace.gmem, assumed_align=16)
+                cute.autovec_copy(buf, cute.make_tensor(ptr, cute.make_layout((8,))))
