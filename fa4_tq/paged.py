@@ -52,6 +52,26 @@ def _pick_write_backend(backend: str, device: torch.device) -> str:
 BitsArg = Union[int, Sequence[int]]
 
 
+def check_slot_mapping(slot_mapping, num_tokens: int, device: torch.device, num_slots: int, check_indices: bool) -> None:
+    """A cache write's ``slot_mapping``: int32/int64 ``[num_tokens]`` on the cache's device; with
+    ``check_indices`` (a host sync) every value -1 (padding) or a slot below ``num_slots``."""
+    if not isinstance(slot_mapping, torch.Tensor):
+        raise TypeError(f"slot_mapping must be a torch.Tensor, got {type(slot_mapping).__name__}")
+    if slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"slot_mapping must be torch.int32 or torch.int64, got {slot_mapping.dtype}")
+    if tuple(slot_mapping.shape) != (num_tokens,):
+        raise ValueError(f"slot_mapping must be [{num_tokens}] (one slot per token), got {tuple(slot_mapping.shape)}")
+    if slot_mapping.device != device:
+        raise ValueError(f"slot_mapping is on {slot_mapping.device}, the cache on {device}")
+    if check_indices and num_tokens:
+        lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
+        if lo < -1 or hi >= num_slots:
+            raise ValueError(
+                f"slot_mapping values must be -1 (padding) or in [0, {num_slots}) "
+                f"(num_pages * page_size), got min {lo}, max {hi}"
+            )
+
+
 def _per_layer(name: str, bits: BitsArg, num_layers: int) -> list[int]:
     if isinstance(bits, int) and not isinstance(bits, bool):
         bits = [bits] * num_layers
@@ -171,21 +191,7 @@ class PagedKVCache:
                 raise ValueError(f"{name} is on {t.device}, the cache on {self.device}: move it")
         if k.shape[0] != v.shape[0]:
             raise ValueError(f"k has {k.shape[0]} tokens and v {v.shape[0]}: they must match")
-        if not isinstance(slot_mapping, torch.Tensor):
-            raise TypeError(f"slot_mapping must be a torch.Tensor, got {type(slot_mapping).__name__}")
-        if slot_mapping.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"slot_mapping must be torch.int32 or torch.int64, got {slot_mapping.dtype}")
-        if tuple(slot_mapping.shape) != (k.shape[0],):
-            raise ValueError(f"slot_mapping must be [{k.shape[0]}] (one slot per token), got {tuple(slot_mapping.shape)}")
-        if slot_mapping.device != self.device:
-            raise ValueError(f"slot_mapping is on {slot_mapping.device}, the cache on {self.device}")
-        if check_indices and slot_mapping.numel():
-            lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
-            if lo < -1 or hi >= self.num_slots:
-                raise ValueError(
-                    f"slot_mapping values must be -1 (padding) or in [0, {self.num_slots}) "
-                    f"(num_pages * page_size), got min {lo}, max {hi}"
-                )
+        check_slot_mapping(slot_mapping, k.shape[0], self.device, self.num_slots, check_indices)
         if k.dtype not in (torch.bfloat16, torch.float16, torch.float32) or v.dtype != k.dtype:
             raise TypeError(f"k and v must share one of bfloat16/float16/float32, got {k.dtype} and {v.dtype}")
         if _pick_write_backend(backend, self.device) == "kernel" and k.dtype != torch.float32:

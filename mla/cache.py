@@ -19,7 +19,7 @@ import torch
 from fa4_tq.codec import SCALE_DTYPES, PackedKV, compress, row_bytes
 from fa4_tq.codec.codebook import _check_bits
 from fa4_tq.codec.rotation import check_seed
-from fa4_tq.paged import _pick_write_backend
+from fa4_tq.paged import _pick_write_backend, check_slot_mapping
 
 __all__ = ["MLACache", "D_LATENT", "D_ROPE"]
 
@@ -118,21 +118,7 @@ class MLACache:
         n = c_kv.shape[0]
         if k_pe.shape[0] != n:
             raise ValueError(f"c_kv has {n} tokens and k_pe {k_pe.shape[0]}: they must match")
-        if not isinstance(slot_mapping, torch.Tensor):
-            raise TypeError(f"slot_mapping must be a torch.Tensor, got {type(slot_mapping).__name__}")
-        if slot_mapping.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"slot_mapping must be torch.int32 or torch.int64, got {slot_mapping.dtype}")
-        if tuple(slot_mapping.shape) != (n,):
-            raise ValueError(f"slot_mapping must be [{n}] (one slot per token), got {tuple(slot_mapping.shape)}")
-        if slot_mapping.device != self.device:
-            raise ValueError(f"slot_mapping is on {slot_mapping.device}, the cache on {self.device}")
-        if check_indices and n:
-            lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
-            if lo < -1 or hi >= self.num_slots:
-                raise ValueError(
-                    f"slot_mapping values must be -1 (padding) or in [0, {self.num_slots}) "
-                    f"(num_pages * page_size), got min {lo}, max {hi}"
-                )
+        check_slot_mapping(slot_mapping, n, self.device, self.num_slots, check_indices)
         use_kernel = _pick_write_backend(backend, self.device) == "kernel"
         # Padding goes to the spare row: a scatter with no boolean mask, hence no sync.
         rows = torch.where(slot_mapping < 0, self.num_slots, slot_mapping).long()

@@ -69,7 +69,7 @@ class FlashMLAForwardSm90:
     {2, 3, 4, 8} (packed, format v1) or None (bf16), causal or not, LSE written or not."""
 
     num_stages = 2
-    dequant_unroll = 2
+    dequant_unroll = 4  # iterations of 32 codes per loop trip in dequant_part
 
     def __init__(self, num_heads: int, bits: Optional[int], is_causal: bool, scale_dtype=Float32):
         if bits not in (None, 2, 3, 4, 8):
@@ -78,9 +78,10 @@ class FlashMLAForwardSm90:
         self.bits = bits
         self.is_causal = is_causal
         self.dtype = cutlass.BFloat16
-        # setmaxnreg moves registers inside the launch's 384 x 168: the producer keeps what the
-        # dequantisation needs, WG1 holds O (128), S (32) and P (16) per thread.
-        self.producer_regs, self.consumer_regs = (40, 232) if bits is None else (56, 224)
+        # setmaxnreg moves registers inside the launch's 384 x 168 (504 per thread of each WG):
+        # WG1 holds O (128), S (32) and P (16) per thread, WG2 O alone; a packed latent's
+        # producer converts codes in registers.
+        self.producer_regs, self.scores_regs, self.pv_regs = (40, 240, 224) if bits is None else (56, 232, 216)
 
     # ------------------------------------------------------------------ host entry
     @cute.jit
@@ -208,7 +209,10 @@ class FlashMLAForwardSm90:
                 self.load(mQn, mQp, mLat, mScale, mTable, mRope, mPageTable, sQn, sQp, sC, sR, sTable,
                           pipeline_q, pipeline_kv, seqlen, batch_idx, m_block, n_block_max, n_blocks)
             else:
-                cute.arch.setmaxregister_increase(self.consumer_regs)
+                if warp_idx < 8:
+                    cute.arch.setmaxregister_increase(self.scores_regs)
+                else:
+                    cute.arch.setmaxregister_increase(self.pv_regs)
                 self.mma(mO, mLSE, sQn, sQp, sC, sR, sP, sRowFactor, pipeline_q, pipeline_kv,
                          tiled_mma_qk, tiled_mma_pv, softmax_scale_log2, seqlen, block_info,
                          batch_idx, m_block, n_block_min, n_block_max, n_blocks)
@@ -233,17 +237,16 @@ class FlashMLAForwardSm90:
         self._copy_row_async(mQp, g_row, sQp[row, None], half, D_ROPE // 2)
         pipeline_q.producer_commit_w_index(0)
 
-        page_size = mRope.shape[1]
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.num_stages)
+        # One block ahead: the next block's page-table entry and scale are read while this one
+        # is converted, so no block starts with two dependent global loads.
+        slot, sigma = Int32(0), Float32(0.0)
+        if n_blocks > 0:
+            slot, sigma = self._row_slot(mPageTable, mScale, mRope.shape[1], seqlen, batch_idx, n_block_max - 1, row)
         for i in cutlass.range(n_blocks, unroll=1):
-            n_block = n_block_max - 1 - i
-            token = n_block * TILE_N + row
-            valid = token < seqlen.seqlen_k
-            # Rows past the sequence read its last key (finite data; the mask zeroes their P,
-            # and 0 * finite = 0 where unwritten cache memory could hold NaN).
-            token = cutlass.min(token, seqlen.seqlen_k - 1)
-            page = mPageTable[batch_idx, token // page_size]
-            slot = page * page_size + token % page_size
+            slot_next, sigma_next = slot, sigma
+            if i + 1 < n_blocks:
+                slot_next, sigma_next = self._row_slot(mPageTable, mScale, mRope.shape[1], seqlen, batch_idx, n_block_max - 2 - i, row)
             pipeline_kv.producer_acquire(kv_state)
             stage = kv_state.index
             self._copy_row_async(mRope, slot, sR[row, None, stage], half, D_ROPE // 2, paged=True)
@@ -253,11 +256,28 @@ class FlashMLAForwardSm90:
                 pipeline_kv.producer_commit(kv_state)
             else:
                 cute.arch.cp_async_commit_group()  # the RoPE keys fly while the latent is converted
-                self._dequant_row(mLat, mScale, slot, sC[row, None, stage], half, valid, sTable)
+                self._dequant_row(mLat, slot, sigma, sC[row, None, stage], half, sTable)
                 cute.arch.cp_async_wait_group(0)
                 cute.arch.fence_proxy("async.shared", space="cta")
                 cute.arch.mbarrier_arrive(pipeline_kv.sync_object_full.get_barrier(stage))
             kv_state.advance()
+            slot, sigma = slot_next, sigma_next
+
+    @cute.jit
+    def _row_slot(self, mPageTable, mScale, page_size, seqlen, batch_idx, n_block, row):
+        """(cache slot, latent scale) of this thread's row of ``n_block``. Rows past the sequence
+        read its last key (finite data: the mask zeroes their P, and 0 * finite = 0 where
+        unwritten cache memory could hold NaN) and get scale 0."""
+        token = n_block * TILE_N + row
+        valid = token < seqlen.seqlen_k
+        token = cutlass.min(token, seqlen.seqlen_k - 1)
+        page = mPageTable[batch_idx, token // page_size]
+        off = token % page_size
+        sigma = Float32(0.0)
+        if const_expr(self.bits is not None):
+            if valid:
+                sigma = Float32(mScale[page, off])
+        return page * page_size + off, sigma
 
     @cute.jit
     def _copy_row_async(self, mX, g_row, s_row, half, cols: cutlass.Constexpr[int], paged: cutlass.Constexpr[bool] = False):
@@ -276,16 +296,12 @@ class FlashMLAForwardSm90:
             cute.copy(atom, src[None, c], dst[None, c])
 
     @cute.jit
-    def _dequant_row(self, mLat, mScale, slot, s_row, half, valid, sTable):
-        """Half a packed latent row -> bf16 in the stage, in registers (no staging buffer: the two
-        latent stages and Q fill shared memory). Rows past the sequence get scale 0: zeros."""
-        page_size = mScale.shape[1]
-        page, off = slot // page_size, slot % page_size
+    def _dequant_row(self, mLat, slot, sigma, s_row, half, sTable):
+        """Half a packed latent row -> bf16 in the stage, read straight from global memory by
+        ``dequant_part`` (no staging buffer: Q and the two latent stages fill shared memory)."""
         part_bytes = D_LATENT // 2 * self.bits // 8
-        sigma = Float32(0.0)
-        if valid:
-            sigma = Float32(mScale[page, off])
-        src_t = cute.domain_offset((page, off, half * part_bytes), mLat)
+        page_size = mLat.shape[1]
+        src_t = cute.domain_offset((slot // page_size, slot % page_size, half * part_bytes), mLat)
         ptr = cute.make_ptr(cutlass.Uint8, src_t.iterator.toint(), cute.AddressSpace.gmem, assumed_align=16)
         dequant_part(cute.make_tensor(ptr, cute.make_layout((part_bytes,))), sigma,
                      cute.local_tile(s_row, (D_LATENT // 2,), (half,)), self.bits, D_LATENT // 2,

@@ -86,3 +86,20 @@ def ragged_paged_cache(lens, page_size, kv_heads, d, gen, *, k_bits=4, v_bits=2,
     v = torch.cat([r[1] for r in raw]).to(device)
     cache.write(0, k, v, torch.tensor(slots, device=device))
     return cache.layer(0), table.to(device), torch.tensor(lens, dtype=torch.int32, device=device), raw
+
+
+def shuffled_pages(lens, page_size, gen, *, spare=2, perm=True):
+    """Pages for sequences of ``lens`` tokens, handed out in a random order (``perm=False``: in
+    order) from a pool of what they need plus ``spare``. Returns ``num_pages``, the page table
+    (int32, zeros past each sequence's pages) and every token's slot, sequence by sequence."""
+    max_pages = max(-(-n // page_size) for n in lens)
+    num_pages = sum(-(-n // page_size) for n in lens) + spare
+    order = torch.randperm(num_pages, generator=gen) if perm else torch.arange(num_pages)
+    table = torch.zeros(len(lens), max(max_pages, 1), dtype=torch.int32)
+    slots, nxt = [], 0
+    for b, n in enumerate(lens):
+        for j in range(-(-n // page_size)):
+            table[b, j] = order[nxt]
+            nxt += 1
+        slots += [int(table[b, t // page_size]) * page_size + t % page_size for t in range(n)]
+    return num_pages, table, slots

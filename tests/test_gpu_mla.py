@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import mla
+from fa4_tq import PackedKV
 from mla.reference import attention_bf16
-from helpers import realistic_kv, rel_err
+from helpers import realistic_kv, rel_err, shuffled_pages
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -20,17 +21,8 @@ DEV = "cuda"
 def mla_problem(lens_q, lens_k, heads, page_size, bits, gen, *, seed=3):
     """A shuffled-page MLACache holding ``lens_k`` tokens per sequence (latent with heavy-tailed
     channels) and queries for the last ``lens_q`` of them; returns the call's arguments."""
-    max_pages = max(-(-n // page_size) for n in lens_k)
-    num_pages = len(lens_k) * max_pages + 3
+    num_pages, table, slots = shuffled_pages(lens_k, page_size, gen, spare=3)
     cache = mla.MLACache(1, num_pages, page_size, bits=bits, seed=seed, device=DEV)
-    perm = torch.randperm(num_pages, generator=gen)
-    table = torch.zeros(len(lens_k), max_pages, dtype=torch.int32)
-    slots, nxt = [], 0
-    for b, n in enumerate(lens_k):
-        for j in range(-(-n // page_size)):
-            table[b, j] = perm[nxt]
-            nxt += 1
-        slots += [int(table[b, t // page_size]) * page_size + t % page_size for t in range(n)]
     total_k = sum(lens_k)
     c_kv = realistic_kv((total_k, 512), generator=gen)
     k_pe = torch.randn(total_k, 64, generator=gen)
@@ -46,7 +38,7 @@ def mla_problem(lens_q, lens_k, heads, page_size, bits, gen, *, seed=3):
 
 def bf16_yardstick(args, causal, scale):
     q_nope, q_pe, latent, rope, table, cu, used = args
-    lat = latent.decompress(torch.float32) if isinstance(latent, mla.cache.PackedKV) else latent.float()
+    lat = latent.decompress(torch.float32) if isinstance(latent, PackedKV) else latent.float()
     outs = []
     for b in range(cu.numel() - 1):
         n = int(used[b])

@@ -8,23 +8,14 @@ import torch
 
 import mla
 from fa4_tq import PackedKV, compress
-from helpers import realistic_kv, rel_err
+from helpers import realistic_kv, rel_err, shuffled_pages
 
 GEN = torch.Generator().manual_seed(11)
 
 
 def _cache(lens_k, page_size=64, bits=4, shuffle=True):
-    max_pages = max(-(-n // page_size) for n in lens_k)
-    num_pages = len(lens_k) * max_pages + 2
+    num_pages, table, slots = shuffled_pages(lens_k, page_size, GEN, perm=shuffle)
     cache = mla.MLACache(1, num_pages, page_size, bits=bits, seed=2)
-    perm = torch.randperm(num_pages, generator=GEN) if shuffle else torch.arange(num_pages)
-    table = torch.zeros(len(lens_k), max_pages, dtype=torch.int32)
-    slots, nxt = [], 0
-    for b, n in enumerate(lens_k):
-        for j in range(-(-n // page_size)):
-            table[b, j] = perm[nxt]
-            nxt += 1
-        slots += [int(table[b, t // page_size]) * page_size + t % page_size for t in range(n)]
     c_kv = realistic_kv((sum(lens_k), 512), generator=GEN).to(torch.bfloat16)
     k_pe = torch.randn(sum(lens_k), 64, generator=GEN).to(torch.bfloat16)
     cache.write(0, c_kv, k_pe, torch.tensor(slots, dtype=torch.int32))
