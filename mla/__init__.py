@@ -12,7 +12,7 @@ it inline; elsewhere ``mla_reference`` (PyTorch, float32) runs.
 """
 
 from .cache import D_LATENT, D_ROPE, MLACache
-from .interface import BACKENDS, flash_mla_prefill
+from .interface import BACKENDS, flash_mla_prefill, latent_rotation
 from .reference import mla_reference
 
-__all__ = ["BACKENDS", "D_LATENT", "D_ROPE", "MLACache", "flash_mla_prefill", "mla_reference"]
+__all__ = ["BACKENDS", "D_LATENT", "D_ROPE", "MLACache", "flash_mla_prefill", "latent_rotation", "mla_reference"]

@@ -8,13 +8,13 @@ from typing import Optional, Union
 import torch
 
 from fa4_tq import validation as V
-from fa4_tq.codec import PackedKV, rotate_rounded, unrotate_rounded
+from fa4_tq.codec import PackedKV, hadamard, rotate, rotate_rounded, unrotate, unrotate_rounded
 from fa4_tq.interface import _check_page_table
 
 from .cache import D_LATENT, D_ROPE
 from .reference import mla_reference
 
-__all__ = ["flash_mla_prefill", "BACKENDS"]
+__all__ = ["flash_mla_prefill", "latent_rotation", "BACKENDS"]
 
 BACKENDS = ("auto", "kernel", "reference")
 
@@ -44,6 +44,7 @@ def flash_mla_prefill(
     softmax_scale: Optional[float] = None,
     return_lse: bool = False,
     max_seqlen_q: Optional[int] = None,
+    rotated_space: bool = False,
     backend: str = "auto",
     check_indices: bool = True,
 ):
@@ -64,19 +65,29 @@ def flash_mla_prefill(
     ``backend``: "kernel" (SM90 CuTeDSL), "reference" (float32 PyTorch), "auto" (the kernel where
     it runs). ``max_seqlen_q`` (the longest query run) saves a host read of ``cu_seqlens_q``;
     ``check_indices=False`` skips the host checks of the index tensors (no sync).
+
+    A packed latent is stored rotated (``c_rot = R c``, ``R = mla.latent_rotation(latent_cache)``,
+    orthogonal). By default the call rotates ``q_nope`` and un-rotates the output (two bf16
+    GEMMs). ``rotated_space=True`` skips both: ``q_nope`` must then be ``R q_nope`` and the output
+    comes back as ``R out``; a model folds ``R`` into its absorbed ``W_UK`` and ``R^T`` into
+    ``W_UV`` once, and the rotation costs nothing per call.
     """
     _check_inputs(q_nope, q_pe, latent_cache, rope_cache, page_table, cu_seqlens_q, seqused_k,
                   softmax_scale, check_indices)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    packed = isinstance(latent_cache, PackedKV)
+    if rotated_space and not packed:
+        raise ValueError("rotated_space=True is for a packed latent (a bf16 latent is not rotated): drop it")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D_LATENT + D_ROPE)
     why = _kernel_unavailable(q_nope.device)
     if backend == "kernel" and why:
         raise ValueError(f"backend='kernel' cannot run: {why}; use backend='reference' or 'auto'")
     if backend == "reference" or (backend == "auto" and why):
-        out, lse = mla_reference(q_nope, q_pe, latent_cache, rope_cache, page_table, cu_seqlens_q, seqused_k,
+        q_ref = unrotate(q_nope.float(), latent_cache.seed) if rotated_space else q_nope
+        out, lse = mla_reference(q_ref, q_pe, latent_cache, rope_cache, page_table, cu_seqlens_q, seqused_k,
                                  causal=causal, softmax_scale=scale)
-        out = out.to(q_nope.dtype)
+        out = (rotate(out, latent_cache.seed) if rotated_space else out).to(q_nope.dtype)
         return (out, lse) if return_lse else out
 
     from .launch import mla_attention
@@ -84,13 +95,20 @@ def flash_mla_prefill(
     if max_seqlen_q is None:
         cu = cu_seqlens_q.detach().to("cpu", torch.int64)
         max_seqlen_q = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
-    packed = isinstance(latent_cache, PackedKV)
-    q_in = rotate_rounded(q_nope, latent_cache.seed) if packed else q_nope
+    rotate_here = packed and not rotated_space
+    q_in = rotate_rounded(q_nope, latent_cache.seed) if rotate_here else q_nope
     out, lse = mla_attention(q_in, q_pe, latent_cache, rope_cache, page_table, cu_seqlens_q, seqused_k,
                              int(max_seqlen_q), softmax_scale=scale, causal=bool(causal), return_lse=return_lse)
-    if packed:
+    if rotate_here:
         out = unrotate_rounded(out, latent_cache.seed)
     return (out, lse) if return_lse else out
+
+
+def latent_rotation(latent_cache: PackedKV, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The orthogonal 512 x 512 matrix ``R`` a packed latent is stored under (``c_rot = R c``),
+    for folding into a model's absorbed projections (``rotated_space=True``)."""
+    V.check_packed("latent_cache", latent_cache)
+    return hadamard(D_LATENT, latent_cache.seed, torch.float64).to(dtype)
 
 
 def _check_inputs(q_nope, q_pe, latent, rope, page_table, cu_seqlens_q, seqused_k, softmax_scale,

@@ -119,3 +119,19 @@ def test_mla_cache_write_kernel_matches_the_codec(bits):
     untouched = torch.ones(2048, dtype=torch.bool, device=DEV)
     untouched[slots[slots >= 0].long()] = False
     assert not lat_k.data.reshape(2048, -1)[untouched].any() and not rope_k.reshape(2048, -1)[untouched].any()
+
+
+def test_mla_rotated_space_skips_the_rotations(poisoned):
+    """The kernel with rotated_space=True (no q/o GEMMs) returns R times the plain call's output."""
+    from fa4_tq.codec import rotate
+
+    gen = torch.Generator().manual_seed(5)
+    args = mla_problem([100], [300], 64, 64, 4, gen)
+    q_nope, rest = args[0], args[1:]
+    plain = mla.flash_mla_prefill(*args, backend="kernel")
+    seed = args[2].seed
+    out_rot = mla.flash_mla_prefill(rotate(q_nope.float(), seed).to(torch.bfloat16), *rest, backend="kernel",
+                                    rotated_space=True)
+    err = rel_err(out_rot, rotate(plain.double(), seed))
+    print(f"ERRS rotated_space: {err:.2e}")
+    assert err < 1e-2

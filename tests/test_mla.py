@@ -180,3 +180,23 @@ def test_bf16_baseline_handles_empty_sequences():
     out = attention_bf16(q, torch.zeros(0, 576, dtype=torch.bfloat16), torch.zeros(0, 512, dtype=torch.bfloat16),
                          softmax_scale=0.1, causal=True)
     assert out.shape == (3, 4, 512) and not out.any()
+
+
+def test_rotated_space_is_the_rotated_problem():
+    """rotated_space=True takes R q_nope and returns R out (R folded into a model's projections)."""
+    from fa4_tq.codec import rotate
+
+    cache, table, _, _ = _cache([90])
+    latent, rope = cache.layer(0)
+    q_nope, q_pe, cu = _queries([90], 2)
+    used = torch.tensor([90], dtype=torch.int32)
+    R = mla.latent_rotation(latent, torch.float64)
+    assert torch.allclose(R @ R.T, torch.eye(512, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(rotate(q_nope.double(), latent.seed), q_nope.double() @ R.T, atol=1e-12)
+    plain = mla.flash_mla_prefill(q_nope, q_pe, latent, rope, table, cu, used)
+    q_rot = rotate(q_nope.float(), latent.seed).to(torch.bfloat16)
+    out_rot = mla.flash_mla_prefill(q_rot, q_pe, latent, rope, table, cu, used, rotated_space=True)
+    assert rel_err(out_rot, rotate(plain.double(), latent.seed)) < 1e-2
+    with pytest.raises(ValueError, match="rotated_space=True is for a packed latent"):
+        bf = _cache([90], bits=None)[0].layer(0)
+        mla.flash_mla_prefill(q_nope, q_pe, *bf, table, cu, used, rotated_space=True)
