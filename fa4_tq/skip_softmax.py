@@ -13,6 +13,12 @@ its own key weighs 1), so the skipped fraction of a row's softmax mass is at mos
 ``eps = n_skipped * tile_n * threshold``. The output moves by that fraction times the distance
 between the skipped and kept averages of V: ``||out - dense|| <= 2 * eps * max_t ||v_t||`` per row
 (norms: the rotation preserves them), and the LSE by at most ``-log(1 - eps)``.
+
+The ecosystem's knob (FlashInfer's ``skip_softmax_threshold_scale_factor``, TensorRT-LLM's
+``threshold_scale_factor``) is a scale factor: ``threshold = scale_factor / seqlen_k`` per
+sequence. Since a sequence has at most ``ceil(seqlen_k / tile_n)`` blocks, its ``eps`` is then at
+most ``scale_factor * tile_n * ceil(seqlen_k / tile_n) / seqlen_k``, about ``scale_factor`` at
+any context length: the factor bounds the fraction of softmax mass that can be dropped.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ __all__ = ["SkipStats", "skip_softmax_attention"]
 class SkipStats(NamedTuple):
     skipped: torch.Tensor  # int64 [batch, kv_heads]: blocks skipped per query tile
     blocks: torch.Tensor  # int64 [batch, kv_heads]: blocks the tile visited
-    eps: torch.Tensor  # float64 [batch, kv_heads]: skipped * tile_n * threshold (the mass bound)
+    eps: torch.Tensor  # float64 [batch, kv_heads]: skipped * tile_n * lambda (the mass bound)
 
 
 def skip_softmax_attention(
@@ -41,16 +47,24 @@ def skip_softmax_attention(
     page_table: torch.Tensor,
     seqused_k: torch.Tensor,
     *,
-    threshold: float,
+    threshold: Optional[float] = None,
+    threshold_scale_factor: Optional[float] = None,
     causal: bool = True,
     softmax_scale: Optional[float] = None,
     tile_n: int = 128,
     dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor, SkipStats]:
     """Decode/verification attention with skip-softmax on a paged packed cache (layouts as
-    ``flash_attn_with_kvcache``). Returns ``(out, lse, stats)``; ``threshold=0`` skips nothing."""
-    if not (isinstance(threshold, (int, float)) and 0 <= threshold < 1):
+    ``flash_attn_with_kvcache``). Give ``threshold`` (one lambda for every sequence) or
+    ``threshold_scale_factor`` (lambda = factor / seqlen_k of each sequence). Returns ``(out,
+    lse, stats)``; a threshold or factor of 0 skips nothing."""
+    if (threshold is None) == (threshold_scale_factor is None):
+        raise ValueError("give exactly one of threshold and threshold_scale_factor")
+    if threshold is not None and not (isinstance(threshold, (int, float)) and 0 <= threshold < 1):
         raise ValueError(f"threshold must be a float in [0, 1), got {threshold!r}")
+    if threshold_scale_factor is not None and not (
+            isinstance(threshold_scale_factor, (int, float)) and threshold_scale_factor >= 0):
+        raise ValueError(f"threshold_scale_factor must be a float >= 0, got {threshold_scale_factor!r}")
     batch, seqlen_q, heads, d = q.shape
     kv_heads = k.shape[-2]
     group = heads // kv_heads
@@ -67,8 +81,10 @@ def skip_softmax_attention(
     lse = torch.empty(batch, heads, seqlen_q, dtype=dtype, device=q.device)
     skipped = torch.zeros(batch, kv_heads, dtype=torch.int64)
     blocks = torch.zeros(batch, kv_heads, dtype=torch.int64)
+    lam = torch.zeros(batch, 1, dtype=torch.float64)  # each sequence's lambda
     for b in range(batch):
         n = ks[b].shape[0]
+        lam[b] = threshold if threshold is not None else (threshold_scale_factor / n if n else 0.0)
         # query s sees keys t <= n - seqlen_q + s (bottom-right aligned)
         limit = (n - seqlen_q + torch.arange(seqlen_q, device=q.device)).repeat_interleave(group)
         for h in range(kv_heads):
@@ -83,7 +99,7 @@ def skip_softmax_attention(
                     s = s.masked_fill(keys.view(1, -1) > limit.view(-1, 1), -math.inf)
                 m_blk = s.amax(1)
                 blocks[b, h] += 1
-                if blocks[b, h] > 1 and bool((torch.exp(m_blk - m) < threshold).all()):
+                if blocks[b, h] > 1 and bool((torch.exp(m_blk - m) < float(lam[b])).all()):
                     skipped[b, h] += 1
                     continue
                 m_new = torch.maximum(m, m_blk)
@@ -96,5 +112,5 @@ def skip_softmax_attention(
             o = acc / l_sum.view(-1, 1)
             out[b, :, h * group:(h + 1) * group] = o.view(seqlen_q, group, d)
             lse[b, h * group:(h + 1) * group] = (m + torch.log(l_sum)).view(seqlen_q, group).T
-    eps = skipped.double() * tile_n * threshold
+    eps = skipped.double() * tile_n * lam
     return unrotate(out, v.seed).to(dtype), lse, SkipStats(skipped, blocks, eps)

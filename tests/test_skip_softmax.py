@@ -68,3 +68,22 @@ def test_oracle_rejects_what_it_does_not_model():
         skip_softmax_attention(q, kp, vp, table, used, threshold=1.5)
     with pytest.raises(ValueError, match="one 128-row"):
         skip_softmax_attention(torch.zeros(3, 33, H, D, dtype=torch.bfloat16), kp, vp, table, used, threshold=0.1)
+
+
+def test_scale_factor_is_a_per_sequence_threshold():
+    """threshold_scale_factor = lambda * seqlen_k: the same skips as the per-sequence lambda, and
+    eps <= factor * tile_n * ceil(n / tile_n) / n (about the factor at any length)."""
+    q, kp, vp, table, used, _ = _problem(4)
+    factor = 0.5
+    out, lse, st = skip_softmax_attention(q, kp, vp, table, used, threshold_scale_factor=factor, tile_n=TILE)
+    assert int(st.skipped.sum()) > 0
+    for b, n in enumerate(LENS):
+        o_b, l_b, st_b = skip_softmax_attention(q[b:b + 1], kp, vp, table[b:b + 1], used[b:b + 1],
+                                                threshold=factor / n, tile_n=TILE)
+        assert torch.equal(st_b.skipped[0], st.skipped[b])
+        assert torch.equal(o_b[0], out[b]) and torch.equal(l_b[0], lse[b])
+        assert bool((st.eps[b] <= factor * TILE * (-(-n // TILE)) / n + 1e-12).all())
+    with pytest.raises(ValueError, match="exactly one"):
+        skip_softmax_attention(q, kp, vp, table, used, threshold=0.1, threshold_scale_factor=1.0)
+    with pytest.raises(ValueError, match="exactly one"):
+        skip_softmax_attention(q, kp, vp, table, used)
