@@ -76,6 +76,14 @@ def flash_mla_prefill(
                   softmax_scale, check_indices)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if max_seqlen_q is not None:
+        if isinstance(max_seqlen_q, bool) or not isinstance(max_seqlen_q, int) or max_seqlen_q < 0:
+            raise ValueError(f"max_seqlen_q must be an int >= 0 or None, got {max_seqlen_q!r}")
+        if check_indices and max_seqlen_q < _longest_run(cu_seqlens_q):
+            raise ValueError(
+                f"max_seqlen_q={max_seqlen_q} is shorter than the longest query run "
+                f"({_longest_run(cu_seqlens_q)}): the kernel would leave rows unwritten; pass it or None"
+            )
     packed = isinstance(latent_cache, PackedKV)
     if rotated_space and not packed:
         raise ValueError("rotated_space=True is for a packed latent (a bf16 latent is not rotated): drop it")
@@ -93,8 +101,7 @@ def flash_mla_prefill(
     from .launch import mla_attention
 
     if max_seqlen_q is None:
-        cu = cu_seqlens_q.detach().to("cpu", torch.int64)
-        max_seqlen_q = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+        max_seqlen_q = _longest_run(cu_seqlens_q)
     rotate_here = packed and not rotated_space
     q_in = rotate_rounded(q_nope, latent_cache.seed) if rotate_here else q_nope
     out, lse = mla_attention(q_in, q_pe, latent_cache, rope_cache, page_table, cu_seqlens_q, seqused_k,
@@ -102,6 +109,11 @@ def flash_mla_prefill(
     if rotate_here:
         out = unrotate_rounded(out, latent_cache.seed)
     return (out, lse) if return_lse else out
+
+
+def _longest_run(cu_seqlens_q: torch.Tensor) -> int:
+    cu = cu_seqlens_q.detach().to("cpu", torch.int64)
+    return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
 
 
 def latent_rotation(latent_cache: PackedKV, dtype: torch.dtype = torch.float32) -> torch.Tensor:

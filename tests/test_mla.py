@@ -139,6 +139,8 @@ def _good():
     (dict(softmax_scale=lambda a: -1.0), ValueError, "softmax_scale"),
     (dict(backend=lambda a: "cuda"), ValueError, "backend must be one of"),
     (dict(backend=lambda a: "kernel"), ValueError, "backend='kernel' cannot run"),
+    (dict(max_seqlen_q=lambda a: 10), ValueError, "shorter than the longest query run"),
+    (dict(max_seqlen_q=lambda a: 2.5), ValueError, "max_seqlen_q must be an int"),
 ])
 def test_bad_inputs_are_named(change, exc, match):
     args = _good()
