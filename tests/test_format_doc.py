@@ -22,3 +22,17 @@ def test_bytes_per_token_table_matches_code():
             assert cell == f"{nbytes} ({2 * d / nbytes:.2f}x)", (d, bits, cell)
         seen += 1
     assert seen == 4
+
+
+def test_mla_bytes_per_token_line_matches_the_cache():
+    """The MLA paragraph's bytes per token are what mla.MLACache allocates."""
+    import mla
+
+    text = DOC.read_text()
+    line = text[text.index("Bytes per token (float16 scales): bf16 latent"):]
+    line = line[: line.index("The RoPE part")]
+    per_token = {bits: mla.MLACache(1, 1, 64, bits=bits).nbytes // 64 for bits in (None, 8, 4, 3, 2)}
+    assert f"bf16 latent {per_token[None]}" in line
+    for bits in (8, 4, 3, 2):
+        n = per_token[bits]
+        assert f"{bits}-bit {n - 128} + 128 = {n} ({per_token[None] / n:.2f}x" in " ".join(line.split()), (bits, n)
