@@ -9,7 +9,9 @@ The variables are read when the stack is imported, so each target runs in its ow
 
     python -m fa4_tq.compile_check --arch sm_90a fa4-fwd
 
-prints one ``COMPILED`` line per kernel and exits non-zero on any compile failure. CI calls it
+prints one ``COMPILED`` line per kernel and exits non-zero on any compile failure. ``--ptxas``
+also keeps each kernel's PTX and prints what ``ptxas -v`` says of it (registers, spill bytes,
+serialised wgmma): a register check without a GPU, for developers with a CUDA toolkit. CI calls it
 through ``tests/test_compile.py``; the kernel issues add their own cases to ``CASES``.
 """
 
@@ -45,8 +47,9 @@ def run_in_subprocess(arch: str, case: str, timeout: float = 600) -> subprocess.
 
 
 # ----------------------------------------------------------------------------- cases
-def _record_compiles() -> list[str]:
-    """Wrap cute.compile so each case can report which kernel classes it really compiled."""
+def _record_compiles(ptx_root: str | None = None) -> list[str]:
+    """Wrap cute.compile so each case can report which kernel classes it really compiled; with
+    ``ptx_root``, each compile also keeps its PTX in ``<ptx_root>/<n>/`` (for ``--ptxas``)."""
     import cutlass.cute as cute
 
     seen: list[str] = []
@@ -55,13 +58,60 @@ def _record_compiles() -> list[str]:
     def compile_and_record(fn, *args, **kwargs):
         owner = getattr(fn, "__self__", fn)  # a kernel object, or a bound method of one
         seen.append(getattr(fn, "__name__", None) if inspect.isfunction(fn) else type(owner).__name__)
+        if ptx_root is not None:
+            out = os.path.join(ptx_root, str(len(seen)))
+            os.makedirs(out, exist_ok=True)
+            kwargs["options"] = kwargs.get("options", "") + f" --keep-ptx --dump-dir={out}"
         return original(fn, *args, **kwargs)
 
     cute.compile = compile_and_record
     import flash_attn.cute.interface as fa_interface
 
     fa_interface.cute.compile = compile_and_record
+    if ptx_root is not None:
+        _short_dump_names()
     return seen
+
+
+def _short_dump_names() -> None:
+    """CuTeDSL names a dumped PTX file after the kernel's mangled name, which for our kernels is
+    longer than a file name may be, so the dump silently fails; name it ``k.<arch>.ptx`` instead
+    (each compile has its own folder). Reaches into a private helper: ``--ptxas`` is a developer
+    tool, CI does not use it."""
+    from cutlass.base_dsl import compiler
+
+    for obj in vars(compiler).values():
+        helper = getattr(obj, "_set_artifact_dump_paths", None) if isinstance(obj, type) else None
+        if helper is not None:
+            obj._set_artifact_dump_paths = staticmethod(
+                lambda option, dump_dir, function_name, arch, ext, full_attr, _h=helper:
+                _h(option, dump_dir, "k", arch, ext, full_attr))
+
+
+def ptxas_report(ptx_root: str, arch: str, labels: list[str]) -> list[str]:
+    """``ptxas -v`` on each kept PTX: registers, spill bytes, and whether ptxas had to serialise
+    wgmma (warning C7519), one line per kernel."""
+    import glob
+    import re
+
+    lines = []
+    for i, label in enumerate(labels, 1):
+        ptx = sorted(glob.glob(os.path.join(ptx_root, str(i), "*.ptx")))
+        if not ptx:
+            lines.append(f"PTXAS {label}: no PTX kept")
+            continue
+        res = subprocess.run(["ptxas", f"-arch={arch}", "-v", ptx[0], "-o", os.devnull],
+                             capture_output=True, text=True)
+        text = res.stdout + res.stderr
+        regs = re.findall(r"Used (\d+) registers", text)
+        spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+        lines.append(
+            f"PTXAS {label}: {max(map(int, regs)) if regs else '?'} registers, spill stores/loads "
+            f"{'/'.join(spills[0]) if spills else '?'} bytes"
+            + (", wgmma serialised (C7519)" if "C7519" in text else "")
+            + ("" if res.returncode == 0 else f", ptxas exit {res.returncode}")
+        )
+    return lines
 
 
 class _TargetHardwareInfo:
@@ -303,6 +353,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", required=True, choices=ARCHES)
     ap.add_argument("case", choices=sorted(CASES))
+    ap.add_argument("--ptxas", action="store_true",
+                    help="also keep each kernel's PTX and report ptxas -v registers and spills (needs ptxas)")
     args = ap.parse_args(argv)
     for key, val in target_env(args.arch).items():
         if os.environ.get(key) != val:  # must be set before the stack is imported
@@ -313,13 +365,21 @@ def main(argv=None) -> int:
 
     if not torch.cuda.is_available():
         _patch_hardware_info()
-    seen = _record_compiles()
+    import tempfile
+
+    ptx_root = None
+    if args.ptxas:
+        ptx_root = tempfile.mkdtemp(prefix="fa4tq-ptx-")
+        os.environ["CUTE_DSL_DISABLE_FILE_CACHING"] = "1"  # a cached kernel would keep no PTX
+    seen = _record_compiles(ptx_root)
     with FakeTensorMode():
         done = CASES[args.case]()
     if len(seen) < len(done):
         raise SystemExit(f"expected {len(done)} compiles, cute.compile ran {len(seen)} times: {seen}")
     for what, cls in zip(done, seen):
         print(f"COMPILED {args.arch} {args.case}: {what} -> {cls}")
+    if ptx_root is not None:
+        print("\n".join(ptxas_report(ptx_root, args.arch, done[: len(seen)])))
     return 0
 
 

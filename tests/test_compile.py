@@ -2,6 +2,8 @@
 
 Each target runs in its own process because CuTeDSL reads the target at import time."""
 
+import shutil
+
 import pytest
 
 from fa4_tq.compile_check import ARCHES, run_in_subprocess
@@ -70,3 +72,17 @@ def test_mla_prefill_kernel_compiles_for_sm90():
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("COMPILED")]
     assert [ln.split(": ", 1)[1].rsplit(" -> ", 1)[0] for ln in lines] == [lb for lb, _ in mla_variants()]
     assert all(ln.endswith("FlashMLAForwardSm90") for ln in lines), lines
+
+
+@pytest.mark.skipif(shutil.which("ptxas") is None, reason="needs ptxas (a CUDA toolkit)")
+def test_ptxas_report_reads_registers_and_spills(tmp_path):
+    """compile_check --ptxas's report on a kept PTX (a trivial kernel here: it uses no stack)."""
+    from fa4_tq.compile_check import ptxas_report
+
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "k.sm_90a.ptx").write_text(
+        ".version 8.0\n.target sm_90a\n.address_size 64\n.visible .entry k()\n{\n ret;\n}\n")
+    line, missing = ptxas_report(str(tmp_path), "sm_90a", ["trivial", "absent"])
+    assert line.startswith("PTXAS trivial: ") and "spill stores/loads 0/0 bytes" in line, line
+    assert "C7519" not in line and "exit" not in line, line
+    assert missing == "PTXAS absent: no PTX kept"
