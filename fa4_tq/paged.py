@@ -72,6 +72,20 @@ def check_slot_mapping(slot_mapping, num_tokens: int, device: torch.device, num_
             )
 
 
+def scatter_compressed(slot_mapping: torch.Tensor, *pairs: tuple[torch.Tensor, PackedKV]) -> None:
+    """The reference write: for each ``(x, dst)``, compress ``x[num_tokens, heads, d]`` with the
+    codec and store it in the paged ``dst`` at ``slot_mapping`` (-1 skipped; the mask costs one
+    host sync for all pairs)."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    for x, dst in pairs:
+        page_size = dst.data.shape[1]
+        page, off = slots // page_size, slots % page_size
+        p = compress(x[keep], dst.bits, seed=dst.seed, scale_dtype=dst.scales.dtype)
+        dst.data[page, off] = p.data
+        dst.scales[page, :, off] = p.scales.transpose(0, 1)
+
+
 def _per_layer(name: str, bits: BitsArg, num_layers: int) -> list[int]:
     if isinstance(bits, int) and not isinstance(bits, bool):
         bits = [bits] * num_layers
@@ -199,13 +213,7 @@ class PagedKVCache:
 
             write_packed(k, v, slot_mapping, self._k[layer], self._v[layer])
             return
-        keep = slot_mapping >= 0
-        slots = slot_mapping[keep].long()
-        page, off = slots // self.page_size, slots % self.page_size
-        for cache, x in ((self._k[layer], k[keep]), (self._v[layer], v[keep])):
-            p = compress(x, cache.bits, seed=cache.seed, scale_dtype=self.scale_dtype)
-            cache.data[page, off] = p.data
-            cache.scales[page, :, off] = p.scales.transpose(0, 1)
+        scatter_compressed(slot_mapping, (k, self._k[layer]), (v, self._v[layer]))
 
     def __repr__(self) -> str:
         return (

@@ -16,10 +16,10 @@ from typing import Optional, Union
 
 import torch
 
-from fa4_tq.codec import SCALE_DTYPES, PackedKV, compress, row_bytes
+from fa4_tq.codec import SCALE_DTYPES, PackedKV, row_bytes
 from fa4_tq.codec.codebook import _check_bits
 from fa4_tq.codec.rotation import check_seed
-from fa4_tq.paged import _pick_write_backend, check_slot_mapping
+from fa4_tq.paged import _pick_write_backend, check_slot_mapping, scatter_compressed
 
 __all__ = ["MLACache", "D_LATENT", "D_ROPE"]
 
@@ -131,12 +131,7 @@ class MLACache:
 
             write_packed(c_kv.unsqueeze(1), None, slot_mapping, lat)
         else:
-            keep = slot_mapping >= 0
-            slots = slot_mapping[keep].long()
-            p = compress(c_kv[keep].unsqueeze(1), self.bits, seed=self.seed, scale_dtype=lat.scales.dtype)
-            page, off = slots // self.page_size, slots % self.page_size
-            lat.data[page, off] = p.data
-            lat.scales[page, :, off] = p.scales.transpose(0, 1)
+            scatter_compressed(slot_mapping, (c_kv.unsqueeze(1), lat))
 
     def __repr__(self) -> str:
         what = "bf16" if self.bits is None else f"{self.bits}-bit"
