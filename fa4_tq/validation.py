@@ -87,11 +87,13 @@ def check_index_tensor(name: str, t: Optional[torch.Tensor], shape: tuple, devic
         raise ValueError(f"{name} must be contiguous in its last dim: pass {name}.contiguous()")
 
 
-def check_cu_seqlens(name: str, cu: torch.Tensor, total: int) -> None:
-    """Values: starts at 0, non-decreasing, ends at the total (costs a device sync)."""
+def check_cu_seqlens(name: str, cu: torch.Tensor, total: int) -> torch.Tensor:
+    """Values: starts at 0, non-decreasing, ends at the total (costs a device sync). Returns the
+    host copy it checked (int64), for callers that need the values too."""
     c = cu.detach().to("cpu", torch.int64)
     if c.numel() and (int(c[0]) != 0 or int(c[-1]) != total or bool((c[1:] < c[:-1]).any())):
         raise ValueError(
             f"{name} must start at 0, never decrease and end at {total} (the total length), got "
             f"{c.tolist()[:8]}{'...' if c.numel() > 8 else ''}"
         )
+    return c

@@ -72,17 +72,17 @@ def flash_mla_prefill(
     comes back as ``R out``; a model folds ``R`` into its absorbed ``W_UK`` and ``R^T`` into
     ``W_UV`` once, and the rotation costs nothing per call.
     """
-    _check_inputs(q_nope, q_pe, latent_cache, rope_cache, page_table, cu_seqlens_q, seqused_k,
-                  softmax_scale, check_indices)
+    longest = _check_inputs(q_nope, q_pe, latent_cache, rope_cache, page_table, cu_seqlens_q, seqused_k,
+                            softmax_scale, check_indices)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if max_seqlen_q is not None:
         if isinstance(max_seqlen_q, bool) or not isinstance(max_seqlen_q, int) or max_seqlen_q < 0:
             raise ValueError(f"max_seqlen_q must be an int >= 0 or None, got {max_seqlen_q!r}")
-        if check_indices and max_seqlen_q < _longest_run(cu_seqlens_q):
+        if longest is not None and max_seqlen_q < longest:
             raise ValueError(
                 f"max_seqlen_q={max_seqlen_q} is shorter than the longest query run "
-                f"({_longest_run(cu_seqlens_q)}): the kernel would leave rows unwritten; pass it or None"
+                f"({longest}): the kernel would leave rows unwritten; pass it or None"
             )
     packed = isinstance(latent_cache, PackedKV)
     if rotated_space and not packed:
@@ -101,7 +101,7 @@ def flash_mla_prefill(
     from .launch import mla_attention
 
     if max_seqlen_q is None:
-        max_seqlen_q = _longest_run(cu_seqlens_q)
+        max_seqlen_q = longest if longest is not None else _longest_run(cu_seqlens_q.detach().cpu())
     rotate_here = packed and not rotated_space
     q_in = rotate_rounded(q_nope, latent_cache.seed) if rotate_here else q_nope
     out, lse = mla_attention(q_in, q_pe, latent_cache, rope_cache, page_table, cu_seqlens_q, seqused_k,
@@ -111,8 +111,8 @@ def flash_mla_prefill(
     return (out, lse) if return_lse else out
 
 
-def _longest_run(cu_seqlens_q: torch.Tensor) -> int:
-    cu = cu_seqlens_q.detach().to("cpu", torch.int64)
+def _longest_run(cu: torch.Tensor) -> int:
+    """The longest query run of host offsets ``cu``."""
     return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
 
 
@@ -124,7 +124,9 @@ def latent_rotation(latent_cache: PackedKV, dtype: torch.dtype = torch.float32) 
 
 
 def _check_inputs(q_nope, q_pe, latent, rope, page_table, cu_seqlens_q, seqused_k, softmax_scale,
-                  check_indices: bool) -> None:
+                  check_indices: bool) -> Optional[int]:
+    """Every check of flash_mla_prefill's tensors; with ``check_indices`` (one host copy of each
+    index tensor) returns the longest query run, else None."""
     for name, t, d in (("q_nope", q_nope, D_LATENT), ("q_pe", q_pe, D_ROPE)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -184,10 +186,12 @@ def _check_inputs(q_nope, q_pe, latent, rope, page_table, cu_seqlens_q, seqused_
     if not isinstance(page_table, torch.Tensor) or page_table.dim() != 2:
         raise ValueError("page_table must be a 2-D int32 tensor [batch, max_pages_per_seq]")
     V.check_index_tensor("page_table", page_table, (batch, page_table.shape[1]), dev)
-    if check_indices:
-        V.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q_nope.shape[0])
-        used = seqused_k.detach().to("cpu", torch.int64)
-        cap = page_size * page_table.shape[1]
-        if bool((used < 0).any()) or bool((used > cap).any()):
-            raise ValueError(f"seqused_k must lie in [0, {cap}] (max_pages * page_size), got {used.tolist()[:8]}")
-        _check_page_table(page_table, used, num_pages, page_size)
+    if not check_indices:
+        return None
+    cu = V.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q_nope.shape[0])
+    used = seqused_k.detach().to("cpu", torch.int64)
+    cap = page_size * page_table.shape[1]
+    if bool((used < 0).any()) or bool((used > cap).any()):
+        raise ValueError(f"seqused_k must lie in [0, {cap}] (max_pages * page_size), got {used.tolist()[:8]}")
+    _check_page_table(page_table, used, num_pages, page_size)
+    return _longest_run(cu)
