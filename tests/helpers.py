@@ -40,16 +40,8 @@ def paged_problem(page_size, d, gen, device, *, k_bits=4, v_bits=2, h=8, hk=2):
 
     lens_q, lens_k = [37, 200, 1], [300, 200, 513]
     max_pages = max(-(-n // page_size) for n in lens_k)
-    num_pages = 3 * max_pages + 5
+    num_pages, table, slots = shuffled_pages(lens_k, page_size, gen, num_pages=3 * max_pages + 5)
     cache = PagedKVCache(1, num_pages, page_size, hk, d, k_bits=k_bits, v_bits=v_bits, device=device)
-    perm = torch.randperm(num_pages, generator=gen)
-    table = torch.zeros(3, max_pages, dtype=torch.int32)
-    slots, nxt = [], 0
-    for b, n in enumerate(lens_k):
-        for j in range(-(-n // page_size)):
-            table[b, j] = perm[nxt]
-            nxt += 1
-        slots += [int(table[b, t // page_size]) * page_size + t % page_size for t in range(n)]
     cache.write(0, realistic_kv((sum(lens_k), hk, d), generator=gen).to(device),
                 torch.randn(sum(lens_k), hk, d, generator=gen).to(device), torch.tensor(slots, device=device))
     q = torch.randn(sum(lens_q), h, d, generator=gen).to(torch.bfloat16).to(device)
@@ -68,34 +60,28 @@ def ragged_paged_cache(lens, page_size, kv_heads, d, gen, *, k_bits=4, v_bits=2,
     Returns ``(k_pages, v_pages), page_table, seqused_k, [(k, v) of each sequence]``."""
     from fa4_tq import PagedKVCache
 
-    max_pages = max(-(-n // page_size) for n in lens) + 2
-    num_pages = sum(-(-n // page_size) for n in lens) + 3
+    num_pages, table, slots = shuffled_pages(lens, page_size, gen, spare=3, extra_cols=2, fill=-1)
     cache = PagedKVCache(1, num_pages, page_size, kv_heads, d, k_bits=k_bits, v_bits=v_bits, k_seed=k_seed,
                          v_seed=v_seed, device=device)
-    perm = torch.randperm(num_pages, generator=gen)
-    table = torch.full((len(lens), max_pages), -1, dtype=torch.int32)
-    given, raw, slots, nxt = raw, [], [], 0
-    for b, n in enumerate(lens):
-        for j in range(-(-n // page_size)):
-            table[b, j] = perm[nxt]
-            nxt += 1
-        slots += [int(table[b, t // page_size]) * page_size + t % page_size for t in range(n)]
-        raw.append(given[b] if given is not None else
-                   (realistic_kv((n, kv_heads, d), generator=gen), torch.randn(n, kv_heads, d, generator=gen)))
+    if raw is None:
+        raw = [(realistic_kv((n, kv_heads, d), generator=gen), torch.randn(n, kv_heads, d, generator=gen))
+               for n in lens]
     k = torch.cat([r[0] for r in raw]).to(device)
     v = torch.cat([r[1] for r in raw]).to(device)
     cache.write(0, k, v, torch.tensor(slots, device=device))
     return cache.layer(0), table.to(device), torch.tensor(lens, dtype=torch.int32, device=device), raw
 
 
-def shuffled_pages(lens, page_size, gen, *, spare=2, perm=True):
+def shuffled_pages(lens, page_size, gen, *, spare=2, num_pages=None, extra_cols=0, fill=0, perm=True):
     """Pages for sequences of ``lens`` tokens, handed out in a random order (``perm=False``: in
-    order) from a pool of what they need plus ``spare``. Returns ``num_pages``, the page table
-    (int32, zeros past each sequence's pages) and every token's slot, sequence by sequence."""
+    order) from a pool of ``num_pages`` (default: what they need plus ``spare``). Returns
+    ``num_pages``, the page table (int32, ``extra_cols`` more columns than the longest sequence
+    needs, ``fill`` past each sequence's pages) and every token's slot, sequence by sequence."""
     max_pages = max(-(-n // page_size) for n in lens)
-    num_pages = sum(-(-n // page_size) for n in lens) + spare
+    if num_pages is None:
+        num_pages = sum(-(-n // page_size) for n in lens) + spare
     order = torch.randperm(num_pages, generator=gen) if perm else torch.arange(num_pages)
-    table = torch.zeros(len(lens), max(max_pages, 1), dtype=torch.int32)
+    table = torch.full((len(lens), max(max_pages + extra_cols, 1)), fill, dtype=torch.int32)
     slots, nxt = [], 0
     for b, n in enumerate(lens):
         for j in range(-(-n // page_size)):
