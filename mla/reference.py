@@ -15,7 +15,7 @@ from typing import Optional, Union
 import torch
 
 from fa4_tq.codec import PackedKV
-from fa4_tq.reference import _sequences_k, attention_dense
+from fa4_tq.reference import attention_dense
 
 __all__ = ["mla_reference"]
 
@@ -38,38 +38,24 @@ def mla_reference(
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q_nope.shape[-1] + q_pe.shape[-1])
-    batch = cu_seqlens_q.numel() - 1
-    # Only the pages some sequence reads are decoded.
     page_size = rope_cache.shape[1]
     used = seqused_k.detach().to("cpu", torch.int64)
-    needed = (used + page_size - 1) // page_size
-    pt = page_table.detach().to("cpu", torch.int64)
-    pages = sorted({int(p) for b in range(batch) for p in pt[b, : int(needed[b])]})
-    if pages:
-        idx = torch.tensor(pages, device=rope_cache.device)
-        if isinstance(latent_cache, PackedKV):
-            sub = PackedKV(latent_cache.data[idx], latent_cache.scales[idx], latent_cache.bits,
-                           latent_cache.head_dim, latent_cache.seed)
-            lat = sub.decompress(dtype)
-        else:
-            lat = latent_cache[idx].to(dtype)
-        rope = rope_cache[idx].to(dtype)
-        remap = torch.zeros(max(pages) + 1, dtype=torch.int64)
-        remap[idx.cpu()] = torch.arange(len(pages))
-        table = torch.where(pt < remap.numel(), remap[pt.clamp(0, remap.numel() - 1)], 0)
-    else:
-        lat = torch.zeros(0, page_size, 1, q_nope.shape[-1], dtype=dtype, device=q_nope.device)
-        rope = torch.zeros(0, page_size, 1, q_pe.shape[-1], dtype=dtype, device=q_nope.device)
-        table = pt
-    keys = torch.cat([lat, rope], dim=-1)
-    ks = _sequences_k(keys, batch, None, used, table)
-    vs = _sequences_k(lat, batch, None, used, table)
+    cu = cu_seqlens_q.detach().to("cpu", torch.int64)
     q = torch.cat([q_nope, q_pe], dim=-1).to(dtype)
     window = (None, 0) if causal else (None, None)
     outs, lses = [], []
-    for b in range(batch):
-        qb = q[int(cu_seqlens_q[b]) : int(cu_seqlens_q[b + 1])]
-        o, lse = attention_dense(qb, ks[b].to(q.device), vs[b].to(q.device), softmax_scale=scale, window=window)
+    for b in range(cu.numel() - 1):
+        n = int(used[b])
+        pages = page_table[b, : -(-n // page_size)].long()  # only the pages this sequence reads
+        if isinstance(latent_cache, PackedKV):
+            lat = PackedKV(latent_cache.data[pages], latent_cache.scales[pages], latent_cache.bits,
+                           latent_cache.head_dim, latent_cache.seed).decompress(dtype)
+        else:
+            lat = latent_cache[pages].to(dtype)
+        lat = lat.reshape(-1, 1, lat.shape[-1])[:n].to(q.device)
+        rope = rope_cache[pages].to(dtype).reshape(-1, 1, rope_cache.shape[-1])[:n].to(q.device)
+        o, lse = attention_dense(q[int(cu[b]) : int(cu[b + 1])], torch.cat([lat, rope], -1), lat,
+                                 softmax_scale=scale, window=window)
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs, 0), torch.cat(lses, 1)
