@@ -252,6 +252,9 @@ def decode_variants():
     out.append(("combine d64", None))
     out.append(("k4v4 d128 verify tail (causal)", dict(sq=4, lse=True)))
     out.append(("combine d128 with lse", None))
+    # skip-softmax (kernels/skip_softmax.py): decode at head_dim 64 and verification at 128
+    out.append(("k2v2 d64 decode chunks skip-softmax", dict(d=64, kb=2, vb=2, skip=True)))
+    out.append(("k4v4 d128 verify chunks + tail skip-softmax", dict(sq=8, lse=True, skip=True)))
     return out
 
 
@@ -271,7 +274,8 @@ def _case_decode() -> list[str]:
         prob = _Problem(q, k, v, 2, d ** -0.5, True, (None, None),
                         seqused_k=torch.empty(2, dtype=torch.int32, device="cuda"),
                         page_table=torch.empty(2, 16, dtype=torch.int32, device="cuda"))
-        _run_split(prob, 4, kw.get("lse", False))
+        lam = torch.empty(2, dtype=torch.float32, device="cuda") if kw.get("skip") else None
+        _run_split(prob, 4, kw.get("lse", False), lam)
     return done
 
 

@@ -21,6 +21,13 @@ bottom-right alignment is exactly the verification mask. Its result is one more 
 
 The partial outputs are stored in q's dtype (the kernel's output type), so a split result carries
 one more bf16/fp16 rounding than an unsplit one; the device tests bound it like the rest.
+
+Skip-softmax (``skip_softmax_threshold`` or ``skip_softmax_threshold_scale_factor``): the kernel
+skips a KV block's exp, row sum and P.V for a consumer warpgroup's 64 query rows when all of them
+agree that ``exp(block_max - running_max) < lambda`` (``kernels/skip_softmax.py``; semantics and
+bound in ``fa4_tq/skip_softmax.py``, which is also the CPU backend). Each split chunk runs its own
+online softmax, so its first block is never skipped; the bound on the dropped softmax mass,
+``eps = skipped * tile_n * lambda`` per row, holds across chunks all the same.
 """
 
 from __future__ import annotations
@@ -34,12 +41,22 @@ import torch.nn.functional as F
 from . import validation as V
 from .codec import PackedKV
 from .interface import _resolve_backend, _run_resolved, _varlen_problem
+from .skip_softmax import SkipStats, skip_softmax_attention
 
-__all__ = ["flash_attn_with_kvcache", "choose_num_splits", "plan_num_splits", "MAX_SEQLEN_Q", "MAX_SPLITS"]
+__all__ = ["flash_attn_with_kvcache", "choose_num_splits", "plan_num_splits", "MAX_SEQLEN_Q", "MAX_SPLITS",
+           "SKIP_SOFTMAX_DEFAULT_SCALE_FACTOR"]
 
 MAX_SEQLEN_Q = 16  # decode (1) and verification of up to 16 draft tokens
 MAX_SPLITS = 128  # FA4's combine kernel takes at most 256 partials; FA4's own heuristic stops at 128
 SM90_TILE_M = 128  # query rows per tile of the packed-KV kernel (pack-GQA fills them)
+ROWS_PER_VOTE = 64  # skip-softmax votes per consumer warpgroup (64 of the tile's rows)
+# The documented skip-softmax setting: lambda = 0.1 / seqlen_k. It bounds the dropped softmax mass
+# of a row by about 10% in the worst case (eps <= factor * (1 + tile_n / seqlen_k)); on peaked,
+# LLM-like attention the dropped mass is far below that. At this value the greedy accept/reject
+# decisions of verification batches are tested not to change (tests/test_skip_softmax.py on the
+# CPU, tests/test_gpu_decode.py on the device). Ecosystem defaults are larger (vLLM's example:
+# 20 for decode) and calibrated per model: this one is chosen for its bound, not for speed.
+SKIP_SOFTMAX_DEFAULT_SCALE_FACTOR = 0.1
 
 
 def flash_attn_with_kvcache(
@@ -51,8 +68,10 @@ def flash_attn_with_kvcache(
     causal: bool = True,
     softmax_scale: Optional[float] = None,
     num_splits: Optional[int] = None,
-    skip_softmax_threshold: Optional[float] = None,
+    skip_softmax_threshold=None,
+    skip_softmax_threshold_scale_factor: Optional[float] = None,
     return_lse: bool = False,
+    return_skip_stats: bool = False,
     backend: str = "auto",
     check_indices: bool = True,
 ):
@@ -69,14 +88,22 @@ def flash_attn_with_kvcache(
     num_splits: KV chunks per sequence (partials merged by LSE; with causal verification the
     last few keys are one more, causal, chunk); None chooses from the grid size (FA4's
     heuristic: enough (sequence, KV head, chunk) tiles to fill the SMs); 1 = one launch.
-    skip_softmax_threshold: not implemented in the kernel yet (must be None); its semantics and
-    error bound are fixed by ``fa4_tq.skip_softmax``.
-    backend: as in ``flash_attn_func``; "inline" is the packed-KV kernel with split-KV.
+    skip_softmax_threshold: lambda of skip-softmax (module docstring), a float in [0, 1) or a
+    float tensor ``[batch]`` (one per sequence); None (default) is dense attention, 0 runs the
+    skipping kernel without skipping. skip_softmax_threshold_scale_factor: the same as
+    ``lambda = factor / seqused_k`` per sequence (FlashInfer's and TensorRT-LLM's knob);
+    ``SKIP_SOFTMAX_DEFAULT_SCALE_FACTOR`` is the documented value. Give at most one of the two.
+    return_skip_stats: also return a ``fa4_tq.skip_softmax.SkipStats`` (skipped and visited
+    blocks and the mass bound ``eps`` per (sequence, KV head, 64-row vote group), summed over
+    the split chunks).
+    backend: as in ``flash_attn_func``; "inline" is the packed-KV kernel with split-KV. With
+    skip-softmax, "reference" is the float64 oracle ``fa4_tq.skip_softmax`` (unsplit) and
+    "decompress" is refused (FA4's bf16 kernel does not skip).
     check_indices: check seqused_k and the page ids on the host (a device sync); pass False
     inside CUDA graphs when the caller guarantees them.
 
     Returns ``(out, lse)``: ``out`` like ``q``, ``lse`` float32 ``[batch, heads, seqlen_q]`` or
-    None unless ``return_lse``.
+    None unless ``return_lse``; ``(out, lse, stats)`` with ``return_skip_stats``.
     """
     if not isinstance(cache, (tuple, list)) or len(cache) != 2:
         raise TypeError(
@@ -98,21 +125,64 @@ def flash_attn_with_kvcache(
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
                                    or not 1 <= num_splits <= MAX_SPLITS):
         raise ValueError(f"num_splits must be None or an int in [1, {MAX_SPLITS}], got {num_splits!r}")
-    if skip_softmax_threshold is not None:
-        raise NotImplementedError(
-            "skip_softmax_threshold is not implemented in the kernel yet: pass None (dense "
-            "attention); fa4_tq.skip_softmax.skip_softmax_attention is the reference it will follow"
-        )
     causal = bool(causal)
     prob = _varlen_problem(
         q, k, v, None, None, seqlen_q, None, seqused_k, page_table, softmax_scale, causal,
         (None, None), check_indices, min_seqused_k=seqlen_q if causal else 1,
         min_seqused_why=" (with causal=True the new tokens' keys are in the cache)" if causal else "",
     )
+    lam = _skip_lambda(skip_softmax_threshold, skip_softmax_threshold_scale_factor, prob.seqused_k,
+                       q.shape[0], check_indices)
+    if return_skip_stats and lam is None:
+        raise ValueError("return_skip_stats needs skip_softmax_threshold or skip_softmax_threshold_scale_factor")
     resolved = _resolve_backend(backend, prob)
-    if resolved != "inline":
-        return _run_resolved(prob, return_lse, resolved)
-    return _run_split(prob, num_splits, return_lse)
+    if lam is None:
+        if resolved != "inline":
+            return _run_resolved(prob, return_lse, resolved)
+        return _run_split(prob, num_splits, return_lse)
+    if resolved == "decompress":
+        raise ValueError(
+            "skip-softmax runs in the packed-KV kernel (backend='inline', SM90) or the float64 "
+            "oracle (backend='reference'); backend='decompress' (FA4's bf16 kernel) does not skip"
+            + ("" if backend == "decompress" else ": 'auto' chose it because the kernel cannot run this call")
+        )
+    if resolved == "reference":
+        from .kernels.launch import sm90_tiles
+
+        out, lse, stats = skip_softmax_attention(
+            q, k, v, prob.page_table, prob.seqused_k, threshold=lam.double(), causal=causal,
+            softmax_scale=prob.softmax_scale, tile_n=sm90_tiles(q.shape[-1], k.bits, v.bits)[1],
+            rows_per_vote=ROWS_PER_VOTE)
+        out, lse = out.to(q.dtype), lse.float() if return_lse else None
+    else:
+        out, lse, stats = _run_split(prob, num_splits, return_lse, lam, return_skip_stats)
+    return (out, lse, stats) if return_skip_stats else (out, lse)
+
+
+def _skip_lambda(threshold, scale_factor, seqused_k: torch.Tensor, batch: int, check: bool) -> Optional[torch.Tensor]:
+    """Each sequence's skip-softmax lambda, float32 ``[batch]`` on the device (None: dense)."""
+    if threshold is not None and scale_factor is not None:
+        raise ValueError("give skip_softmax_threshold or skip_softmax_threshold_scale_factor, not both")
+    if scale_factor is not None:
+        if isinstance(scale_factor, bool) or not isinstance(scale_factor, (int, float)) or not (
+                0 <= scale_factor < math.inf):
+            raise ValueError(f"skip_softmax_threshold_scale_factor must be a finite float >= 0, got {scale_factor!r}")
+        return scale_factor / seqused_k.float().clamp_min(1)
+    if threshold is None:
+        return None
+    if isinstance(threshold, torch.Tensor):
+        if threshold.shape != (batch,) or not threshold.is_floating_point() or threshold.device != seqused_k.device:
+            raise ValueError(
+                f"skip_softmax_threshold as a tensor must be floating point [batch] = [{batch}] on "
+                f"{seqused_k.device}, got {threshold.dtype} {tuple(threshold.shape)} on {threshold.device}")
+        if check and not bool(((threshold >= 0) & (threshold < 1)).all()):
+            raise ValueError("skip_softmax_threshold values must be in [0, 1)")
+        return threshold.float()
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < 1:
+        raise ValueError(
+            f"skip_softmax_threshold must be a float in [0, 1) or a [batch] tensor, got {threshold!r} "
+            f"(for lambda = factor / seqlen_k pass skip_softmax_threshold_scale_factor)")
+    return torch.full((batch,), float(threshold), dtype=torch.float32, device=seqused_k.device)
 
 
 def choose_num_splits(q: torch.Tensor, k: PackedKV, v: PackedKV, page_table: torch.Tensor) -> int:
@@ -181,36 +251,72 @@ def split_launches(q: torch.Tensor, page_table: torch.Tensor, seqused_k: torch.T
     return launches, empty
 
 
-def _run_split(prob, num_splits: Optional[int], return_lse: bool):
+def _run_split(prob, num_splits: Optional[int], return_lse: bool, lam: Optional[torch.Tensor] = None,
+               want_stats: bool = True):
+    """The packed-KV kernel over the split's launches, merged by FA4's combine kernel. With
+    ``lam`` (skip-softmax) also returns the summed ``SkipStats`` (None unless ``want_stats``: the
+    kernel writes its counters either way, summing them costs a few small launches)."""
     from flash_attn.cute.interface import _flash_attn_fwd_combine
 
-    from .kernels.launch import packed_attention
+    from .kernels.launch import packed_attention, sm90_tiles
 
     q, k, v = prob.q, prob.k, prob.v
     batch, seqlen_q, heads, d = q.shape
-    page_size = k.shape[1]
+    kv_heads, page_size = k.shape[2], k.shape[1]
     if num_splits is None:
         num_splits = choose_num_splits(q, k, v, prob.page_table)
     common = dict(softmax_scale=prob.softmax_scale, window_size=(None, None))
+    rows = seqlen_q * (heads // kv_heads)  # packed query rows per (sequence, KV head)
     if num_splits == 1:
+        launches = [Launch(q, prob.page_table, prob.seqused_k, prob.causal, slice(0, 1))]
+        empty = (prob.seqused_k == 0).view(1, batch)
+    else:
+        launches, empty = split_launches(q, prob.page_table, prob.seqused_k, prob.causal, page_size, num_splits)
+    parts = empty.shape[0]
+    if num_splits == 1 and lam is None:
         return packed_attention(q, k, v, causal=prob.causal, page_table=prob.page_table,
                                 seqused_k=prob.seqused_k, return_lse=return_lse, **common)
-    launches, empty = split_launches(q, prob.page_table, prob.seqused_k, prob.causal, page_size, num_splits)
-    parts = empty.shape[0]
-    out_part = torch.empty(parts, batch, seqlen_q, heads, d, dtype=q.dtype, device=q.device)
-    lse_part = torch.empty(parts, batch, heads, seqlen_q, dtype=torch.float32, device=q.device)
+    stats = None
+    if lam is not None:
+        log2_lam = torch.log2(lam)  # 0 -> -inf: nothing is skipped
+        stats = torch.empty(parts, batch, kv_heads, 2 * math.ceil(rows / SM90_TILE_M), 2, dtype=torch.int32,
+                            device=q.device)  # every tile writes its counters
+    single = num_splits == 1
+    out_part = q.new_empty(q.shape) if single else torch.empty(parts, batch, seqlen_q, heads, d, dtype=q.dtype,
+                                                               device=q.device)
+    lse_part = None
+    if return_lse or not single:
+        lse_part = torch.empty(parts, batch, heads, seqlen_q, dtype=torch.float32, device=q.device)
     for ln in launches:
         vb = ln.q.shape[0]
         n = ln.parts.stop - ln.parts.start
+        skip = {}
+        if lam is not None:
+            skip = dict(skip_log2_threshold=log2_lam.repeat(n),
+                        skip_stats=stats.narrow(0, ln.parts.start, n).view(vb, *stats.shape[2:]))
         packed_attention(ln.q, k, v, causal=ln.causal, page_table=ln.page_table, seqused_k=ln.seqused_k,
-                         out=out_part.narrow(0, ln.parts.start, n).view(vb, seqlen_q, heads, d),
-                         lse=lse_part.narrow(0, ln.parts.start, n).view(vb, heads, seqlen_q), **common)
-    # A chunk without keys (a short sequence beside long ones) gets no weight in the combine.
-    lse_part.masked_fill_(empty.view(parts, batch, 1, 1), float("-inf"))
-    out = torch.empty_like(q)
-    lse = torch.empty(batch, heads, seqlen_q, dtype=torch.float32, device=q.device) if return_lse else None
-    # float32 partials: FA4's combine accepts bf16/fp16 ones but merges them wrongly (measured on
-    # the H100: errors of order 1 on random partials; docs/UPSTREAM.md).
-    _flash_attn_fwd_combine(out_part.float(), lse_part.transpose(-1, -2), out,
-                            lse.transpose(-1, -2) if return_lse else None)
-    return out, lse
+                         out=out_part if single else out_part.narrow(0, ln.parts.start, n).view(vb, seqlen_q, heads, d),
+                         lse=None if lse_part is None else lse_part.narrow(0, ln.parts.start, n).view(vb, heads, seqlen_q),
+                         **skip, **common)
+    if single:
+        out, lse = out_part, (lse_part.select(0, 0) if return_lse else None)
+    else:
+        # A chunk without keys (a short sequence beside long ones) gets no weight in the combine.
+        lse_part.masked_fill_(empty.view(parts, batch, 1, 1), float("-inf"))
+        out = torch.empty_like(q)
+        lse = torch.empty(batch, heads, seqlen_q, dtype=torch.float32, device=q.device) if return_lse else None
+        # float32 partials: FA4's combine accepts bf16/fp16 ones but merges them wrongly (measured on
+        # the H100: errors of order 1 on random partials; docs/UPSTREAM.md).
+        _flash_attn_fwd_combine(out_part.float(), lse_part.transpose(-1, -2), out,
+                                lse.transpose(-1, -2) if return_lse else None)
+    if lam is None:
+        return out, lse
+    if not want_stats:
+        return out, lse, None
+    # Per 64-row vote group, summed over the chunks that hold keys (an empty chunk's tile visits
+    # nothing); the second warpgroup's counts are dropped where it has no rows.
+    # (narrow/select, not slicing: they also run on the fake tensors of CPU compile checks)
+    stats = stats.masked_fill(empty.view(parts, batch, 1, 1, 1), 0).sum(0).narrow(2, 0, math.ceil(rows / ROWS_PER_VOTE))
+    skipped, blocks = stats.select(-1, 0).long(), stats.select(-1, 1).long()
+    eps = skipped.double() * sm90_tiles(d, k.bits, v.bits)[1] * lam.double().view(-1, 1, 1)
+    return out, lse, SkipStats(skipped, blocks, eps)

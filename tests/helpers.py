@@ -89,3 +89,12 @@ def shuffled_pages(lens, page_size, gen, *, spare=2, num_pages=None, extra_cols=
             nxt += 1
         slots += [int(table[b, t // page_size]) * page_size + t % page_size for t in range(n)]
     return num_pages, table, slots
+
+
+def greedy_accept_lengths(out, proj, drafts):
+    """Greedy verification: each position's next token is argmax(out . proj); a sequence keeps its
+    draft tokens up to the first disagreement. Returns (argmax [batch, seqlen_q], accepted [batch])."""
+    logits = out.double().flatten(2) @ proj  # [batch, seqlen_q, vocab]
+    choice = logits.argmax(-1)
+    agree = (choice == drafts).long()
+    return choice, agree.cumprod(1).sum(1)

@@ -107,8 +107,17 @@ def test_decode_inputs_are_checked():
     for bad in (0, 129, 2.0, True):
         with pytest.raises(ValueError, match="num_splits"):
             flash_attn_with_kvcache(q, cache, table, used, num_splits=bad)
-    with pytest.raises(NotImplementedError, match="skip_softmax_threshold"):
-        flash_attn_with_kvcache(q, cache, table, used, skip_softmax_threshold=1e-3)
+    for bad in (1.0, -0.1, "0.1", True, torch.zeros(3)):
+        with pytest.raises(ValueError, match="skip_softmax_threshold"):
+            flash_attn_with_kvcache(q, cache, table, used, skip_softmax_threshold=bad)
+    for bad in (-1.0, float("inf"), float("nan"), "1"):
+        with pytest.raises(ValueError, match="skip_softmax_threshold_scale_factor"):
+            flash_attn_with_kvcache(q, cache, table, used, skip_softmax_threshold_scale_factor=bad)
+    with pytest.raises(ValueError, match="not both"):
+        flash_attn_with_kvcache(q, cache, table, used, skip_softmax_threshold=0.1,
+                                skip_softmax_threshold_scale_factor=1.0)
+    with pytest.raises(ValueError, match="return_skip_stats needs"):
+        flash_attn_with_kvcache(q, cache, table, used, return_skip_stats=True)
     with pytest.raises(ValueError, match="seqused_k must be >= 4"):
         flash_attn_with_kvcache(q.expand(2, 4, H, D), cache, table, torch.tensor([3, 40], dtype=torch.int32))
     with pytest.raises(TypeError, match="seqused_k must be torch.int32"):
@@ -132,3 +141,29 @@ def test_decode_matches_the_varlen_api_on_cpu():
     out_nolse, none = flash_attn_with_kvcache(q, cache, table, used)
     assert none is None and torch.equal(out_nolse, out)
     assert flash_attn_func  # the module's import surface stays importable on the CPU
+
+
+def test_skip_softmax_on_the_cpu_is_the_oracle():
+    """On the CPU a threshold runs fa4_tq.skip_softmax (unsplit, the kernel's 128-key blocks and
+    64-row vote groups); the scale-factor form is lambda = factor / seqused_k."""
+    from fa4_tq.skip_softmax import peaked_attention_inputs, skip_softmax_attention
+
+    gen = torch.Generator().manual_seed(7)
+    lens = [600, 300]
+    q, raw = peaked_attention_inputs(lens, 4, H, HK, D, generator=gen)
+    (kp, vp), table, used, _ = ragged_paged_cache(lens, 16, HK, D, gen, raw=raw)
+    q = q.to(torch.bfloat16)
+    out, lse, st = flash_attn_with_kvcache(q, (kp, vp), table, used, skip_softmax_threshold_scale_factor=0.5,
+                                           return_lse=True, return_skip_stats=True)
+    o2, l2, st2 = skip_softmax_attention(q, kp, vp, table, used, threshold_scale_factor=0.5, tile_n=128)
+    assert torch.equal(out, o2.to(q.dtype)) and torch.equal(lse, l2.float())
+    assert torch.equal(st.skipped, st2.skipped) and int(st.skipped.sum()) > 0
+    lam = torch.tensor([0.5 / n for n in lens])
+    o3, _, st3 = flash_attn_with_kvcache(q, (kp, vp), table, used, skip_softmax_threshold=lam,
+                                         return_skip_stats=True)
+    assert torch.equal(o3, out) and torch.equal(st3.skipped, st.skipped)
+    dense = flash_attn_with_kvcache(q, (kp, vp), table, used)[0]
+    zero = flash_attn_with_kvcache(q, (kp, vp), table, used, skip_softmax_threshold=0.0)[0]
+    # online (oracle) and dense (reference) float64 softmax differ in the last bits, so the bf16
+    # outputs may differ by one rounding step
+    torch.testing.assert_close(zero, dense, atol=1e-6, rtol=2 ** -7)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fa4_tq import attention_reference, flash_attn_with_kvcache
-from helpers import ragged_paged_cache, rel_err
+from helpers import greedy_accept_lengths, ragged_paged_cache, rel_err
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -71,3 +71,111 @@ def test_split_and_unsplit_agree(poisoned):
     outs = [_check([40, 5000], 4, 64, 8, 128, 64, 4, 4, num_splits=n, tag="splits") for n in (1, 2, 16, None)]
     for o in outs[1:]:
         assert rel_err(o, outs[0]) < 1e-2
+
+
+# ----------------------------------------------------------------------------- skip-softmax
+def _peaked(lens, seqlen_q, h, h_k, d, page_size, k_bits, v_bits, seed):
+    from fa4_tq.skip_softmax import peaked_attention_inputs
+
+    gen = torch.Generator().manual_seed(seed)
+    q, raw = peaked_attention_inputs(lens, seqlen_q, h, h_k, d, generator=gen)
+    cache, table, used, _ = ragged_paged_cache(lens, page_size, h_k, d, gen, k_bits=k_bits, v_bits=v_bits,
+                                               k_seed=5, v_seed=6, device=DEV, raw=raw)
+    return q.to(torch.bfloat16).to(DEV), cache, table, used
+
+
+@pytest.mark.parametrize("seqlen_q,num_splits", [(1, None), (8, None), (8, 1)])
+def test_skip_threshold_none_and_zero_are_the_dense_kernel(poisoned, seqlen_q, num_splits):
+    """None runs the dense kernel; 0 runs the voting kernel, which then skips nothing: both equal
+    the dense kernel bit for bit (output and LSE)."""
+    q, cache, table, used = _peaked([3000, 70, 1200], seqlen_q, 32, 4, 128, 64, 4, 4, seed=1)
+    kw = dict(num_splits=num_splits, return_lse=True, backend="inline")
+    out, lse = flash_attn_with_kvcache(q, cache, table, used, **kw)
+    out_n, lse_n = flash_attn_with_kvcache(q, cache, table, used, skip_softmax_threshold=None, **kw)
+    out_0, lse_0, st = flash_attn_with_kvcache(q, cache, table, used, skip_softmax_threshold=0.0,
+                                               return_skip_stats=True, **kw)
+    assert torch.equal(out_n, out) and torch.equal(lse_n, lse)
+    assert torch.equal(out_0, out) and torch.equal(lse_0, lse)
+    assert int(st.skipped.sum()) == 0 and int(st.blocks.min()) >= 1
+
+
+SKIP_CASES = [  # (lens, seqlen_q, heads, kv_heads, d, page_size, bits, num_splits)
+    ([4000, 900, 2500], 1, 32, 4, 128, 64, (4, 4), None),  # decode, GQA 8, split
+    ([4000, 900, 2500], 8, 32, 4, 128, 64, (4, 4), 1),  # verification, one vote group, unsplit
+    ([3000, 5000], 4, 64, 8, 128, 128, (2, 4), None),  # verification, split + causal tail
+    ([2000, 333], 16, 64, 8, 64, 16, (8, 8), None),  # 128 rows: both warpgroups vote, head_dim 64
+    ([2500, 1500], 8, 16, 4, 64, 16, (3, 2), 1),  # GQA 4, pages of 16
+    ([6000], 4, 8, 8, 128, 128, (4, 8), None),  # GQA 1 (no pack-GQA)
+]
+
+
+@pytest.mark.parametrize("lens,seqlen_q,h,h_k,d,page_size,bits,num_splits", SKIP_CASES)
+def test_skip_softmax_stays_inside_its_bound(poisoned, lens, seqlen_q, h, h_k, d, page_size, bits, num_splits):
+    """Every row's error against the float64 dense answer stays within the bound of the blocks
+    the kernel reports skipped (2 eps max||v||) plus the dense kernel's own error on that row.
+    Unsplit, the kernel skips most blocks of this peaked attention, as many as the float64 oracle.
+    Split, each chunk votes against its own running max, so only chunks that hold a dominant key
+    skip: fewer blocks, the same bound."""
+    from fa4_tq.skip_softmax import skip_softmax_attention
+
+    q, cache, table, used = _peaked(lens, seqlen_q, h, h_k, d, page_size, *bits, seed=len(lens) + seqlen_q)
+    kw = dict(num_splits=num_splits, return_lse=True, backend="inline")
+    factor = 1.0
+    out, lse, st = flash_attn_with_kvcache(q, cache, table, used, skip_softmax_threshold_scale_factor=factor,
+                                           return_skip_stats=True, **kw)
+    dense, dense_lse = flash_attn_with_kvcache(q, cache, table, used, **kw)
+    ref, _ = attention_reference(q, *cache, page_table=table, seqused_k=used, causal=True, dtype=torch.float64)
+    group = h // h_k
+    vmax = cache[1].decompress().double().norm(dim=-1).amax(dim=(0, 1)).repeat_interleave(group)  # [heads]
+    eps = st.row_eps(seqlen_q, group)  # [batch, seqlen_q, heads]
+    err = (out.double() - ref).norm(dim=-1)
+    dense_err = (dense.double() - ref).norm(dim=-1)
+    bound = 2 * eps * vmax + 2 * dense_err + 1e-3 * ref.norm(dim=-1)
+    frac = float(st.skipped.sum() / st.blocks.sum())
+    print(f"SKIP lens={lens} q{seqlen_q} h{h}/{h_k} d{d} page{page_size} K{bits[0]}V{bits[1]} splits={num_splits}: "
+          f"skipped {frac:.0%}, rel err {rel_err(out, ref):.2e} (dense kernel {rel_err(dense, ref):.2e}), "
+          f"max err/bound {float((err / bound).max()):.2f}")
+    assert bool((err <= bound).all()), float((err / bound).max())
+    # LSE: skipping only drops mass, at most -log(1 - eps) of it (+ float32 rounding)
+    drop = (dense_lse - lse).double()
+    tol = 1e-5 * dense_lse.abs().double()
+    assert bool((drop >= -tol).all()), float(drop.min())
+    assert bool((drop <= -torch.log1p(-eps.clamp_max(0.999)).transpose(1, 2) + tol).all())
+    if num_splits == 1:
+        assert frac > 0.3, "the data are built to make most blocks skippable"
+        # the float64 oracle of the same decisions (64-row votes, the kernel's blocks)
+        oracle, _, st_ref = skip_softmax_attention(q.cpu(), *(p.to("cpu") for p in cache), table.cpu(), used.cpu(),
+                                                   threshold_scale_factor=factor, tile_n=128)
+        diff = (st.skipped.cpu() - st_ref.skipped).abs().sum()
+        assert int(diff) <= 0.02 * int(st_ref.skipped.sum()) + 2, (st.skipped.cpu(), st_ref.skipped)
+        assert torch.equal(st.blocks.cpu(), st_ref.blocks)
+        o_err = rel_err(out.cpu(), oracle)
+        print(f"     against the skipping oracle: {o_err:.2e}, skipped {int(st.skipped.sum())} (oracle "
+              f"{int(st_ref.skipped.sum())})")
+        assert o_err <= 2 * rel_err(dense, ref) + 1e-3
+
+
+@pytest.mark.parametrize("seqlen_q,num_splits", [(4, 1), (8, 1), (8, None)])
+def test_greedy_decisions_hold_at_the_default_threshold(poisoned, seqlen_q, num_splits):
+    """Verification batches, GQA 8, at SKIP_SOFTMAX_DEFAULT_SCALE_FACTOR: every position's greedy
+    token and every accept length equal the dense kernel's (unsplit, most blocks skipped)."""
+    from fa4_tq.decode import SKIP_SOFTMAX_DEFAULT_SCALE_FACTOR
+
+    lens = [8192, 3000, 12000, 700, 5000, 4096, 16000, 2048]
+    q, cache, table, used = _peaked(lens, seqlen_q, 32, 4, 128, 64, 4, 4, seed=seqlen_q)
+    out, _, st = flash_attn_with_kvcache(q, cache, table, used, return_skip_stats=True, backend="inline",
+                                         num_splits=num_splits,
+                                         skip_softmax_threshold_scale_factor=SKIP_SOFTMAX_DEFAULT_SCALE_FACTOR)
+    dense, _ = flash_attn_with_kvcache(q, cache, table, used, backend="inline", num_splits=num_splits)
+    proj = torch.randn(32 * 128, 1000, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(DEV)
+    dense_choice, _ = greedy_accept_lengths(dense, proj, torch.zeros(len(lens), seqlen_q, dtype=torch.long, device=DEV))
+    drafts = dense_choice.clone()
+    for b in range(len(lens)):
+        drafts[b, b % seqlen_q] += 1
+    choice, accepted = greedy_accept_lengths(out, proj, drafts)
+    dense_choice, dense_accepted = greedy_accept_lengths(dense, proj, drafts)
+    frac = float(st.skipped.sum() / st.blocks.sum())
+    print(f"GREEDY q{seqlen_q} splits={num_splits}: skipped {frac:.0%} of blocks, out vs dense kernel {rel_err(out, dense):.2e}, "
+          f"accepted {accepted.tolist()}")
+    assert frac > 0.5 or num_splits != 1
+    assert torch.equal(choice, dense_choice) and torch.equal(accepted, dense_accepted)

@@ -73,6 +73,8 @@ def packed_attention(
     rotation: str = "fused",
     out: Optional[torch.Tensor] = None,
     lse: Optional[torch.Tensor] = None,
+    skip_log2_threshold: Optional[torch.Tensor] = None,
+    skip_stats: Optional[torch.Tensor] = None,
     _ablate: Optional[str] = None,
 ):
     """Attention of ``q`` on packed K/V. Returns ``(out, lse)`` with FA4's layouts, ``out`` in
@@ -82,8 +84,16 @@ def packed_attention(
     ``rotation``: "fused" (the kernel rotates q and un-rotates the output itself), "gemm" (one
     bf16 GEMM each around the kernel, ``rotate_rounded``/``unrotate_rounded``), "none" (``q`` is
     already ``R_k q`` and the output stays rotated: the kernel alone, for tests and benchmarks).
+    ``skip_log2_threshold`` (float32 ``[batch]``, log2 of each entry's lambda; -inf skips
+    nothing) turns skip-softmax on (``kernels/skip_softmax.py``); the kernel then writes
+    ``skip_stats`` (int32 ``[batch, tile heads, 2 * m_blocks, 2]``: skipped and visited blocks of
+    each 64-row warpgroup of each tile; tile heads are the KV heads with pack-GQA, else the query
+    heads). Batch layout only (no ``cu_seqlens``).
     Inputs are assumed validated by ``fa4_tq.interface``.
     """
+    skip = skip_log2_threshold is not None
+    if skip and (skip_stats is None or cu_seqlens_q is not None):
+        raise ValueError("skip-softmax needs skip_stats and the batch layout (no cu_seqlens_q)")
     if rotation not in ROTATIONS:
         raise ValueError(f"rotation must be one of {ROTATIONS}, got {rotation!r}")
     if rotation == "gemm":
@@ -93,7 +103,7 @@ def packed_attention(
             rotate_rounded(q, k.seed), k, v, softmax_scale=softmax_scale, causal=causal,
             window_size=window_size, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
             seqused_k=seqused_k, page_table=page_table, return_lse=return_lse, rotation="none", lse=lse,
-            _ablate=_ablate,
+            skip_log2_threshold=skip_log2_threshold, skip_stats=skip_stats, _ablate=_ablate,
         )
         o = unrotate_rounded(o_rot, v.seed)
         return (out.copy_(o) if out is not None else o), lse
@@ -144,14 +154,14 @@ def packed_attention(
         arch, cls.__name__, q_rot.dtype, head_dim, qhead_per_kvhead, k.bits, v.bits,
         k.scales.dtype, v.scales.dtype, causal, local, wl is None, wr is None, pack_gqa,
         cu_seqlens_q is None, cu_seqlens_k is None, seqused_k is None, page_table is None,
-        lse is None, tile_m, tile_n, fused, _ablate,
+        lse is None, tile_m, tile_n, fused, skip, _ablate,
     )
     if key not in _compile_cache:
         dtype = {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16}[q_rot.dtype]
         kernel = cls(
             dtype, head_dim, qhead_per_kvhead, k_bits=k.bits, v_bits=v.bits, is_causal=causal,
             is_local=local, pack_gqa=pack_gqa, tile_m=tile_m, tile_n=tile_n, fuse_rotation=fused,
-            ablate=_ablate,
+            skip_softmax=skip, ablate=_ablate,
         )
         small = dict(assumed_align=4, leading_dim=0)
         args = [
@@ -168,6 +178,8 @@ def packed_attention(
             to_cute_tensor(seqused_k, **small) if seqused_k is not None else None,
             to_cute_tensor(page_table, assumed_align=4, leading_dim=1) if page_table is not None else None,
             wl, wr,
+            to_cute_tensor(skip_log2_threshold, **small) if skip else None,
+            to_cute_tensor(skip_stats, assumed_align=4) if skip else None,
             cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
         ]
         _compile_cache[key] = cute.compile(kernel, *args, options="--enable-tvm-ffi")
@@ -175,6 +187,7 @@ def packed_attention(
         _compile_cache[key](
             q_rot, k.data, v.data, k.scales, v.scales, k_table, v_table, k_signs, v_signs, out, lse,
             softmax_scale, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table, wl, wr,
+            skip_log2_threshold, skip_stats,
         )
     return out, lse
 

@@ -23,11 +23,15 @@ What FA4 lacks, and how it is bridged (each listed in docs/UPSTREAM.md):
 - The rotations need a step between "Q has landed" and the first QK^T, and one between the final
   rescale of O and its conversion: ``first_half_block_overlap`` and ``epilogue`` are wrapped
   (FA4's own code runs after / after ours), and ``mma`` only to keep a handle on ``sQ``.
+- Skip-softmax (``skip_softmax=True``, ``skip_softmax.py``) needs a vote between a block's QK^T
+  and its softmax, and a P.V that can be left out: FA4's per-block step and its last half block
+  are wrapped, handing FA4's own code a voting softmax and a gated P.V.
 """
 
 from __future__ import annotations
 
 import types
+from functools import partial
 from typing import Callable, NamedTuple, Optional
 
 import cuda.bindings.driver as cuda
@@ -42,11 +46,12 @@ from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90
 from flash_attn.cute.named_barrier import NamedBarrierFwd
 from flash_attn.cute.pack_gqa import PackGQA
 from flash_attn.cute.utils import AuxData
-from quack import copy_utils
+from quack import copy_utils, layout_utils
 from quack.cute_dsl_utils import ParamsBase
 
 from .fused_rotation import rotate_q_rows, unrotate_acc
 from .load_stage import copy_part_async, dequant_part
+from .skip_softmax import SkipOperands, SkippingSoftmax, SkipState, gated_pv
 from .staging import StagingPlan, choose_staging, table_floats, uses_shared_table
 
 
@@ -87,6 +92,7 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
     # consumer warpgroup (its Q rows rotated).
     _producer_barrier_id = max(int(b) for b in NamedBarrierFwd) + 1
     _rotate_q_barrier_id = _producer_barrier_id + 1
+    _skip_vote_barrier_id = _rotate_q_barrier_id + 2  # one per consumer warpgroup
     # Iterations of 32 codes the conversion loop unrolls (load_stage.dequant_part): 4 = a whole
     # head_dim-128 row. Measured on the H100 (hd128 s8K causal): +2-4% over 1 at K2V2/K4V4/K8V8.
     dequant_unroll = 4
@@ -109,6 +115,7 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
         producer_regs: int = 72,
         consumer_regs: int = 216,
         fuse_rotation: bool = True,
+        skip_softmax: bool = False,
         ablate: Optional[str] = None,
     ):
         if tile_m != 128:
@@ -135,6 +142,9 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
         if fuse_rotation and not intra_wg_overlap:
             raise ValueError("fuse_rotation rotates Q in first_half_block_overlap: it needs intra_wg_overlap=True")
         self.fuse_rotation = fuse_rotation
+        if skip_softmax and not intra_wg_overlap:
+            raise ValueError("skip_softmax wraps FA4's intra-warpgroup-overlap step: it needs intra_wg_overlap=True")
+        self.skip_softmax = skip_softmax
         self.k_plan = StagingPlan(tile_n, head_dim, k_bits)
         self.v_plan = StagingPlan(tile_n, head_dim, v_bits)
         self.staging_slots, self.staging_padded = choose_staging(tile_m, tile_n, head_dim, k_bits, v_bits)
@@ -175,9 +185,12 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
         mPageTable: Optional[cute.Tensor] = None,
         window_size_left: Int32 | int | None = None,
         window_size_right: Int32 | int | None = None,
+        mSkipLog2Threshold: Optional[cute.Tensor] = None,  # float32 (b,), read when skip_softmax
+        mSkipStats: Optional[cute.Tensor] = None,  # int32 (b, h_tile, 2 * m_blocks, 2), written then
         stream: cuda.CUstream = None,
     ):
         self._tq_host = TQOperands(mK, mV, mKScale, mVScale, mKTable, mVTable, mKSigns, mVSigns)
+        self._skip_host = SkipOperands(mSkipLog2Threshold, mSkipStats) if const_expr(self.skip_softmax) else None
         FlashAttentionForwardSm90.__call__(
             self,
             mQ,
@@ -213,7 +226,7 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
     # ------------------------------------------------------------------ kernel
     def kernel(self, *fa4_args):
         """FA4's ``__call__`` launches ``self.kernel(...)``: add the packed operands."""
-        return self._kernel_tq(*fa4_args, self._tq_host)
+        return self._kernel_tq(*fa4_args, self._tq_host, self._skip_host)
 
     @cute.kernel
     def _kernel_tq(
@@ -255,6 +268,7 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
         aux_data: AuxData,
         fastdiv_mods,
         tq: TQOperands,
+        skip: Optional[SkipOperands],
     ):
         # Staging ring and codebook tables: separate shared-memory allocations beside FA4's.
         smem = cutlass.utils.SmemAllocator()
@@ -272,7 +286,7 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
             self._sTableK = smem.allocate_tensor(Float32, cute.make_layout((table_floats(self.k_bits),)), byte_alignment=16)
         if const_expr(uses_shared_table(self.v_bits)):
             self._sTableV = smem.allocate_tensor(Float32, cute.make_layout((table_floats(self.v_bits),)), byte_alignment=16)
-        self._tq = tq
+        self._tq, self._skip = tq, skip
         # The producer dequantises: give it registers (see __init__).
         self.num_mma_regs, self.num_producer_regs = self.consumer_regs, self.producer_regs
         _fa4_kernel_body(
@@ -287,8 +301,14 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
 
     # ------------------------------------------------------------------ consumers: fused rotation
     def mma(self, tiled_mma_qk, tiled_mma_pv, mO, mLSE, sQ, *rest):
-        """FA4's ``mma``; keeps ``sQ`` for ``first_half_block_overlap`` (which FA4 does not pass it)."""
+        """FA4's ``mma``; keeps ``sQ`` for ``first_half_block_overlap`` (which FA4 does not pass it)
+        and, with skip-softmax, sets up this thread's vote registers."""
         self._sQ = sQ
+        if const_expr(self.skip_softmax):
+            tidx = cute.arch.thread_idx()[0] - 128  # consumer threads, as FA4's mma numbers them
+            cS = cute.make_identity_tensor((self.tile_m, self.tile_n))
+            self._tScS_mn = layout_utils.reshape_acc_to_mn(tiled_mma_qk.get_slice(tidx).partition_C(cS))
+            self._skip_state = SkipState(cute.size(self._tScS_mn, mode=[0]))
         return FlashAttentionForwardSm90.mma(self, tiled_mma_qk, tiled_mma_pv, mO, mLSE, sQ, *rest)
 
     def first_half_block_overlap(self, *args, is_first_block: bool = False, **kwargs):
@@ -298,15 +318,51 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
             tidx = cute.arch.thread_idx()[0] - 128  # consumer threads, as FA4's mma numbers them
             wg = cute.arch.make_warp_uniform(tidx // 128)
             rotate_q_rows(self._sQ, wg * 64, tidx % 128, self._tq.k_signs, 64, self._rotate_q_barrier_id + wg)
+        if const_expr(self.skip_softmax and is_first_block):
+            # FA4 binds the tile's coordinates into the mask callable it passes (nested partials,
+            # flattened by functools): the only place they reach this method.
+            tile = kwargs["mask_fn"].keywords
+            seqlen = kwargs["seqlen"]
+            rows = seqlen.seqlen_q * (self.qhead_per_kvhead if const_expr(self.pack_gqa) else 1)
+            self._skip_state.start_tile(Float32(self._skip.log2_threshold[tile["batch_idx"]]), self._tScS_mn,
+                                        tile["m_block"] * self.tile_m, rows)
         return FlashAttentionForwardSm90.first_half_block_overlap(self, *args, is_first_block=is_first_block, **kwargs)
+
+    # ------------------------------------------------------------------ consumers: skip-softmax
+    def mma_one_n_block_intrawg_overlap(self, smem_pipe_read, *, softmax, mma_pv_fn, **kwargs):
+        """FA4's per-block step; with skip-softmax its softmax votes first and the P.V of a
+        skipped block is left out (``skip_softmax.py``)."""
+        if const_expr(self.skip_softmax):
+            wg = cute.arch.make_warp_uniform(cute.arch.warp_idx() // 4 - 1)
+            softmax = SkippingSoftmax(softmax, self._skip_state, self._skip_vote_barrier_id + wg)
+            mma_pv_fn = partial(gated_pv, self._skip_state, mma_pv_fn)
+        return FlashAttentionForwardSm90.mma_one_n_block_intrawg_overlap(
+            self, smem_pipe_read, softmax=softmax, mma_pv_fn=mma_pv_fn, **kwargs)
+
+    def last_half_block_overlap(self, *, mma_pv_fn, **kwargs):
+        """FA4's last P.V; left out when skip-softmax skipped the last block visited."""
+        if const_expr(self.skip_softmax):
+            mma_pv_fn = partial(gated_pv, self._skip_state, mma_pv_fn)
+        return FlashAttentionForwardSm90.last_half_block_overlap(self, mma_pv_fn=mma_pv_fn, **kwargs)
 
     def epilogue(self, acc_O, lse, mO, mLSE, sO, seqlen, gmem_tiled_copy_O, tma_atom_O, tiled_mma, tidx,
                  m_block, head_idx, batch_idx):
         """Un-rotate the normalised output in registers, then FA4's epilogue."""
         if const_expr(self.fuse_rotation):
             unrotate_acc(acc_O, tiled_mma, tidx, self._tq.v_signs, (self.tile_m, self.tile_hdimv))
+        if const_expr(self.skip_softmax):
+            self._write_skip_stats(tidx, m_block, head_idx, batch_idx)
         FlashAttentionForwardSm90.epilogue(self, acc_O, lse, mO, mLSE, sO, seqlen, gmem_tiled_copy_O, tma_atom_O,
                                            tiled_mma, tidx, m_block, head_idx, batch_idx)
+
+    @cute.jit
+    def _write_skip_stats(self, tidx: Int32, m_block: Int32, head_idx: Int32, batch_idx: Int32):
+        """(skipped, visited) blocks of this warpgroup's rows, by one thread of it."""
+        stats, counters = self._skip.stats, self._skip_state.counters
+        if tidx % 128 == 0:
+            wg = tidx // 128
+            stats[batch_idx, head_idx, m_block * 2 + wg, 0] = counters[1]
+            stats[batch_idx, head_idx, m_block * 2 + wg, 1] = counters[2]
 
     # ------------------------------------------------------------------ producer
     @cute.jit
