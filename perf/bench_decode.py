@@ -11,6 +11,13 @@ with launches queued ahead (``time_gpu``), medians. "vs best bf16" is the faster
 divided by ours. FA4 has no split-KV on SM90 (its interface asserts so), SDPA picks its own
 backend. Writes perf/results/decode-<gpu>.md.
 
+Skip-softmax has its own table: on i.i.d. random data no block is skippable, so it runs on
+``fa4_tq.skip_softmax.peaked_attention_inputs`` (LLM-like peaked attention: recent tokens and a
+sink dominate; synthetic, not a model's) at K4V4, dense and skipping kernels side by side, at the
+documented default ``SKIP_SOFTMAX_DEFAULT_SCALE_FACTOR`` and at 10x it. It reports the share of
+KV blocks skipped, the speedup over the dense kernel on the same data, the relative error of the
+output against the dense kernel, and the largest mass bound ``eps`` of any row.
+
     python perf/bench_decode.py [--quick] [--reps N] [--out-dir D]
 """
 
@@ -25,6 +32,8 @@ import torch.nn.functional as F
 from fa4_tq import PagedKVCache, flash_attn_with_kvcache
 from fa4_tq.benchmark import bench_parser, copy_bandwidth, require_gpu, time_gpu, write_results
 from fa4_tq.codec import row_bytes
+from fa4_tq.decode import SKIP_SOFTMAX_DEFAULT_SCALE_FACTOR
+from fa4_tq.skip_softmax import peaked_attention_inputs
 
 HEADS, KV_HEADS, D, PAGE = 64, 8, 128, 128
 BATCHES = (1, 8, 32, 128)
@@ -134,17 +143,59 @@ def plan(quick: bool):
     return out
 
 
+SKIP_HEADER = ("| K/V bits | batch | context | q_len | scale factor | splits | dense us | skip us | speedup "
+               "| blocks skipped | rel err vs dense | max eps |")
+
+
+def skip_rows(batch: int, context: int, q_lens, reps: int, gen: torch.Generator) -> list[str]:
+    """Dense and skipping kernel on one peaked K4V4 cache (module docstring)."""
+    from fa4_tq.decode import choose_num_splits
+
+    rows = []
+    q_all, raw = peaked_attention_inputs([context] * batch, max(q_lens), HEADS, KV_HEADS, D, generator=gen)
+    cache = PagedKVCache(1, batch * context // PAGE, PAGE, KV_HEADS, D, k_bits=4, v_bits=4, device="cuda")
+    perm = torch.randperm(batch * context // PAGE, device="cuda", generator=gen).to(torch.int32)
+    table = perm.view(batch, context // PAGE)
+    used = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    for b, (k, v) in enumerate(raw):
+        slots = (table[b].long().view(-1, 1) * PAGE + torch.arange(PAGE, device="cuda")).view(-1)
+        cache.write(0, k.to(torch.bfloat16), v.to(torch.bfloat16), slots, check_indices=False)
+    del raw
+    layer = cache.layer(0)
+    for q_len in q_lens:
+        # the last q_len queries: the peaked keys sit just before the newest max(q_lens) tokens
+        q = q_all[:, -q_len:].to(torch.bfloat16).contiguous()
+        run = lambda **kw: flash_attn_with_kvcache(q, layer, table, used, check_indices=False, backend="inline", **kw)
+        auto = choose_num_splits(q, *layer, table)
+        for splits in (None, 1) if auto > 1 else (None,):  # split chunks vote against their own running max
+            dense_out, _ = run(num_splits=splits)
+            dense_t = time_gpu(lambda: run(num_splits=splits), reps=reps)
+            n_splits = auto if splits is None else splits
+            for factor in (SKIP_SOFTMAX_DEFAULT_SCALE_FACTOR, 10 * SKIP_SOFTMAX_DEFAULT_SCALE_FACTOR):
+                kw = dict(num_splits=splits, skip_softmax_threshold_scale_factor=factor)
+                out, _, st = run(return_skip_stats=True, **kw)
+                t = time_gpu(lambda: run(**kw), reps=reps)
+                err = float((out.float() - dense_out.float()).norm() / dense_out.float().norm())
+                rows.append(f"| K4V4 | {batch} | {context} | {q_len} | {factor:g} | {n_splits} "
+                            f"| {dense_t * 1e3:.1f} | {t * 1e3:.1f} | {dense_t / t:.2f}x "
+                            f"| {float(st.skipped.sum() / st.blocks.sum()):.0%} | {err:.1e} | {float(st.eps.max()):.3f} |")
+                print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = bench_parser(__doc__, 20, os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--quick", action="store_true", help="decode and verification at two shapes, K4V4 only")
+    ap.add_argument("--skip-only", action="store_true", help="only the skip-softmax table")
     args = ap.parse_args(argv)
     gpu = require_gpu("bench_decode")
     copy = copy_bandwidth()
     print(f"copy bandwidth: {copy:.0f} GB/s")
-    print(HEADER, flush=True)
+    if not args.skip_only:
+        print(HEADER, flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     lines, setup = [], None
-    for batch, ctx, q_len, pairs, decompress in plan(args.quick):
+    for batch, ctx, q_len, pairs, decompress in ([] if args.skip_only else plan(args.quick)):
         if setup is None or (setup.batch, setup.context) != (batch, ctx):
             setup = None
             torch.cuda.empty_cache()
@@ -156,11 +207,25 @@ def main(argv=None):
                      **time_ours(setup, q, kb, vb, args.reps, decompress))
             lines.append(_fmt(r, copy))
             print(lines[-1], flush=True)
-    write_results(args.out_dir, "decode", "Decode and verification",
-                  f"`python perf/bench_decode.py{' --quick' if args.quick else ''}` on {gpu} ({HEADS}/{KV_HEADS} heads, "
-                  f"head_dim {D}, pages of {PAGE}; medians of {args.reps} timings, see the script's docstring). "
-                  f"Device-to-device copy bandwidth measured in the same run: {copy:.0f} GB/s. Skip-softmax is "
-                  f"not implemented yet: no row with it.", HEADER, lines)
+    setup = None
+    torch.cuda.empty_cache()
+    print(SKIP_HEADER, flush=True)
+    skip_lines = []
+    for batch, ctx in ((8, 32768),) if args.quick else ((8, 32768), (32, 16384), (1, 131072)):
+        skip_lines += skip_rows(batch, ctx, (1, 4, 8), args.reps, gen)
+        torch.cuda.empty_cache()
+    if not args.skip_only:
+        write_results(args.out_dir, "decode", "Decode and verification",
+                      f"`python perf/bench_decode.py{' --quick' if args.quick else ''}` on {gpu} ({HEADS}/{KV_HEADS} "
+                      f"heads, head_dim {D}, pages of {PAGE}; medians of {args.reps} timings, see the script's "
+                      f"docstring). Device-to-device copy bandwidth measured in the same run: {copy:.0f} GB/s.",
+                      HEADER, lines)
+    write_results(args.out_dir, "decode-skip-softmax", "Skip-softmax on decode and verification",
+                  f"`python perf/bench_decode.py{' --quick' if args.quick else ''}"
+                  f"{' --skip-only' if args.skip_only else ''}` on {gpu}: peaked synthetic "
+                  f"attention ({HEADS}/{KV_HEADS} heads, head_dim {D}, pages of {PAGE}, K4V4), dense and skipping "
+                  f"packed-KV kernel on the same cache, medians of {args.reps} timings; see the script's docstring.",
+                  SKIP_HEADER, skip_lines)
 
 
 if __name__ == "__main__":
