@@ -179,3 +179,21 @@ def test_greedy_decisions_hold_at_the_default_threshold(poisoned, seqlen_q, num_
           f"accepted {accepted.tolist()}")
     assert frac > 0.5 or num_splits != 1
     assert torch.equal(choice, dense_choice) and torch.equal(accepted, dense_accepted)
+
+
+@pytest.mark.parametrize("seqlen_q,h,h_k,d,num_splits", [(1, 32, 4, 128, 4), (8, 64, 8, 128, None), (4, 8, 8, 64, 1)])
+def test_idle_padding_warpgroup_changes_nothing(poisoned, seqlen_q, h, h_k, d, num_splits):
+    """With q_len x GQA <= 64 the second consumer warpgroup holds only padding and, by default,
+    skips its blocks: output and LSE equal the kernel with it kept busy, bit for bit."""
+    from fa4_tq.decode import _run_split
+    from fa4_tq.interface import _Problem
+
+    gen = torch.Generator().manual_seed(seqlen_q)
+    cache, table, used, _ = ragged_paged_cache([3000, 65, 1200], 64, h_k, d, gen, k_bits=4, v_bits=2, device=DEV)
+    q = torch.randn(3, seqlen_q, h, d, generator=gen).to(torch.bfloat16).to(DEV)
+    out, lse = flash_attn_with_kvcache(q, cache, table, used, num_splits=num_splits, return_lse=True, backend="inline")
+    prob = _Problem(q, *cache, 3, d ** -0.5, True, (None, None), seqused_k=used, page_table=table)
+    busy, busy_lse = _run_split(prob, num_splits, True, _idle=False)
+    assert torch.equal(out, busy) and torch.equal(lse, busy_lse)
+    assert rel_err(out, attention_reference(q, *cache, page_table=table, seqused_k=used, causal=True,
+                                            dtype=torch.float64)[0]) < 2e-2

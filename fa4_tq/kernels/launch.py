@@ -76,6 +76,7 @@ def packed_attention(
     skip_log2_threshold: Optional[torch.Tensor] = None,
     skip_stats: Optional[torch.Tensor] = None,
     _ablate: Optional[str] = None,
+    _idle: Optional[bool] = None,
 ):
     """Attention of ``q`` on packed K/V. Returns ``(out, lse)`` with FA4's layouts, ``out`` in
     q's dtype. ``out``/``lse`` may be given (contiguous, of those shapes): the kernel writes into
@@ -89,6 +90,8 @@ def packed_attention(
     ``skip_stats`` (int32 ``[batch, tile heads, 2 * m_blocks, 2]``: skipped and visited blocks of
     each 64-row warpgroup of each tile; tile heads are the KV heads with pack-GQA, else the query
     heads). Batch layout only (no ``cu_seqlens``).
+    ``_idle=False`` turns off the idle second warpgroup of decode-shaped calls (tests and
+    perf/bench_decode.py compare the two); None decides from the shape.
     Inputs are assumed validated by ``fa4_tq.interface``.
     """
     skip = skip_log2_threshold is not None
@@ -103,7 +106,7 @@ def packed_attention(
             rotate_rounded(q, k.seed), k, v, softmax_scale=softmax_scale, causal=causal,
             window_size=window_size, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
             seqused_k=seqused_k, page_table=page_table, return_lse=return_lse, rotation="none", lse=lse,
-            skip_log2_threshold=skip_log2_threshold, skip_stats=skip_stats, _ablate=_ablate,
+            skip_log2_threshold=skip_log2_threshold, skip_stats=skip_stats, _ablate=_ablate, _idle=_idle,
         )
         o = unrotate_rounded(o_rot, v.seed)
         return (out.copy_(o) if out is not None else o), lse
@@ -128,6 +131,9 @@ def packed_attention(
     pack_gqa = qhead_per_kvhead > 1  # FA4's default
     causal, local, wl, wr = _resolve_causal_local_window(causal, window_size[0], window_size[1])
     tile_m, tile_n = sm90_tiles(head_dim, k.bits, v.bits)
+    # decode/verification: every tile's rows fit in the first consumer warpgroup (64 rows)
+    idle = cu_seqlens_q is None and not skip and q_rot.shape[1] * (qhead_per_kvhead if pack_gqa else 1) <= 64
+    idle = idle and _idle is not False
 
     if cu_seqlens_q is None:
         batch, seqlen_q = q_rot.shape[:2]
@@ -154,14 +160,14 @@ def packed_attention(
         arch, cls.__name__, q_rot.dtype, head_dim, qhead_per_kvhead, k.bits, v.bits,
         k.scales.dtype, v.scales.dtype, causal, local, wl is None, wr is None, pack_gqa,
         cu_seqlens_q is None, cu_seqlens_k is None, seqused_k is None, page_table is None,
-        lse is None, tile_m, tile_n, fused, skip, _ablate,
+        lse is None, tile_m, tile_n, fused, skip, idle, _ablate,
     )
     if key not in _compile_cache:
         dtype = {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16}[q_rot.dtype]
         kernel = cls(
             dtype, head_dim, qhead_per_kvhead, k_bits=k.bits, v_bits=v.bits, is_causal=causal,
             is_local=local, pack_gqa=pack_gqa, tile_m=tile_m, tile_n=tile_n, fuse_rotation=fused,
-            skip_softmax=skip, ablate=_ablate,
+            skip_softmax=skip, idle_second_warpgroup=idle, ablate=_ablate,
         )
         small = dict(assumed_align=4, leading_dim=0)
         args = [

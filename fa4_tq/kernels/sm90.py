@@ -116,6 +116,7 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
         consumer_regs: int = 216,
         fuse_rotation: bool = True,
         skip_softmax: bool = False,
+        idle_second_warpgroup: bool = False,
         ablate: Optional[str] = None,
     ):
         if tile_m != 128:
@@ -145,6 +146,12 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
         if skip_softmax and not intra_wg_overlap:
             raise ValueError("skip_softmax wraps FA4's intra-warpgroup-overlap step: it needs intra_wg_overlap=True")
         self.skip_softmax = skip_softmax
+        # Every tile's query rows fit in the first consumer warpgroup (the caller knows: batch
+        # layout, seqlen_q x GQA <= 64): the second skips its blocks (skip_softmax.py). Under
+        # skip_softmax its vote already does this (all its rows are padding).
+        self.idle_second_warpgroup = idle_second_warpgroup and not skip_softmax
+        if self.idle_second_warpgroup and not intra_wg_overlap:
+            raise ValueError("idle_second_warpgroup wraps FA4's intra-warpgroup-overlap step: it needs intra_wg_overlap=True")
         self.k_plan = StagingPlan(tile_n, head_dim, k_bits)
         self.v_plan = StagingPlan(tile_n, head_dim, v_bits)
         self.staging_slots, self.staging_padded = choose_staging(tile_m, tile_n, head_dim, k_bits, v_bits)
@@ -304,7 +311,7 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
         """FA4's ``mma``; keeps ``sQ`` for ``first_half_block_overlap`` (which FA4 does not pass it)
         and, with skip-softmax, sets up this thread's vote registers."""
         self._sQ = sQ
-        if const_expr(self.skip_softmax):
+        if const_expr(self.skip_softmax or self.idle_second_warpgroup):
             tidx = cute.arch.thread_idx()[0] - 128  # consumer threads, as FA4's mma numbers them
             cS = cute.make_identity_tensor((self.tile_m, self.tile_n))
             self._tScS_mn = layout_utils.reshape_acc_to_mn(tiled_mma_qk.get_slice(tidx).partition_C(cS))
@@ -318,6 +325,9 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
             tidx = cute.arch.thread_idx()[0] - 128  # consumer threads, as FA4's mma numbers them
             wg = cute.arch.make_warp_uniform(tidx // 128)
             rotate_q_rows(self._sQ, wg * 64, tidx % 128, self._tq.k_signs, 64, self._rotate_q_barrier_id + wg)
+        if const_expr(self.idle_second_warpgroup and is_first_block):
+            # lambda 0: only the rows of the first warpgroup exist (and never skip)
+            self._skip_state.start_tile(Float32(-Float32.inf), self._tScS_mn, Int32(0), Int32(64))
         if const_expr(self.skip_softmax and is_first_block):
             # FA4 binds the tile's coordinates into the mask callable it passes (nested partials,
             # flattened by functools): the only place they reach this method.
@@ -331,8 +341,9 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
     # ------------------------------------------------------------------ consumers: skip-softmax
     def mma_one_n_block_intrawg_overlap(self, smem_pipe_read, *, softmax, mma_pv_fn, **kwargs):
         """FA4's per-block step; with skip-softmax its softmax votes first and the P.V of a
-        skipped block is left out (``skip_softmax.py``)."""
-        if const_expr(self.skip_softmax):
+        skipped block is left out (``skip_softmax.py``); with an idle second warpgroup, that
+        warpgroup leaves out every block after its first."""
+        if const_expr(self.skip_softmax or self.idle_second_warpgroup):
             wg = cute.arch.make_warp_uniform(cute.arch.warp_idx() // 4 - 1)
             softmax = SkippingSoftmax(softmax, self._skip_state, self._skip_vote_barrier_id + wg)
             mma_pv_fn = partial(gated_pv, self._skip_state, mma_pv_fn)
@@ -341,7 +352,7 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
 
     def last_half_block_overlap(self, *, mma_pv_fn, **kwargs):
         """FA4's last P.V; left out when skip-softmax skipped the last block visited."""
-        if const_expr(self.skip_softmax):
+        if const_expr(self.skip_softmax or self.idle_second_warpgroup):
             mma_pv_fn = partial(gated_pv, self._skip_state, mma_pv_fn)
         return FlashAttentionForwardSm90.last_half_block_overlap(self, mma_pv_fn=mma_pv_fn, **kwargs)
 
