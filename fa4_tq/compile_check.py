@@ -237,6 +237,46 @@ def _case_tq_sm90(full: bool) -> list[str]:
     return done
 
 
+def tq_sm100_variants():
+    """(label, kwargs) of the SM100 packed-KV kernel CI compiles (issue 7): every bit pair at
+    head_dim 128 (causal, GQA 4, pages of 64), a subset at head_dim 64, a batch-layout cache
+    (one page per sequence), non-causal, and fp16 with float32 scales."""
+    from itertools import product
+
+    out = [(f"k{kb}v{vb} d128 causal gqa4 paged", dict(kb=kb, vb=vb)) for kb, vb in product((2, 3, 4, 8), repeat=2)]
+    out += [(f"k{kb}v{vb} d64 causal gqa4 paged", dict(d=64, kb=kb, vb=vb)) for kb, vb in ((4, 4), (2, 8), (8, 2), (3, 3))]
+    out += [
+        ("k3v4 d128 batch layout gqa2", dict(paged=False, kb=3, h=4)),
+        ("k4v2 d128 non-causal mha", dict(vb=2, causal=False, h=2)),
+        ("k4v4 d128 fp16 fp32-scales", dict(dtype="float16", scale_dtype="float32")),
+    ]
+    return out
+
+
+def _case_tq_sm100() -> list[str]:
+    import torch
+    from fa4_tq.kernels.launch import packed_attention
+
+    done = []
+    for label, kw in tq_sm100_variants():
+        d, kb, vb = kw.get("d", 128), kw.get("kb", 4), kw.get("vb", 4)
+        h, hk = kw.get("h", 8), 2
+        dtype = getattr(torch, kw.get("dtype", "bfloat16"))
+        sdt = getattr(torch, kw.get("scale_dtype", "float16"))
+        q = torch.empty(2, 256, h, d, dtype=dtype, device="cuda")
+        if kw.get("paged", True):
+            k, v = (_fake_packed((16, 64, hk), d, b, sdt) for b in (kb, vb))
+            extra = dict(page_table=torch.empty(2, 8, dtype=torch.int32, device="cuda"),
+                         seqused_k=torch.empty(2, dtype=torch.int32, device="cuda"))
+        else:
+            k, v = (_fake_packed((2, 256, hk), d, b, sdt) for b in (kb, vb))
+            extra = {}
+        packed_attention(q, k, v, softmax_scale=d ** -0.5, causal=kw.get("causal", True),
+                         window_size=(None, None), **extra)
+        done.append(label)
+    return done
+
+
 def decode_variants():
     """(label, kwargs) of flash_attn_with_kvcache's split path (fa4_tq.decode) at GQA 8:1, pages of
     64: the non-causal chunk kernel at every bit pair and head_dim 64, FA4's combine kernel, and
@@ -349,6 +389,7 @@ CASES: dict[str, Callable[[], list[str]]] = {
     "tq-sm90-smoke": lambda: _case_tq_sm90(full=False),
     "cache-write": _case_cache_write,
     "decode": _case_decode,
+    "tq-sm100": _case_tq_sm100,
     "mla": _case_mla,
 }
 

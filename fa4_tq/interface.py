@@ -249,16 +249,24 @@ def _check_page_table(page_table: torch.Tensor, used: torch.Tensor, num_pages: i
         )
 
 
-def _inline_unsupported(prob: _Problem) -> Optional[str]:
-    """Why the inline kernel cannot run this problem (None when it can)."""
+def _inline_unsupported(prob: _Problem, explicit: bool = False) -> Optional[str]:
+    """Why the inline kernel cannot run this problem (None when it can). On Blackwell (SM 10.x)
+    the kernel has only been compiled, never run (``kernels/sm100.py``): "auto" does not pick
+    it, an explicit ``backend="inline"`` does."""
     from .kernels.launch import SUPPORTED_HEAD_DIMS
 
     dev = prob.q.device
     if dev.type != "cuda":
         return "it needs CUDA tensors"
     major = torch.cuda.get_device_capability(dev)[0]
+    if major == 10:
+        if not explicit:
+            return "its SM100 kernel is compile-checked only, never run by this project (pass backend='inline')"
+        if prob.k.head_dim not in (64, 128) or prob.cu_seqlens_k is not None:
+            return "the SM100 kernel takes head_dim 64/128 and paged or batch-layout K/V"
+        return None
     if major != 9:
-        return f"it runs on Hopper (SM 9.x) only so far, this GPU is SM {major}.x"
+        return f"it runs on Hopper (SM 9.x) and Blackwell (SM 10.x) only, this GPU is SM {major}.x"
     if prob.k.head_dim not in SUPPORTED_HEAD_DIMS:
         return f"it supports head_dim {SUPPORTED_HEAD_DIMS}, got {prob.k.head_dim}"
     return None
@@ -273,7 +281,7 @@ def _resolve_backend(backend: str, prob: _Problem) -> str:
             return "reference"
         return "decompress" if _inline_unsupported(prob) else "inline"
     if backend == "inline":
-        why = _inline_unsupported(prob)
+        why = _inline_unsupported(prob, explicit=True)
         if why:
             raise ValueError(f"backend='inline' cannot run this call: {why}; use backend='decompress' or 'auto'")
         return backend

@@ -37,6 +37,19 @@ def test_packed_kv_sm90_kernel_compiles_over_its_matrix():
     assert all(ln.endswith("FlashAttentionForwardSm90TQ") for ln in lines), lines
 
 
+def test_packed_kv_sm100_kernel_compiles_over_its_matrix():
+    """The SM100 subclass (compile-checked only: no Blackwell GPU here): every K/V bit pair at
+    head_dim 128, a subset at 64, a batch-layout cache, non-causal MHA, fp16 with float32 scales,
+    each compiled for sm_100a."""
+    from fa4_tq.compile_check import tq_sm100_variants
+
+    res = run_in_subprocess("sm_100a", "tq-sm100")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("COMPILED")]
+    assert [ln.split(": ", 1)[1].rsplit(" -> ", 1)[0] for ln in lines] == [lb for lb, _ in tq_sm100_variants()]
+    assert all(ln.endswith("FlashAttentionForwardSm100TQ") for ln in lines), lines
+
+
 @pytest.mark.parametrize("arch", ARCHES)
 def test_cache_write_kernel_compiles_for(arch):
     """The online cache-write kernel (every width, head_dim 64-512, fp16 + float32 scales, int64

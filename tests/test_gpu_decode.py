@@ -9,7 +9,7 @@ import torch
 from fa4_tq import attention_reference, flash_attn_with_kvcache
 from helpers import greedy_accept_lengths, ragged_paged_cache, rel_err
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.sm90]  # the SM90 kernels (conftest skips them elsewhere)
 DEV = "cuda"
 BITS = (2, 3, 4, 8)
 # The yardstick, as in test_gpu_inline: FA4's own bf16 error on the same cache (backend="decompress":

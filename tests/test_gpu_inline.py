@@ -11,7 +11,7 @@ import torch
 from fa4_tq import attention_reference, compress, flash_attn_func, flash_attn_varlen_func
 from helpers import bf16_baseline_err, paged_problem, realistic_kv, rel_err
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.sm90]  # the SM90 kernels (conftest skips them elsewhere)
 DEV = "cuda"
 BITS = (2, 3, 4, 8)
 

@@ -14,7 +14,7 @@ from fa4_tq import PackedKV
 from mla.reference import attention_bf16
 from helpers import realistic_kv, rel_err, shuffled_pages
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.sm90]  # the SM90 kernels (conftest skips them elsewhere)
 DEV = "cuda"
 
 

@@ -48,9 +48,13 @@ def _kernel_class(arch: int):
         from .sm90 import FlashAttentionForwardSm90TQ
 
         return FlashAttentionForwardSm90TQ
+    if arch // 10 == 10:
+        from .sm100 import FlashAttentionForwardSm100TQ
+
+        return FlashAttentionForwardSm100TQ
     raise NotImplementedError(
         f"no packed-KV kernel for compute capability {arch // 10}.{arch % 10} yet: use "
-        f"backend='decompress' (SM90 is supported)"
+        f"backend='decompress' (SM90 and SM100 are supported)"
     )
 
 
@@ -126,6 +130,13 @@ def packed_attention(
         )
     arch = device_arch()
     cls = _kernel_class(arch)
+    if arch // 10 == 10:
+        if _ablate is not None:
+            raise NotImplementedError("load-stage ablations exist in the SM90 kernel only")
+        return _packed_attention_sm100(cls, arch, q, k, v, softmax_scale=softmax_scale, causal=causal,
+                                       window_size=window_size, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                       seqused_k=seqused_k, page_table=page_table, return_lse=return_lse,
+                                       rotation=rotation, out=out, lse=lse, skip=skip)
     num_head, num_head_kv = q_rot.shape[-2], k.shape[-2]
     qhead_per_kvhead = num_head // num_head_kv
     pack_gqa = qhead_per_kvhead > 1  # FA4's default
@@ -196,6 +207,76 @@ def packed_attention(
             skip_log2_threshold, skip_stats,
         )
     return out, lse
+
+
+def _packed_attention_sm100(cls, arch, q, k, v, *, softmax_scale, causal, window_size, cu_seqlens_q, cu_seqlens_k,
+                            seqused_k, page_table, return_lse, rotation, out, lse, skip):
+    """``packed_attention`` on SM100 (``sm100.py``; compile-checked, never run here): paged K/V
+    (a contiguous cache is presented as one page per sequence), the rotations as GEMMs."""
+    import cutlass
+    import cutlass.cute as cute
+    from flash_attn.cute.cute_dsl_utils import to_cute_tensor
+    from flash_attn.cute.interface import _resolve_causal_local_window
+    from flash_attn.cute.testing import is_fake_mode
+
+    from ..codec import rotate_rounded, unrotate_rounded
+
+    if skip or cu_seqlens_k is not None:
+        raise NotImplementedError(
+            "the SM100 packed-KV kernel takes paged or batch-layout K/V without skip-softmax: use "
+            "backend='decompress' for varlen K/V and skip-softmax on SM100")
+    d = q.shape[-1]
+    if d not in (64, 128):
+        raise ValueError(f"the SM100 packed-KV kernel supports head_dim 64 and 128, got {d}: use backend='decompress'")
+    if rotation == "fused":
+        rotation = "gemm"  # no fused rotation on SM100 (sm100.py)
+    gemm = rotation == "gemm" and not is_fake_mode()  # compiling: shapes are all that matter
+    q_rot = rotate_rounded(q, k.seed) if gemm else q
+    kd, vd, ks, vs = k.data, v.data, k.scales, v.scales
+    if page_table is None:  # batch layout [b, s, h, nb] / scales [b, h, s]: one page per sequence
+        b = kd.shape[0]
+        page_table = torch.arange(b, dtype=torch.int32, device=q.device).view(b, 1)
+        if seqused_k is None:
+            seqused_k = torch.full((b,), kd.shape[1], dtype=torch.int32, device=q.device)
+    num_head, num_head_kv = q.shape[-2], k.shape[-2]
+    qhead_per_kvhead = num_head // num_head_kv
+    pack_gqa = qhead_per_kvhead > 1
+    causal, local, wl, wr = _resolve_causal_local_window(causal, window_size[0], window_size[1])
+    lse_shape = (q.shape[0], num_head, q.shape[1]) if cu_seqlens_q is None else (num_head, q.shape[0])
+    o_rot = torch.empty(q.shape, dtype=q.dtype, device=q.device) if rotation == "gemm" or out is None else out
+    if lse is None and return_lse:
+        lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    if is_fake_mode():
+        k_table, v_table = (torch.empty(1 << bb, dtype=torch.float32, device=q.device) for bb in (k.bits, v.bits))
+    else:
+        k_table, v_table = lookup_table(k.bits, q.device), lookup_table(v.bits, q.device)
+    key = (arch, cls.__name__, q.dtype, d, qhead_per_kvhead, k.bits, v.bits, k.scales.dtype, v.scales.dtype,
+           causal, local, wl is None, wr is None, pack_gqa, cu_seqlens_q is None, lse is None)
+    if key not in _compile_cache:
+        dtype = {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16}[q.dtype]
+        kernel = cls(dtype, d, qhead_per_kvhead, k_bits=k.bits, v_bits=v.bits, is_causal=causal, is_local=local,
+                     pack_gqa=pack_gqa, is_varlen_q=cu_seqlens_q is not None)
+        small = dict(assumed_align=4, leading_dim=0)
+        args = [
+            to_cute_tensor(q_rot), to_cute_tensor(kd), to_cute_tensor(vd),
+            to_cute_tensor(ks, assumed_align=2), to_cute_tensor(vs, assumed_align=2),
+            to_cute_tensor(k_table, assumed_align=16), to_cute_tensor(v_table, assumed_align=16),
+            to_cute_tensor(o_rot), to_cute_tensor(lse, assumed_align=4) if lse is not None else None,
+            softmax_scale,
+            to_cute_tensor(cu_seqlens_q, **small) if cu_seqlens_q is not None else None,
+            to_cute_tensor(seqused_k, **small),
+            to_cute_tensor(page_table, assumed_align=4, leading_dim=1),
+            wl, wr,
+            cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
+        ]
+        _compile_cache[key] = cute.compile(kernel, *args, options="--enable-tvm-ffi")
+    if not is_fake_mode():
+        _compile_cache[key](q_rot, kd, vd, ks, vs, k_table, v_table, o_rot, lse, softmax_scale, cu_seqlens_q,
+                            seqused_k, page_table, wl, wr)
+    if gemm:
+        o = unrotate_rounded(o_rot, v.seed)
+        return (out.copy_(o) if out is not None else o), lse
+    return o_rot, lse
 
 
 @functools.lru_cache(maxsize=None)

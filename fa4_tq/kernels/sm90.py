@@ -68,7 +68,7 @@ class TQOperands(NamedTuple):
     v_signs: cute.Tensor
 
 
-def _inline_body(kernel_fn) -> Callable:
+def inline_body(kernel_fn) -> Callable:
     """FA4's ``kernel`` body as a jit function we can call (inline) from our own kernel.
 
     A fresh function object over FA4's code: the decorated original is left untouched, so FA4's
@@ -82,7 +82,7 @@ def _inline_body(kernel_fn) -> Callable:
     return cute.jit(clone)
 
 
-_fa4_kernel_body = _inline_body(FlashAttentionForwardSm90.kernel)
+_fa4_kernel_body = inline_body(FlashAttentionForwardSm90.kernel)
 
 
 class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
