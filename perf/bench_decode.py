@@ -102,6 +102,13 @@ def time_baselines(s: Setup, q: torch.Tensor, reps: int) -> dict:
     return dict(fa4=fa4, sdpa=sdpa)
 
 
+def _on_sm90() -> bool:
+    """Skip-softmax and the padding-warpgroup ablation exist in the SM90 kernel only."""
+    from fa4_tq.kernels.launch import device_arch
+
+    return device_arch() // 10 == 9
+
+
 def time_ours(s: Setup, q: torch.Tensor, kb: int, vb: int, reps: int, decompress: bool) -> dict:
     from fa4_tq.decode import _run_split, choose_num_splits
     from fa4_tq.interface import _Problem
@@ -109,7 +116,7 @@ def time_ours(s: Setup, q: torch.Tensor, kb: int, vb: int, reps: int, decompress
     cache = s.packed(kb, vb)
     run = lambda backend: flash_attn_with_kvcache(q, cache, s.table, s.used, check_indices=False, backend=backend)
     r = dict(ours=time_gpu(lambda: run("inline"), reps=reps), splits=choose_num_splits(q, *cache, s.table))
-    if q.shape[1] * HEADS // KV_HEADS <= 64:  # the same call with the padding warpgroup kept busy (ablation)
+    if q.shape[1] * HEADS // KV_HEADS <= 64 and _on_sm90():  # the padding warpgroup kept busy (SM90 ablation)
         prob = _Problem(q, *cache, s.batch, D ** -0.5, q.shape[1] > 1, (None, None), seqused_k=s.used, page_table=s.table)
         r["busy"] = time_gpu(lambda: _run_split(prob, None, False, _idle=False), reps=reps)
     if decompress:
@@ -218,7 +225,11 @@ def main(argv=None):
     torch.cuda.empty_cache()
     print(SKIP_HEADER, flush=True)
     skip_lines = []
-    for batch, ctx in ((8, 32768),) if args.quick else ((8, 32768), (32, 16384), (1, 131072)):
+    skip_shapes = ((8, 32768),) if args.quick else ((8, 32768), (32, 16384), (1, 131072))
+    if not _on_sm90():
+        print("skip-softmax: the kernel has it on SM90 only; no skip-softmax table on this GPU", flush=True)
+        skip_shapes = ()
+    for batch, ctx in skip_shapes:
         skip_lines += skip_rows(batch, ctx, (1, 4, 8), args.reps, gen)
         torch.cuda.empty_cache()
     if not args.skip_only:
@@ -227,12 +238,13 @@ def main(argv=None):
                       f"heads, head_dim {D}, pages of {PAGE}; medians of {args.reps} timings, see the script's "
                       f"docstring). Device-to-device copy bandwidth measured in the same run: {copy:.0f} GB/s.",
                       HEADER, lines)
-    write_results(args.out_dir, "decode-skip-softmax", "Skip-softmax on decode and verification",
-                  f"`python perf/bench_decode.py{' --quick' if args.quick else ''}"
-                  f"{' --skip-only' if args.skip_only else ''}` on {gpu}: peaked synthetic "
-                  f"attention ({HEADS}/{KV_HEADS} heads, head_dim {D}, pages of {PAGE}, K4V4), dense and skipping "
-                  f"packed-KV kernel on the same cache, medians of {args.reps} timings; see the script's docstring.",
-                  SKIP_HEADER, skip_lines)
+    if skip_lines:
+        write_results(args.out_dir, "decode-skip-softmax", "Skip-softmax on decode and verification",
+                      f"`python perf/bench_decode.py{' --quick' if args.quick else ''}"
+                      f"{' --skip-only' if args.skip_only else ''}` on {gpu}: peaked synthetic attention "
+                      f"({HEADS}/{KV_HEADS} heads, head_dim {D}, pages of {PAGE}, K4V4), dense and skipping "
+                      f"packed-KV kernel on the same cache, medians of {args.reps} timings; see the script's "
+                      f"docstring.", SKIP_HEADER, skip_lines)
 
 
 if __name__ == "__main__":
