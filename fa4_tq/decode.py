@@ -267,15 +267,15 @@ def _run_split(prob, num_splits: Optional[int], return_lse: bool, lam: Optional[
         num_splits = choose_num_splits(q, k, v, prob.page_table)
     common = dict(softmax_scale=prob.softmax_scale, window_size=(None, None), _idle=_idle)
     rows = seqlen_q * (heads // kv_heads)  # packed query rows per (sequence, KV head)
+    if num_splits == 1 and lam is None:
+        return packed_attention(q, k, v, causal=prob.causal, page_table=prob.page_table,
+                                seqused_k=prob.seqused_k, return_lse=return_lse, **common)
     if num_splits == 1:
         launches = [Launch(q, prob.page_table, prob.seqused_k, prob.causal, slice(0, 1))]
         empty = (prob.seqused_k == 0).view(1, batch)
     else:
         launches, empty = split_launches(q, prob.page_table, prob.seqused_k, prob.causal, page_size, num_splits)
     parts = empty.shape[0]
-    if num_splits == 1 and lam is None:
-        return packed_attention(q, k, v, causal=prob.causal, page_table=prob.page_table,
-                                seqused_k=prob.seqused_k, return_lse=return_lse, **common)
     stats = None
     if lam is not None:
         log2_lam = torch.log2(lam)  # 0 -> -inf: nothing is skipped
