@@ -103,9 +103,19 @@ def packed_attention(
         raise ValueError("skip-softmax needs skip_stats and the batch layout (no cu_seqlens_q)")
     if rotation not in ROTATIONS:
         raise ValueError(f"rotation must be one of {ROTATIONS}, got {rotation!r}")
+    from flash_attn.cute.testing import is_fake_mode
+
+    if rotation == "fused" and device_arch() // 10 == 10:
+        rotation = "gemm"  # the SM100 kernel has no fused rotation (sm100.py)
     if rotation == "gemm":
         from ..codec import rotate_rounded, unrotate_rounded
 
+        if is_fake_mode():  # compiling: the GEMMs do not run on fake tensors, and shapes are all that matter
+            return packed_attention(
+                q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+                cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, page_table=page_table,
+                return_lse=return_lse, rotation="none", out=out, lse=lse, skip_log2_threshold=skip_log2_threshold,
+                skip_stats=skip_stats, _ablate=_ablate, _idle=_idle)
         o_rot, lse = packed_attention(
             rotate_rounded(q, k.seed), k, v, softmax_scale=softmax_scale, causal=causal,
             window_size=window_size, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
@@ -120,7 +130,6 @@ def packed_attention(
     import cutlass.cute as cute
     from flash_attn.cute.cute_dsl_utils import to_cute_tensor
     from flash_attn.cute.interface import _resolve_causal_local_window
-    from flash_attn.cute.testing import is_fake_mode
 
     head_dim = q_rot.shape[-1]
     if head_dim not in SUPPORTED_HEAD_DIMS:
@@ -136,7 +145,7 @@ def packed_attention(
         return _packed_attention_sm100(cls, arch, q, k, v, softmax_scale=softmax_scale, causal=causal,
                                        window_size=window_size, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                                        seqused_k=seqused_k, page_table=page_table, return_lse=return_lse,
-                                       rotation=rotation, out=out, lse=lse, skip=skip)
+                                       out=out, lse=lse, skip=skip)
     num_head, num_head_kv = q_rot.shape[-2], k.shape[-2]
     qhead_per_kvhead = num_head // num_head_kv
     pack_gqa = qhead_per_kvhead > 1  # FA4's default
@@ -159,12 +168,10 @@ def packed_attention(
         raise ValueError(f"out must be a contiguous {q_rot.dtype} tensor of shape {tuple(q_rot.shape)}")
     if lse is not None and (lse.shape != lse_shape or lse.dtype != torch.float32 or not lse.is_contiguous()):
         raise ValueError(f"lse must be a contiguous float32 tensor of shape {lse_shape}")
-    if is_fake_mode():  # compile only: the tables' shapes are all that matter
-        k_table, v_table = (torch.empty(1 << b, dtype=torch.float32, device=q_rot.device)
-                            for b in (k.bits, v.bits))
+    k_table, v_table = _codebook_tables(k.bits, v.bits, q_rot.device)
+    if is_fake_mode():  # compile only: the sign vectors' shapes are all that matter
         k_signs, v_signs = (torch.empty(head_dim, dtype=torch.float32, device=q_rot.device) for _ in range(2))
     else:
-        k_table, v_table = lookup_table(k.bits, q_rot.device), lookup_table(v.bits, q_rot.device)
         k_signs, v_signs = (_signs_on(head_dim, p.seed, q_rot.device) for p in (k, v))
 
     key = (
@@ -209,17 +216,26 @@ def packed_attention(
     return out, lse
 
 
+def _codebook_tables(k_bits: int, v_bits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 codebooks every packed-KV launch passes (``staging.lookup_table``); empty
+    tensors of their shape when compiling under fake tensors."""
+    from flash_attn.cute.testing import is_fake_mode
+
+    if is_fake_mode():
+        return tuple(torch.empty(1 << b, dtype=torch.float32, device=device) for b in (k_bits, v_bits))
+    return lookup_table(k_bits, device), lookup_table(v_bits, device)
+
+
 def _packed_attention_sm100(cls, arch, q, k, v, *, softmax_scale, causal, window_size, cu_seqlens_q, cu_seqlens_k,
-                            seqused_k, page_table, return_lse, rotation, out, lse, skip):
-    """``packed_attention`` on SM100 (``sm100.py``; compile-checked, never run here): paged K/V
-    (a contiguous cache is presented as one page per sequence), the rotations as GEMMs."""
+                            seqused_k, page_table, return_lse, out, lse, skip):
+    """``packed_attention`` on SM100 (``sm100.py``; compile-checked, never run here), ``q``
+    already rotated (``packed_attention`` turns "fused" into "gemm" there): paged K/V, a
+    contiguous cache presented as one page per sequence."""
     import cutlass
     import cutlass.cute as cute
     from flash_attn.cute.cute_dsl_utils import to_cute_tensor
     from flash_attn.cute.interface import _resolve_causal_local_window
     from flash_attn.cute.testing import is_fake_mode
-
-    from ..codec import rotate_rounded, unrotate_rounded
 
     if skip or cu_seqlens_k is not None:
         raise NotImplementedError(
@@ -228,10 +244,6 @@ def _packed_attention_sm100(cls, arch, q, k, v, *, softmax_scale, causal, window
     d = q.shape[-1]
     if d not in (64, 128):
         raise ValueError(f"the SM100 packed-KV kernel supports head_dim 64 and 128, got {d}: use backend='decompress'")
-    if rotation == "fused":
-        rotation = "gemm"  # no fused rotation on SM100 (sm100.py)
-    gemm = rotation == "gemm" and not is_fake_mode()  # compiling: shapes are all that matter
-    q_rot = rotate_rounded(q, k.seed) if gemm else q
     kd, vd, ks, vs = k.data, v.data, k.scales, v.scales
     if page_table is None:  # batch layout [b, s, h, nb] / scales [b, h, s]: one page per sequence
         b = kd.shape[0]
@@ -243,13 +255,11 @@ def _packed_attention_sm100(cls, arch, q, k, v, *, softmax_scale, causal, window
     pack_gqa = qhead_per_kvhead > 1
     causal, local, wl, wr = _resolve_causal_local_window(causal, window_size[0], window_size[1])
     lse_shape = (q.shape[0], num_head, q.shape[1]) if cu_seqlens_q is None else (num_head, q.shape[0])
-    o_rot = torch.empty(q.shape, dtype=q.dtype, device=q.device) if rotation == "gemm" or out is None else out
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if lse is None and return_lse:
         lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
-    if is_fake_mode():
-        k_table, v_table = (torch.empty(1 << bb, dtype=torch.float32, device=q.device) for bb in (k.bits, v.bits))
-    else:
-        k_table, v_table = lookup_table(k.bits, q.device), lookup_table(v.bits, q.device)
+    k_table, v_table = _codebook_tables(k.bits, v.bits, q.device)
     key = (arch, cls.__name__, q.dtype, d, qhead_per_kvhead, k.bits, v.bits, k.scales.dtype, v.scales.dtype,
            causal, local, wl is None, wr is None, pack_gqa, cu_seqlens_q is None, lse is None)
     if key not in _compile_cache:
@@ -258,10 +268,10 @@ def _packed_attention_sm100(cls, arch, q, k, v, *, softmax_scale, causal, window
                      pack_gqa=pack_gqa, is_varlen_q=cu_seqlens_q is not None)
         small = dict(assumed_align=4, leading_dim=0)
         args = [
-            to_cute_tensor(q_rot), to_cute_tensor(kd), to_cute_tensor(vd),
+            to_cute_tensor(q), to_cute_tensor(kd), to_cute_tensor(vd),
             to_cute_tensor(ks, assumed_align=2), to_cute_tensor(vs, assumed_align=2),
             to_cute_tensor(k_table, assumed_align=16), to_cute_tensor(v_table, assumed_align=16),
-            to_cute_tensor(o_rot), to_cute_tensor(lse, assumed_align=4) if lse is not None else None,
+            to_cute_tensor(out), to_cute_tensor(lse, assumed_align=4) if lse is not None else None,
             softmax_scale,
             to_cute_tensor(cu_seqlens_q, **small) if cu_seqlens_q is not None else None,
             to_cute_tensor(seqused_k, **small),
@@ -271,12 +281,9 @@ def _packed_attention_sm100(cls, arch, q, k, v, *, softmax_scale, causal, window
         ]
         _compile_cache[key] = cute.compile(kernel, *args, options="--enable-tvm-ffi")
     if not is_fake_mode():
-        _compile_cache[key](q_rot, kd, vd, ks, vs, k_table, v_table, o_rot, lse, softmax_scale, cu_seqlens_q,
+        _compile_cache[key](q, kd, vd, ks, vs, k_table, v_table, out, lse, softmax_scale, cu_seqlens_q,
                             seqused_k, page_table, wl, wr)
-    if gemm:
-        o = unrotate_rounded(o_rot, v.seed)
-        return (out.copy_(o) if out is not None else o), lse
-    return o_rot, lse
+    return out, lse
 
 
 @functools.lru_cache(maxsize=None)
