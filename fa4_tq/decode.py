@@ -282,8 +282,7 @@ def _run_split(prob, num_splits: Optional[int], return_lse: bool, lam: Optional[
         stats = torch.empty(parts, batch, kv_heads, 2 * math.ceil(rows / SM90_TILE_M), 2, dtype=torch.int32,
                             device=q.device)  # every tile writes its counters
     single = num_splits == 1
-    out_part = q.new_empty(q.shape) if single else torch.empty(parts, batch, seqlen_q, heads, d, dtype=q.dtype,
-                                                               device=q.device)
+    out_part = torch.empty(q.shape if single else (parts, *q.shape), dtype=q.dtype, device=q.device)
     lse_part = None
     if return_lse or not single:
         lse_part = torch.empty(parts, batch, heads, seqlen_q, dtype=torch.float32, device=q.device)
