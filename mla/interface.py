@@ -19,11 +19,22 @@ __all__ = ["flash_mla_prefill", "latent_rotation", "BACKENDS"]
 BACKENDS = ("auto", "kernel", "reference")
 
 
-def _kernel_unavailable(device: torch.device) -> Optional[str]:
+def _kernel_unavailable(device: torch.device, heads: int, explicit: bool) -> Optional[str]:
+    """Why the kernel cannot serve this call (None: it can). ``explicit``: backend="kernel" asked.
+
+    SM 10.x runs ``mla/sm100.py`` only when asked by name: it compiles in CI but has never run on a
+    Blackwell GPU, so "auto" keeps the float32 reference there."""
     if device.type != "cuda":
         return "it needs CUDA tensors"
-    if torch.cuda.get_device_capability(device)[0] != 9:
-        return "it is built for SM90 (Hopper) only"
+    major = torch.cuda.get_device_capability(device)[0]
+    if major == 10:
+        if not explicit:
+            return ("the SM100 kernel has never run on a Blackwell GPU (it is compile-checked only); "
+                    "pass backend='kernel' to use it")
+        if not (128 % heads == 0 or heads % 128 == 0):
+            return f"FA4's SM100 MLA kernel packs heads into 128-row tiles: heads must divide 128 or be a multiple of it, got {heads}"
+    elif major != 9:
+        return "it is built for SM90 (Hopper) and SM100 (Blackwell) only"
     try:
         import flash_attn.cute  # noqa: F401  (the gpu extra)
     except ImportError:
@@ -62,8 +73,9 @@ def flash_mla_prefill(
 
     Returns ``out[total_q, heads, 512]`` (bf16, in the latent's original space) and, with
     ``return_lse``, ``(out, lse[heads, total_q])`` (natural log; -inf for a row with no key).
-    ``backend``: "kernel" (SM90 CuTeDSL), "reference" (float32 PyTorch), "auto" (the kernel where
-    it runs). ``max_seqlen_q`` (the longest query run) saves a host read of ``cu_seqlens_q``;
+    ``backend``: "kernel" (CuTeDSL: ``mla/sm90.py`` on Hopper, ``mla/sm100.py`` on Blackwell),
+    "reference" (float32 PyTorch), "auto" (the kernel where it runs; on Blackwell the reference,
+    because the SM100 kernel is compile-checked only and has never run). ``max_seqlen_q`` (the longest query run) saves a host read of ``cu_seqlens_q``;
     ``check_indices=False`` skips the host checks of the index tensors (no sync).
 
     A packed latent is stored rotated (``c_rot = R c``, ``R = mla.latent_rotation(latent_cache)``,
@@ -88,7 +100,7 @@ def flash_mla_prefill(
     if rotated_space and not packed:
         raise ValueError("rotated_space=True is for a packed latent (a bf16 latent is not rotated): drop it")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D_LATENT + D_ROPE)
-    why = _kernel_unavailable(q_nope.device)
+    why = _kernel_unavailable(q_nope.device, q_nope.shape[1], explicit=backend == "kernel")
     if backend == "kernel" and why:
         raise ValueError(f"backend='kernel' cannot run: {why}; use backend='reference' or 'auto'")
     if backend == "reference" or (backend == "auto" and why):

@@ -40,9 +40,10 @@ def mla_attention(
     from .sm90 import FlashMLAForwardSm90
 
     arch = device_arch()
-    if arch // 10 != 9:
+    if arch // 10 not in (9, 10):
         raise NotImplementedError(
-            f"the MLA kernel is built for SM90 (Hopper); this device is SM{arch}: use backend='reference'"
+            f"the MLA kernel is built for SM90 (Hopper) and SM100 (Blackwell); this device is SM{arch}: "
+            "use backend='reference'"
         )
     total_q, heads, _ = q_nope.shape
     q_nope = q_nope.contiguous()
@@ -68,6 +69,9 @@ def mla_attention(
         scales = torch.empty(1, 1, dtype=torch.float32, device=q_nope.device)  # not read
         table = torch.empty(4, dtype=torch.float32, device=q_nope.device)  # not read
     key = ("mla", arch, heads, bits, scales.dtype, causal, lse is not None)
+    if arch // 10 == 10:
+        return _launch_sm100(key, q_nope, q_pe, latent.data if packed else latent, scales, table, rope, out, lse,
+                             cu_seqlens_q, seqused_k, page_table, softmax_scale)
     if key not in _compile_cache:
         small = dict(assumed_align=4, leading_dim=0)
         args = [
@@ -86,4 +90,37 @@ def mla_attention(
     if not is_fake_mode() and total_q:
         _compile_cache[key](qn, qp, lat3, scales, table, rope3, out.view(total_q * heads, -1), lse,
                             cu_seqlens_q, seqused_k, page_table, softmax_scale, max_seqlen_q)
+    return out, lse
+
+
+def _launch_sm100(key, q_nope, q_pe, latent, scales, table, rope, out, lse, cu_seqlens_q, seqused_k, page_table,
+                  softmax_scale):
+    """FA4's 2-CTA MLA forward with the packed-latent load stage (``mla/sm100.py``); never run:
+    no Blackwell GPU was available to this project."""
+    import cutlass.cute as cute
+    from flash_attn.cute.cute_dsl_utils import to_cute_tensor
+    from flash_attn.cute.interface import _compile_options
+    from flash_attn.cute.testing import is_fake_mode
+
+    from .sm100 import FlashMLAForwardSm100
+
+    lse_t = lse.t() if lse is not None else None  # FA4 writes (total_q, heads); ours is (heads, total_q)
+    if key not in _compile_cache:
+        small = dict(assumed_align=4, leading_dim=0)
+        args = [
+            to_cute_tensor(q_nope), to_cute_tensor(q_pe),
+            to_cute_tensor(latent, assumed_align=16), to_cute_tensor(scales, assumed_align=2),
+            to_cute_tensor(table, assumed_align=16, leading_dim=0), to_cute_tensor(rope),
+            to_cute_tensor(out, assumed_align=32),
+            to_cute_tensor(lse_t, assumed_align=4, leading_dim=0) if lse_t is not None else None,
+            to_cute_tensor(cu_seqlens_q, **small), to_cute_tensor(seqused_k, **small),
+            to_cute_tensor(page_table, assumed_align=4, leading_dim=1),
+            softmax_scale,
+            cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
+        ]
+        kernel = FlashMLAForwardSm100(q_nope.shape[1], key[3], key[5])
+        _compile_cache[key] = cute.compile(kernel, *args, options=_compile_options(kernel.ptxas_options))
+    if not is_fake_mode() and q_nope.shape[0]:
+        _compile_cache[key](q_nope, q_pe, latent, scales, table, rope, out, lse_t, cu_seqlens_q, seqused_k,
+                            page_table, softmax_scale)
     return out, lse

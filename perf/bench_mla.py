@@ -1,6 +1,8 @@
-"""MLA prefill side by side in one run (any SM90 GPU): ``mla.flash_mla_prefill`` on a bf16 latent
-cache and on packed latents (2/4/8-bit), against a plain PyTorch bf16 implementation
+"""MLA prefill side by side in one run (an SM90 or SM100 GPU): ``mla.flash_mla_prefill`` on a bf16
+latent cache and on packed latents (2/4/8-bit), against a plain PyTorch bf16 implementation
 (``mla.reference.attention_bf16``: bf16 matmuls, float32 softmax) on a contiguous bf16 latent.
+On SM 10.x the kernel is ``mla/sm100.py`` and its bf16-latent row is FA4's own 2-CTA MLA forward
+on its paged cp.async path (no B200 number has been measured by the project).
 
 One sequence of L tokens prefilled from scratch (causal), pages of 64, 16 or 128 query heads
 sharing the latent. TFLOP/s counts 2 * (576 + 512) FLOPs per visible (query, key, head) triple,

@@ -8,10 +8,10 @@
 # ${OUT:-/tmp/fa4-tq-b200}. The tests run first and the benchmarks only if they pass: a number
 # from a kernel that fails its tests is not a result.
 #
-# What runs where: the packed-KV attention kernel (fa4_tq/kernels/sm100.py) and the cache-write
-# kernel have SM100 builds; "auto" does not pick the unverified SM100 attention kernel, so the
-# benchmarks name backend="inline". Skip-softmax and the MLA kernel are SM90-only: bench_decode
-# prints no skip-softmax table there and bench_mla is not run.
+# What runs where: the packed-KV attention kernel (fa4_tq/kernels/sm100.py), the MLA prefill
+# (mla/sm100.py) and the cache-write kernel have SM100 builds; "auto" does not pick the unverified
+# SM100 kernels, so the benchmarks name them (backend="inline", or mla.launch directly).
+# Skip-softmax is SM90-only: bench_decode prints no skip-softmax table there.
 set -uo pipefail
 quick=""
 [[ "${1:-}" == "--quick" ]] && quick="--quick"
@@ -25,8 +25,9 @@ if [[ "$cap" != "10" ]]; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
 
-# 1. correctness: the SM100 kernel against the float64 reference (tests/test_gpu_sm100.py), the
-#    cache-write kernel and the decompress backend; the SM90 kernel tests skip themselves.
+# 1. correctness: the SM100 kernels against the float64 reference (tests/test_gpu_sm100.py: the
+#    attention kernel and the MLA prefill), the cache-write kernel and the decompress backend; the
+#    SM90 kernel tests skip themselves.
 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" | tail -30
 if [[ ${PIPESTATUS[0]} -ne 0 ]]; then
     echo "bench_b200.sh: tests failed, no benchmark run (see $out/gpu-tests.log)" >&2
@@ -37,11 +38,10 @@ fi
 #    its --quick matrix (head_dim 128, every bit pair): the SM100 kernel has no head_dim 256, and
 #    its "ours" column uses the GEMM rotations (no fused rotation on SM100).
 rc=0
-for cmd in "bench_prefill --quick" "bench_decode $quick" "bench_compress"; do
+for cmd in "bench_prefill --quick" "bench_decode $quick" "bench_compress" "bench_mla $quick"; do
     name=${cmd%% *}
     echo "== perf/$cmd"
     python3 perf/$cmd 2>&1 | tee "$out/$name.log" | grep -v Warning | tail -40
     [[ ${PIPESTATUS[0]} -ne 0 ]] && { echo "perf/$name.py failed" >&2; rc=1; }
 done
-echo "== perf/bench_mla.py: not run (the MLA kernel is SM90-only)"
 exit $rc

@@ -98,3 +98,62 @@ def greedy_accept_lengths(out, proj, drafts):
     choice = logits.argmax(-1)
     agree = (choice == drafts).long()
     return choice, agree.cumprod(1).sum(1)
+
+
+def mla_problem(lens_q, lens_k, heads, page_size, bits, gen, *, seed=3, device="cuda"):
+    """A shuffled-page MLACache holding ``lens_k`` tokens per sequence (latent with heavy-tailed
+    channels) and queries for the last ``lens_q`` of them; returns the call's arguments."""
+    import mla
+
+    num_pages, table, slots = shuffled_pages(lens_k, page_size, gen, spare=3)
+    cache = mla.MLACache(1, num_pages, page_size, bits=bits, seed=seed, device=device)
+    total_k = sum(lens_k)
+    c_kv = realistic_kv((total_k, 512), generator=gen)
+    k_pe = torch.randn(total_k, 64, generator=gen)
+    cache.write(0, c_kv.to(torch.bfloat16).to(device), k_pe.to(torch.bfloat16).to(device),
+                torch.tensor(slots, dtype=torch.int32, device=device))
+    total_q = sum(lens_q)
+    q_nope = (torch.randn(total_q, heads, 512, generator=gen) / 8).to(torch.bfloat16).to(device)
+    q_pe = torch.randn(total_q, heads, 64, generator=gen).to(torch.bfloat16).to(device)
+    cu = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32, device=device)
+    latent, rope = cache.layer(0)
+    return (q_nope, q_pe, latent, rope, table.to(device), cu, torch.tensor(lens_k, dtype=torch.int32, device=device))
+
+
+def mla_bf16_yardstick(args, causal, scale):
+    """A plain PyTorch bf16 MLA attention on the decoded cache (the error ours is held to)."""
+    from fa4_tq import PackedKV
+    from mla.reference import attention_bf16
+
+    q_nope, q_pe, latent, rope, table, cu, used = args
+    lat = latent.decompress(torch.float32) if isinstance(latent, PackedKV) else latent.float()
+    outs = []
+    for b in range(cu.numel() - 1):
+        n = int(used[b])
+        pages = table[b, : -(-n // rope.shape[1])].long()
+        c = lat[pages].reshape(-1, 512)[:n].to(torch.bfloat16)
+        k = torch.cat([c, rope[pages].reshape(-1, 64)[:n]], -1)
+        q = torch.cat([q_nope, q_pe], -1)[int(cu[b]) : int(cu[b + 1])]
+        outs.append(attention_bf16(q, k, c, softmax_scale=scale, causal=causal))
+    return torch.cat(outs, 0)
+
+
+def check_mla_prefill(lens_q, lens_k, heads, page_size, bits, *, causal=True, tag=""):
+    """mla.flash_mla_prefill(backend="kernel") against the float64 reference: output within 2x the
+    bf16 yardstick's error + 1e-3, LSE within 1e-3, rows with no key 0 / -inf."""
+    import mla
+
+    gen = torch.Generator().manual_seed(hash((tuple(lens_q), tuple(lens_k), heads, page_size, bits)) % 2**31)
+    args = mla_problem(lens_q, lens_k, heads, page_size, bits, gen)
+    scale = 576 ** -0.5
+    out, lse = mla.flash_mla_prefill(*args, causal=causal, return_lse=True, backend="kernel")
+    ref, ref_lse = mla.mla_reference(*args, causal=causal, dtype=torch.float64)
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin), "rows with no key must get LSE -inf"
+    assert not out[~fin.T].any(), "rows with no key must get output 0"
+    err, lse_err = rel_err(out, ref), rel_err(lse[fin], ref_lse[fin])
+    base = rel_err(mla_bf16_yardstick(args, causal, scale), ref)
+    print(f"ERRS{tag} lens_q={lens_q[:4]} lens_k={lens_k[:4]} h{heads} page{page_size} bits={bits} causal={causal}: "
+          f"out {err:.2e} (PyTorch bf16 {base:.2e}) lse {lse_err:.2e}")
+    assert err <= 2 * base + 1e-3, (err, base)
+    assert lse_err <= 1e-3, lse_err

@@ -1,6 +1,8 @@
 """On a Blackwell GPU (SM 10.x): the SM100 packed-KV kernel (``fa4_tq/kernels/sm100.py``, chosen
 by ``backend="inline"``) against the float64 reference on the same packed K/V, with FA4's own
-bf16 error on the same cache as the yardstick (as tests/test_gpu_inline.py does on Hopper).
+bf16 error on the same cache as the yardstick (as tests/test_gpu_inline.py does on Hopper); and
+the SM100 MLA prefill (``mla/sm100.py``, ``backend="kernel"``) with the checks
+tests/test_gpu_mla.py runs on Hopper (``helpers.check_mla_prefill``).
 
 No Blackwell GPU was available to the project: these tests have never run. They skip on any
 other GPU; ``scripts/bench_b200.sh`` runs them first."""
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 from fa4_tq import attention_reference, compress, flash_attn_func, flash_attn_with_kvcache
-from helpers import bf16_baseline_err, ragged_paged_cache, realistic_kv, rel_err
+from helpers import bf16_baseline_err, check_mla_prefill, ragged_paged_cache, realistic_kv, rel_err
 
 pytestmark = [
     pytest.mark.gpu,
@@ -63,3 +65,18 @@ def test_batch_layout_prefill(poisoned, causal):
     ref, _ = attention_reference(q, k, v, causal=causal, dtype=torch.float64)
     base, _ = bf16_baseline_err(q, k.decompress(), v.decompress(), causal, (None, None))
     assert rel_err(out, ref) <= 2 * base + 1e-3
+
+
+@pytest.mark.parametrize("bits", [None, 2, 4, 8])
+@pytest.mark.parametrize("heads", [16, 64, 128])
+@pytest.mark.parametrize("page_size", [64, 128])
+def test_mla_prefill_matches_reference(poisoned, bits, heads, page_size):
+    # chunked prefill (queries are the last tokens of longer contexts), ragged, one tiny sequence
+    check_mla_prefill([70, 200, 1], [300, 200, 65], heads, page_size, bits, tag=" SM100")
+
+
+@pytest.mark.parametrize("bits", [None, 3, 4])
+def test_mla_non_causal_long_and_empty_rows(poisoned, bits):
+    check_mla_prefill([40, 3], [1000, 2000], 16, 64, bits, causal=False, tag=" SM100")
+    check_mla_prefill([700], [2300], 128, 128, bits, tag=" SM100")
+    check_mla_prefill([100, 5, 0], [60, 0, 64], 16, 64, bits, tag=" SM100")

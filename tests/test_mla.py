@@ -202,3 +202,24 @@ def test_rotated_space_is_the_rotated_problem():
     with pytest.raises(ValueError, match="rotated_space=True is for a packed latent"):
         bf = _cache([90], bits=None)[0].layer(0)
         mla.flash_mla_prefill(q_nope, q_pe, *bf, table, cu, used, rotated_space=True)
+
+
+@pytest.mark.parametrize("capability,heads,explicit,want", [
+    ((9, 0), 48, False, None),
+    ((10, 0), 128, True, None),
+    ((10, 0), 128, False, "never run"),  # "auto" does not pick the compile-checked-only SM100 kernel
+    ((10, 0), 48, True, "heads must divide 128"),
+    ((8, 0), 16, True, "SM90"),
+])
+def test_which_gpus_the_kernel_serves(monkeypatch, capability, heads, explicit, want):
+    """The dispatch rule, with the GPU's capability stubbed: Hopper always; Blackwell only when the
+    kernel is asked for by name (it has never run), and only for head counts FA4's 2-CTA MLA tiles;
+    nothing else."""
+    from mla.interface import _kernel_unavailable
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    why = _kernel_unavailable(torch.device("cuda"), heads, explicit=explicit)
+    if want is None:
+        assert why is None
+    else:
+        assert why is not None and want in why
