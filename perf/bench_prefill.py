@@ -116,14 +116,19 @@ def main(argv=None):
     ap.add_argument("--ablate", action="store_true", help="also time kernel variants without a load stage")
     ap.add_argument("--rotation", action="store_true", help="only K4V4 GQA 8:1 at seqlen 1K/4K (rotation cost)")
     args = ap.parse_args(argv)
-    require_gpu("bench_prefill")
+    gpu = require_gpu("bench_prefill")
+    if args.ablate and torch.cuda.get_device_capability()[0] != 9:
+        ap.error("--ablate times variants of the SM90 kernel only")
+    # SM 10.x has no fused rotation (fa4_tq/kernels/sm100.py): "ours" there rotates with the GEMMs
+    rot_note = "" if torch.cuda.get_device_capability()[0] == 9 else (
+        "; on this GPU the kernel has no fused rotation: the 'rotation fused' column is the GEMM path")
     head = HEADER + (" no-copy TFLOP/s | no-dequant TFLOP/s |" if args.ablate else "")
     print(head)
     rows = run(_configs(args.full, args.quick, args.rotation), args.ablate, args.reps)
     flags = "".join(f" --{n}" for n in ("full", "quick", "ablate", "rotation") if getattr(args, n))
     write_results(args.out_dir, "prefill", "Prefill",
-                  f"`python perf/bench_prefill.py{flags}` (median of {args.reps} CUDA-event timings; "
-                  f"~32K query tokens per call; GQA 8:1 = 32/4 heads, MHA = 32/32)", head,
+                  f"`python perf/bench_prefill.py{flags}` on {gpu} (median of {args.reps} CUDA-event timings; "
+                  f"~32K query tokens per call; GQA 8:1 = 32/4 heads, MHA = 32/32{rot_note})", head,
                   [_fmt(r, args.ablate) for r in rows])
 
 
