@@ -90,7 +90,7 @@ def run(configs, ablate: bool, reps: int):
                    **{f"tf_{n}": flops / (ms * 1e9) for n, ms in t.items()}, **{f"ms_{n}": ms for n, ms in t.items()})
         rows.append(row)
         print(_fmt(row, ablate), flush=True)
-        del q, k, v, kp, vp, q_rot
+        q = k = v = kp = vp = q_rot = None  # free this problem before the next (not del: the lambdas name them)
     return rows
 
 
