@@ -1,5 +1,8 @@
-"""Torch side of the SM90 MLA kernel: compile once per variant, launch (as fa4_tq.kernels.launch
-does for the attention kernel; under torch's FakeTensorMode it compiles and does not launch)."""
+"""Torch side of the MLA kernels: compile once per variant, launch (as fa4_tq.kernels.launch does
+for the attention kernel; under torch's FakeTensorMode it compiles and does not launch).
+
+SM 9.x runs ``mla/sm90.py`` (our kernel), SM 10.x ``mla/sm100.py`` (FA4's 2-CTA MLA forward with
+the packed-latent load stage; compile-checked only, never run)."""
 
 from __future__ import annotations
 
@@ -32,12 +35,11 @@ def mla_attention(
     ``lse`` may be given (contiguous, of the output's shapes): the kernel writes into them."""
     import cutlass.cute as cute
     from flash_attn.cute.cute_dsl_utils import to_cute_tensor
+    from flash_attn.cute.interface import _compile_options
     from flash_attn.cute.testing import is_fake_mode
 
     from fa4_tq.kernels.launch import device_arch
     from fa4_tq.kernels.staging import lookup_table
-
-    from .sm90 import FlashMLAForwardSm90
 
     arch = device_arch()
     if arch // 10 not in (9, 10):
@@ -48,7 +50,6 @@ def mla_attention(
     total_q, heads, _ = q_nope.shape
     q_nope = q_nope.contiguous()
     q_pe = q_pe.contiguous()
-    qn, qp = q_nope.view(total_q * heads, -1), q_pe.view(total_q * heads, -1)
     if out is None:
         out = torch.empty_like(q_nope)
     if lse is None and return_lse:
@@ -57,70 +58,47 @@ def mla_attention(
         raise ValueError(f"out must be a contiguous {q_nope.dtype} tensor of shape {tuple(q_nope.shape)}")
     if lse is not None and (lse.shape != (heads, total_q) or lse.dtype != torch.float32 or not lse.is_contiguous()):
         raise ValueError(f"lse must be a contiguous float32 tensor of shape {(heads, total_q)}")
-    rope3 = rope.squeeze(2)
     packed = isinstance(latent, PackedKV)
     if packed:
-        lat3, scales = latent.data.squeeze(2), latent.scales.squeeze(1)
-        bits = latent.bits
+        lat, scales, bits = latent.data, latent.scales.squeeze(1), latent.bits
         table = (torch.empty(1 << bits, dtype=torch.float32, device=q_nope.device) if is_fake_mode()
                  else lookup_table(bits, q_nope.device))
     else:
-        lat3, bits = latent.squeeze(2), None
+        lat, bits = latent, None
         scales = torch.empty(1, 1, dtype=torch.float32, device=q_nope.device)  # not read
         table = torch.empty(4, dtype=torch.float32, device=q_nope.device)  # not read
+    idx = (cu_seqlens_q, seqused_k, page_table)
+    if arch // 10 == 9:
+        from .sm90 import FlashMLAForwardSm90 as Kernel
+
+        # rows = (token, head) pairs; the latent and RoPE caches without their head axis
+        tensors = (q_nope.view(total_q * heads, -1), q_pe.view(total_q * heads, -1), lat.squeeze(2), scales,
+                   table, rope.squeeze(2), out.view(total_q * heads, -1), lse, *idx)
+        scalars = (softmax_scale, max_seqlen_q)
+        out_align = 16
+    else:
+        from .sm100 import FlashMLAForwardSm100 as Kernel
+
+        # FA4's MLA shapes; its LSE is (total_q, heads), ours the transposed (heads, total_q)
+        tensors = (q_nope, q_pe, lat, scales, table, rope, out, lse.t() if lse is not None else None, *idx)
+        scalars = (softmax_scale,)
+        out_align = 32  # as FA4's interface assumes for head_dim_v 512
+    # bytes each pointer may be assumed aligned to (scales and index tensors: their element)
+    aligns = (16, 16, 16, 2, 16, 16, out_align, 4, 4, 4, 4)
     key = ("mla", arch, heads, bits, scales.dtype, causal, lse is not None)
-    if arch // 10 == 10:
-        return _launch_sm100(key, q_nope, q_pe, latent.data if packed else latent, scales, table, rope, out, lse,
-                             cu_seqlens_q, seqused_k, page_table, softmax_scale)
     if key not in _compile_cache:
-        small = dict(assumed_align=4, leading_dim=0)
-        args = [
-            to_cute_tensor(qn), to_cute_tensor(qp),
-            to_cute_tensor(lat3, assumed_align=16), to_cute_tensor(scales, assumed_align=2),
-            to_cute_tensor(table, assumed_align=16, leading_dim=0), to_cute_tensor(rope3),
-            to_cute_tensor(out.view(total_q * heads, -1)),
-            to_cute_tensor(lse, assumed_align=4) if lse is not None else None,
-            to_cute_tensor(cu_seqlens_q, **small), to_cute_tensor(seqused_k, **small),
-            to_cute_tensor(page_table, assumed_align=4, leading_dim=1),
-            softmax_scale, max_seqlen_q,
-            cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
-        ]
-        kernel = FlashMLAForwardSm90(heads, bits, causal)
-        _compile_cache[key] = cute.compile(kernel, *args, options="--enable-tvm-ffi")
+        kernel = Kernel(heads, bits, causal)
+        args = [None if t is None else to_cute_tensor(t, assumed_align=a, leading_dim=_unit_stride_dim(t))
+                for t, a in zip(tensors, aligns)]
+        _compile_cache[key] = cute.compile(
+            kernel, *args, *scalars, cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
+            options=_compile_options(getattr(kernel, "ptxas_options", "")),
+        )
     if not is_fake_mode() and total_q:
-        _compile_cache[key](qn, qp, lat3, scales, table, rope3, out.view(total_q * heads, -1), lse,
-                            cu_seqlens_q, seqused_k, page_table, softmax_scale, max_seqlen_q)
+        _compile_cache[key](*tensors, *scalars)
     return out, lse
 
 
-def _launch_sm100(key, q_nope, q_pe, latent, scales, table, rope, out, lse, cu_seqlens_q, seqused_k, page_table,
-                  softmax_scale):
-    """FA4's 2-CTA MLA forward with the packed-latent load stage (``mla/sm100.py``); never run:
-    no Blackwell GPU was available to this project."""
-    import cutlass.cute as cute
-    from flash_attn.cute.cute_dsl_utils import to_cute_tensor
-    from flash_attn.cute.interface import _compile_options
-    from flash_attn.cute.testing import is_fake_mode
-
-    from .sm100 import FlashMLAForwardSm100
-
-    lse_t = lse.t() if lse is not None else None  # FA4 writes (total_q, heads); ours is (heads, total_q)
-    if key not in _compile_cache:
-        small = dict(assumed_align=4, leading_dim=0)
-        args = [
-            to_cute_tensor(q_nope), to_cute_tensor(q_pe),
-            to_cute_tensor(latent, assumed_align=16), to_cute_tensor(scales, assumed_align=2),
-            to_cute_tensor(table, assumed_align=16, leading_dim=0), to_cute_tensor(rope),
-            to_cute_tensor(out, assumed_align=32),
-            to_cute_tensor(lse_t, assumed_align=4, leading_dim=0) if lse_t is not None else None,
-            to_cute_tensor(cu_seqlens_q, **small), to_cute_tensor(seqused_k, **small),
-            to_cute_tensor(page_table, assumed_align=4, leading_dim=1),
-            softmax_scale,
-            cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
-        ]
-        kernel = FlashMLAForwardSm100(q_nope.shape[1], key[3], key[5])
-        _compile_cache[key] = cute.compile(kernel, *args, options=_compile_options(kernel.ptxas_options))
-    if not is_fake_mode() and q_nope.shape[0]:
-        _compile_cache[key](q_nope, q_pe, latent, scales, table, rope, out, lse_t, cu_seqlens_q, seqused_k,
-                            page_table, softmax_scale)
-    return out, lse
+def _unit_stride_dim(t: torch.Tensor) -> int:
+    """The dimension CuTeDSL is told is contiguous (the transposed LSE view's is the first)."""
+    return t.dim() - 1 if t.stride(-1) == 1 else list(t.stride()).index(1)

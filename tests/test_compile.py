@@ -90,12 +90,12 @@ def test_mla_prefill_kernel_compiles_for_sm90():
 def test_mla_prefill_kernel_compiles_for_sm100():
     """mla's SM100 subclass of FA4's 2-CTA MLA forward (compile-checked only: no Blackwell GPU
     here): bf16 and every packed latent width, heads 16/64/128, causal and not, for sm_100a."""
-    from fa4_tq.compile_check import mla_sm100_variants
+    from fa4_tq.compile_check import mla_variants
 
     res = run_in_subprocess("sm_100a", "mla-sm100")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("COMPILED")]
-    assert [ln.split(": ", 1)[1].rsplit(" -> ", 1)[0] for ln in lines] == [lb for lb, _ in mla_sm100_variants()]
+    assert [ln.split(": ", 1)[1].rsplit(" -> ", 1)[0] for ln in lines] == [lb for lb, _ in mla_variants()]
     assert all(ln.endswith("FlashMLAForwardSm100") for ln in lines), lines
 
 
