@@ -33,7 +33,7 @@ from cutlass import Float32, Int32, const_expr
 
 from flash_attn.cute.flash_fwd_mla_sm100 import FlashAttentionMLAForwardSm100
 
-from fa4_tq.kernels.load_stage import dequant_part
+from fa4_tq.kernels.load_stage import dequant_part, packed_shape_carrier
 from fa4_tq.kernels.sm90 import inline_body
 
 D_LATENT = 512
@@ -41,16 +41,6 @@ D_ROPE = 64
 PART_COLS = 128  # latent columns one load thread converts per tile
 
 _fa4_kernel_body = inline_body(FlashAttentionMLAForwardSm100.kernel)
-
-
-def packed_shape_carrier(mX: cute.Tensor, dtype, cols: int) -> cute.Tensor:
-    """A ``dtype`` tensor of the logical shape (..., cols) over packed uint8 rows ``mX`` whose
-    element (..., 0) sits at the packed row's byte address: strides are the packed byte strides
-    over the dtype width (every packed stride is even). FA4 builds its layouts and per-row
-    pointers from it; the packed loads read ``mX`` itself."""
-    width = dtype.width // 8
-    layout = cute.make_layout((*mX.shape[:-1], cols), stride=(*[s // width for s in mX.stride[:-1]], 1))
-    return cute.make_tensor(cute.recast_ptr(mX.iterator, dtype=dtype), layout)
 
 
 class FlashMLAForwardSm100(FlashAttentionMLAForwardSm100):

@@ -2,7 +2,8 @@
 
 ``staging.py`` explains the scheme. The two functions here are the whole per-thread work:
 ``copy_part_async`` (global packed bytes -> this thread's staging slice) and ``dequant_part``
-(staging slice -> ``dtype`` columns of one row of the swizzled tile). The plain PyTorch twin of
+(staging slice, or global bytes -> ``dtype`` columns of one row of the swizzled tile);
+``packed_shape_carrier`` is the SM100 subclasses' way of handing FA4 packed K/V. The plain PyTorch twin of
 ``dequant_part`` is ``PackedKV.decompress_rotated``.
 """
 
@@ -38,6 +39,16 @@ def copy_part_async(
     s = cute.zipped_divide(cute.make_tensor(dst.iterator, cute.make_layout((part_bytes,))), (copy_bytes,))
     for i in cutlass.range_constexpr(part_bytes // copy_bytes):
         cute.copy(atom, g[None, i], s[None, i])
+
+
+def packed_shape_carrier(mX: cute.Tensor, dtype, cols: int) -> cute.Tensor:
+    """A ``dtype`` tensor of the logical shape (..., cols) over packed uint8 rows ``mX`` whose
+    element (..., 0) sits at the packed row's byte address: strides are the packed byte strides
+    over the dtype width (every packed stride is even). FA4 builds its layouts and per-row
+    pointers from it; the packed loads read ``mX`` itself."""
+    width = dtype.width // 8
+    layout = cute.make_layout((*mX.shape[:-1], cols), stride=(*[s // width for s in mX.stride[:-1]], 1))
+    return cute.make_tensor(cute.recast_ptr(mX.iterator, dtype=dtype), layout)
 
 
 # ----------------------------------------------------------------------------- register ops

@@ -17,7 +17,7 @@ Differences from the SM90 subclass, each a consequence of FA4's SM100 structure:
 - No staging ring prefetch: a block's packed bytes are copied and dequantised in one step.
 - No fused rotation: the caller rotates q and un-rotates the output (``rotation="gemm"``).
 - Paged K/V only (``launch.py`` presents a contiguous cache as one page per sequence); the
-  carriers' strides are the packed byte strides in dtype units (``_shape_carrier``), so FA4's
+  carriers' strides are the packed byte strides in dtype units (``load_stage.packed_shape_carrier``), so FA4's
   per-row pointers are the packed rows' addresses.
 """
 
@@ -33,7 +33,7 @@ from cutlass import Float32, Int32, const_expr
 from flash_attn.cute.flash_fwd_sm100 import FlashAttentionForwardSm100
 from flash_attn.cute.utils import AuxData
 
-from .load_stage import copy_part_async, dequant_part
+from .load_stage import copy_part_async, dequant_part, packed_shape_carrier
 from .sm90 import TQOperands, inline_body
 from .staging import SMEM_CAPACITY, StagingPlan, table_floats, uses_shared_table
 
@@ -98,20 +98,11 @@ class FlashAttentionForwardSm100TQ(FlashAttentionForwardSm100):
         # (no sign vectors: the caller rotates; the tables stand in for the unused fields)
         self._tq_host = TQOperands(mK, mV, mKScale, mVScale, mKTable, mVTable, mKTable, mVTable)
         FlashAttentionForwardSm100.__call__(
-            self, mQ, self._shape_carrier(mK), self._shape_carrier(mV), mO, mLSE, softmax_scale,
+            self, mQ, packed_shape_carrier(mK, self.dtype, self.head_dim),
+            packed_shape_carrier(mV, self.dtype, self.head_dim), mO, mLSE, softmax_scale,
             mCuSeqlensQ, None, None, mSeqUsedK, mPageTable, window_size_left, window_size_right,
             None, None, None, AuxData(), stream=stream,
         )
-
-    def _shape_carrier(self, mX: cute.Tensor) -> cute.Tensor:
-        """A dtype tensor of the logical K/V shape whose element (page, offset, head, 0) sits at
-        the packed row's byte address: strides are the packed byte strides over the dtype width
-        (every packed stride is even). FA4 builds its per-row pointers from it; nothing reads
-        through it."""
-        width = self.dtype.width // 8
-        lead = mX.shape[:-1]
-        layout = cute.make_layout((*lead, self.head_dim), stride=(*[s // width for s in mX.stride[:-1]], 1))
-        return cute.make_tensor(cute.recast_ptr(mX.iterator, dtype=self.dtype), layout)
 
     # ------------------------------------------------------------------ kernel
     def kernel(self, *fa4_args, **fa4_kwargs):
@@ -177,7 +168,7 @@ class FlashAttentionForwardSm100TQ(FlashAttentionForwardSm100):
         row = (tidx % tpr) * (LOAD_THREADS // tpr) + tidx // tpr
         page, off = mgr.tPrPage[0], mgr.tPrPageOffset[0]
         valid = block * 128 + row < mgr.seqlen_k
-        # Which KV head: the carrier FA4 sliced by head addresses packed bytes (_shape_carrier).
+        # Which KV head: the carrier FA4 sliced by head addresses packed bytes (packed_shape_carrier).
         head = Int32((mgr.mK_paged.iterator.toint() - tq.k_data.iterator.toint()) // tq.k_data.stride[2])
         sigma = Float32(0.0)
         if valid:
