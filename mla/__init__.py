@@ -1,4 +1,5 @@
-"""mla: DeepSeek-style absorbed MLA prefill on Hopper over a compressed latent cache.
+"""mla: DeepSeek-style absorbed MLA prefill on Hopper (and, compile-checked only, Blackwell) over a
+compressed latent cache.
 
     import mla
     cache = mla.MLACache(num_layers, num_pages, page_size=64, bits=4, device="cuda")
@@ -8,7 +9,8 @@
 
 The latent is packed with fa4_tq's TurboQuant codec (bits 2/3/4/8) or kept bf16; the RoPE keys
 stay bf16. On SM90 one CuTeDSL kernel (``mla/sm90.py``) reads the packed latent and dequantises
-it inline; elsewhere ``mla_reference`` (PyTorch, float32) runs.
+it inline; on SM100 ``mla/sm100.py`` (FA4's own MLA forward with its latent loads replaced; never
+run, so only ``backend="kernel"`` picks it); elsewhere ``mla_reference`` (PyTorch, float32) runs.
 """
 
 from .cache import D_LATENT, D_ROPE, MLACache
