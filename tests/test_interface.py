@@ -5,7 +5,6 @@ import dataclasses
 import pytest
 import torch
 
-import fa4_tq
 from fa4_tq import PagedKVCache, attention_reference, compress, flash_attn_func, flash_attn_varlen_func
 from helpers import realistic_kv, rel_err
 
