@@ -1,0 +1,40 @@
+"""The B200 script (scripts/bench_b200.sh) cannot run here, so check on the CPU what can be checked:
+it parses, every perf script it names exists, and each accepts the flags the script passes it.
+(It once called ``perf/bench_prefill``, a file that does not exist.)"""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "bench_b200.sh")
+
+
+def _benchmarks() -> list[str]:
+    text = open(SCRIPT).read()
+    loop = re.search(r"^for name in ([\w ]+); do$", text, re.M)
+    assert loop, "bench_b200.sh: the loop over the perf scripts is not where this test looks"
+    return loop.group(1).split()
+
+
+def test_b200_script_parses():
+    assert subprocess.run(["bash", "-n", SCRIPT]).returncode == 0
+
+
+def test_b200_script_runs_every_gpu_benchmark():
+    gpu_benchmarks = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "perf")) if f.startswith("bench_"))
+    assert sorted(_benchmarks()) == gpu_benchmarks
+
+
+@pytest.mark.parametrize("name", _benchmarks())
+def test_each_benchmark_takes_the_flags_the_script_passes(name):
+    path = os.path.join(ROOT, "perf", f"{name}.py")
+    assert os.path.exists(path), path
+    res = subprocess.run([sys.executable, path, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    no_quick = re.search(rf'\[\[ \$name == {name} \]\] && args=""', open(SCRIPT).read())
+    if not no_quick:  # the script passes --quick to it
+        assert "--quick" in res.stdout, f"bench_b200.sh passes --quick to {name}.py, which does not take it"
