@@ -139,21 +139,10 @@ def packed_attention(
         )
     arch = device_arch()
     cls = _kernel_class(arch)
-    if arch // 10 == 10:
-        if _ablate is not None:
-            raise NotImplementedError("load-stage ablations exist in the SM90 kernel only")
-        return _packed_attention_sm100(cls, arch, q, k, v, softmax_scale=softmax_scale, causal=causal,
-                                       window_size=window_size, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                                       seqused_k=seqused_k, page_table=page_table, return_lse=return_lse,
-                                       out=out, lse=lse, skip=skip)
     num_head, num_head_kv = q_rot.shape[-2], k.shape[-2]
     qhead_per_kvhead = num_head // num_head_kv
     pack_gqa = qhead_per_kvhead > 1  # FA4's default
     causal, local, wl, wr = _resolve_causal_local_window(causal, window_size[0], window_size[1])
-    tile_m, tile_n = sm90_tiles(head_dim, k.bits, v.bits)
-    # decode/verification: every tile's rows fit in the first consumer warpgroup (64 rows)
-    idle = cu_seqlens_q is None and not skip and q_rot.shape[1] * (qhead_per_kvhead if pack_gqa else 1) <= 64
-    idle = idle and _idle is not False
 
     if cu_seqlens_q is None:
         batch, seqlen_q = q_rot.shape[:2]
@@ -169,6 +158,16 @@ def packed_attention(
     if lse is not None and (lse.shape != lse_shape or lse.dtype != torch.float32 or not lse.is_contiguous()):
         raise ValueError(f"lse must be a contiguous float32 tensor of shape {lse_shape}")
     k_table, v_table = _codebook_tables(k.bits, v.bits, q_rot.device)
+    if arch // 10 == 10:
+        if _ablate is not None:
+            raise NotImplementedError("load-stage ablations exist in the SM90 kernel only")
+        return _packed_attention_sm100(
+            cls, arch, q_rot, k, v, softmax_scale, qhead_per_kvhead, pack_gqa, (causal, local, wl, wr),
+            cu_seqlens_q, cu_seqlens_k, seqused_k, page_table, out, lse, k_table, v_table, skip)
+    tile_m, tile_n = sm90_tiles(head_dim, k.bits, v.bits)
+    # decode/verification: every tile's rows fit in the first consumer warpgroup (64 rows)
+    idle = cu_seqlens_q is None and not skip and q_rot.shape[1] * (qhead_per_kvhead if pack_gqa else 1) <= 64
+    idle = idle and _idle is not False
     if is_fake_mode():  # compile only: the sign vectors' shapes are all that matter
         k_signs, v_signs = (torch.empty(head_dim, dtype=torch.float32, device=q_rot.device) for _ in range(2))
     else:
@@ -226,15 +225,14 @@ def _codebook_tables(k_bits: int, v_bits: int, device) -> tuple[torch.Tensor, to
     return lookup_table(k_bits, device), lookup_table(v_bits, device)
 
 
-def _packed_attention_sm100(cls, arch, q, k, v, *, softmax_scale, causal, window_size, cu_seqlens_q, cu_seqlens_k,
-                            seqused_k, page_table, return_lse, out, lse, skip):
-    """``packed_attention`` on SM100 (``sm100.py``; compile-checked, never run here), ``q``
-    already rotated (``packed_attention`` turns "fused" into "gemm" there): paged K/V, a
-    contiguous cache presented as one page per sequence."""
+def _packed_attention_sm100(cls, arch, q, k, v, softmax_scale, qhead_per_kvhead, pack_gqa, window, cu_seqlens_q,
+                            cu_seqlens_k, seqused_k, page_table, out, lse, k_table, v_table, skip):
+    """``packed_attention`` on SM100 (``sm100.py``; compile-checked, never run here), from the
+    point where the shared preparation is done (``q`` already rotated: ``packed_attention`` turns
+    "fused" into "gemm" there): paged K/V, a contiguous cache presented as one page per sequence."""
     import cutlass
     import cutlass.cute as cute
     from flash_attn.cute.cute_dsl_utils import to_cute_tensor
-    from flash_attn.cute.interface import _resolve_causal_local_window
     from flash_attn.cute.testing import is_fake_mode
 
     if skip or cu_seqlens_k is not None:
@@ -244,22 +242,13 @@ def _packed_attention_sm100(cls, arch, q, k, v, *, softmax_scale, causal, window
     d = q.shape[-1]
     if d not in (64, 128):
         raise ValueError(f"the SM100 packed-KV kernel supports head_dim 64 and 128, got {d}: use backend='decompress'")
+    causal, local, wl, wr = window
     kd, vd, ks, vs = k.data, v.data, k.scales, v.scales
     if page_table is None:  # batch layout [b, s, h, nb] / scales [b, h, s]: one page per sequence
         b = kd.shape[0]
         page_table = torch.arange(b, dtype=torch.int32, device=q.device).view(b, 1)
         if seqused_k is None:
             seqused_k = torch.full((b,), kd.shape[1], dtype=torch.int32, device=q.device)
-    num_head, num_head_kv = q.shape[-2], k.shape[-2]
-    qhead_per_kvhead = num_head // num_head_kv
-    pack_gqa = qhead_per_kvhead > 1
-    causal, local, wl, wr = _resolve_causal_local_window(causal, window_size[0], window_size[1])
-    lse_shape = (q.shape[0], num_head, q.shape[1]) if cu_seqlens_q is None else (num_head, q.shape[0])
-    if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if lse is None and return_lse:
-        lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
-    k_table, v_table = _codebook_tables(k.bits, v.bits, q.device)
     key = (arch, cls.__name__, q.dtype, d, qhead_per_kvhead, k.bits, v.bits, k.scales.dtype, v.scales.dtype,
            causal, local, wl is None, wr is None, pack_gqa, cu_seqlens_q is None, lse is None)
     if key not in _compile_cache:
