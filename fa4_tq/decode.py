@@ -252,10 +252,11 @@ def split_launches(q: torch.Tensor, page_table: torch.Tensor, seqused_k: torch.T
 
 
 def _run_split(prob, num_splits: Optional[int], return_lse: bool, lam: Optional[torch.Tensor] = None,
-               want_stats: bool = True, _idle: Optional[bool] = None):
+               want_stats: bool = True, **knobs):
     """The packed-KV kernel over the split's launches, merged by FA4's combine kernel. With
     ``lam`` (skip-softmax) also returns the summed ``SkipStats`` (None unless ``want_stats``: the
-    kernel writes its counters either way, summing them costs a few small launches)."""
+    kernel writes its counters either way, summing them costs a few small launches). ``knobs``
+    are ``packed_attention``'s private ablation arguments (``_idle``, ``_tiles``)."""
     from flash_attn.cute.interface import _flash_attn_fwd_combine
 
     from .kernels.launch import packed_attention, sm90_tiles
@@ -265,7 +266,7 @@ def _run_split(prob, num_splits: Optional[int], return_lse: bool, lam: Optional[
     kv_heads, page_size = k.shape[2], k.shape[1]
     if num_splits is None:
         num_splits = choose_num_splits(q, k, v, prob.page_table)
-    common = dict(softmax_scale=prob.softmax_scale, window_size=(None, None), _idle=_idle)
+    common = dict(softmax_scale=prob.softmax_scale, window_size=(None, None), **knobs)
     rows = seqlen_q * (heads // kv_heads)  # packed query rows per (sequence, KV head)
     if num_splits == 1 and lam is None:
         return packed_attention(q, k, v, causal=prob.causal, page_table=prob.page_table,

@@ -182,18 +182,25 @@ def test_greedy_decisions_hold_at_the_default_threshold(poisoned, seqlen_q, num_
 
 
 @pytest.mark.parametrize("seqlen_q,h,h_k,d,num_splits", [(1, 32, 4, 128, 4), (8, 64, 8, 128, None), (4, 8, 8, 64, 1)])
-def test_idle_padding_warpgroup_changes_nothing(poisoned, seqlen_q, h, h_k, d, num_splits):
-    """With q_len x GQA <= 64 the second consumer warpgroup holds only padding and, by default,
-    skips its blocks: output and LSE equal the kernel with it kept busy, bit for bit."""
+def test_decode_tile_changes_nothing(poisoned, seqlen_q, h, h_k, d, num_splits):
+    """With q_len x GQA <= 64 the kernel runs a 64-row tile with one consumer warpgroup. On the
+    128-row tile, the second warpgroup holds only padding and by default skips its blocks. All
+    three give the same output and LSE, bit for bit: each row sees the same blocks in the same
+    order through the same 64-row wgmma."""
     from fa4_tq.decode import _run_split
     from fa4_tq.interface import _Problem
+    from fa4_tq.kernels.launch import sm90_config
 
+    assert sm90_config(d, 4, 2, seqlen_q * h // h_k, True)[0] == 64
     gen = torch.Generator().manual_seed(seqlen_q)
     cache, table, used, _ = ragged_paged_cache([3000, 65, 1200], 64, h_k, d, gen, k_bits=4, v_bits=2, device=DEV)
     q = torch.randn(3, seqlen_q, h, d, generator=gen).to(torch.bfloat16).to(DEV)
     out, lse = flash_attn_with_kvcache(q, cache, table, used, num_splits=num_splits, return_lse=True, backend="inline")
     prob = _Problem(q, *cache, 3, d ** -0.5, True, (None, None), seqused_k=used, page_table=table)
-    busy, busy_lse = _run_split(prob, num_splits, True, _idle=False)
-    assert torch.equal(out, busy) and torch.equal(lse, busy_lse)
+    tile_n = sm90_config(d, 4, 2, seqlen_q * h // h_k, True)[1]
+    for knobs in (dict(_tiles=(128, tile_n)), dict(_tiles=(128, tile_n), _idle=False)):
+        o, l = _run_split(prob, num_splits, True, **knobs)
+        assert torch.equal(out, o) and torch.equal(lse, l), knobs
     assert rel_err(out, attention_reference(q, *cache, page_table=table, seqused_k=used, causal=True,
                                             dtype=torch.float64)[0]) < 2e-2
+

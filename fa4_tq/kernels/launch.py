@@ -43,6 +43,16 @@ def sm90_tiles(head_dim: int, k_bits: int, v_bits: int) -> tuple[int, int]:
     raise ValueError(f"no SM90 tile fits head_dim {head_dim} at K{k_bits}V{v_bits}")
 
 
+@functools.lru_cache(maxsize=None)
+def sm90_config(head_dim: int, k_bits: int, v_bits: int, rows: int, batch_layout: bool) -> tuple[int, int]:
+    """(tile_m, tile_n) of the SM90 kernel for ``rows`` packed query rows per (sequence, head).
+    Decode and verification (batch layout, rows <= 64), with or without skip-softmax, take a
+    64-row tile and one consumer warpgroup: on the 128-row tile the second warpgroup's rows are
+    all padding, yet it still computes QK^T and takes turns with the first at the tensor cores
+    (perf/results/decode-*.md measures both). Everything else: 128 rows. tile_n: ``sm90_tiles``."""
+    return (64 if batch_layout and rows <= 64 else 128), sm90_tiles(head_dim, k_bits, v_bits)[1]
+
+
 def _kernel_class(arch: int):
     if arch // 10 == 9:
         from .sm90 import FlashAttentionForwardSm90TQ
@@ -81,6 +91,7 @@ def packed_attention(
     skip_stats: Optional[torch.Tensor] = None,
     _ablate: Optional[str] = None,
     _idle: Optional[bool] = None,
+    _tiles: Optional[tuple] = None,
 ):
     """Attention of ``q`` on packed K/V. Returns ``(out, lse)`` with FA4's layouts, ``out`` in
     q's dtype. ``out``/``lse`` may be given (contiguous, of those shapes): the kernel writes into
@@ -95,7 +106,8 @@ def packed_attention(
     each 64-row warpgroup of each tile; tile heads are the KV heads with pack-GQA, else the query
     heads). Batch layout only (no ``cu_seqlens``).
     ``_idle=False`` turns off the idle second warpgroup of decode-shaped calls (tests and
-    perf/bench_decode.py compare the two); None decides from the shape.
+    perf/bench_decode.py compare the two); None decides from the shape. ``_tiles=(tile_m,
+    tile_n)`` replaces ``sm90_config``'s choice (tests, perf/bench_decode.py).
     Inputs are assumed validated by ``fa4_tq.interface``.
     """
     skip = skip_log2_threshold is not None
@@ -115,12 +127,13 @@ def packed_attention(
                 q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
                 cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, page_table=page_table,
                 return_lse=return_lse, rotation="none", out=out, lse=lse, skip_log2_threshold=skip_log2_threshold,
-                skip_stats=skip_stats, _ablate=_ablate, _idle=_idle)
+                skip_stats=skip_stats, _ablate=_ablate, _idle=_idle, _tiles=_tiles)
         o_rot, lse = packed_attention(
             rotate_rounded(q, k.seed), k, v, softmax_scale=softmax_scale, causal=causal,
             window_size=window_size, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
             seqused_k=seqused_k, page_table=page_table, return_lse=return_lse, rotation="none", lse=lse,
             skip_log2_threshold=skip_log2_threshold, skip_stats=skip_stats, _ablate=_ablate, _idle=_idle,
+            _tiles=_tiles,
         )
         o = unrotate_rounded(o_rot, v.seed)
         return (out.copy_(o) if out is not None else o), lse
@@ -159,15 +172,15 @@ def packed_attention(
         raise ValueError(f"lse must be a contiguous float32 tensor of shape {lse_shape}")
     k_table, v_table = _codebook_tables(k.bits, v.bits, q_rot.device)
     if arch // 10 == 10:
-        if _ablate is not None:
+        if _ablate is not None or _tiles is not None:
             raise NotImplementedError("load-stage ablations exist in the SM90 kernel only")
         return _packed_attention_sm100(
             cls, arch, q_rot, k, v, softmax_scale, qhead_per_kvhead, pack_gqa, (causal, local, wl, wr),
             cu_seqlens_q, cu_seqlens_k, seqused_k, page_table, out, lse, k_table, v_table, skip)
-    tile_m, tile_n = sm90_tiles(head_dim, k.bits, v.bits)
-    # decode/verification: every tile's rows fit in the first consumer warpgroup (64 rows)
-    idle = cu_seqlens_q is None and not skip and q_rot.shape[1] * (qhead_per_kvhead if pack_gqa else 1) <= 64
-    idle = idle and _idle is not False
+    rows = q_rot.shape[1] * (qhead_per_kvhead if pack_gqa else 1)  # query rows per (sequence, head) tile
+    tile_m, tile_n = _tiles or sm90_config(head_dim, k.bits, v.bits, rows, cu_seqlens_q is None)
+    # decode/verification on the 128-row tile: every tile's rows fit in the first consumer warpgroup
+    idle = tile_m == 128 and cu_seqlens_q is None and not skip and rows <= 64 and _idle is not False
     if is_fake_mode():  # compile only: the sign vectors' shapes are all that matter
         k_signs, v_signs = (torch.empty(head_dim, dtype=torch.float32, device=q_rot.device) for _ in range(2))
     else:

@@ -11,13 +11,15 @@ The vote is per warpgroup because the wgmma that is skipped is per warpgroup: on
 ``bar.red.and.pred`` over its 128 threads per block. The V tile is still loaded and dequantised
 (the producer runs ahead of the vote), so the saving is consumer work only.
 
-The same machinery serves dense decode: when a tile's query rows all fit in the first consumer
-warpgroup (q_len x GQA <= 64 with pack-GQA), the second one holds only padding. The kernel then
-votes with a threshold of 0 (log2: -inf): the first warpgroup never skips, the second, all
-padding, skips every block after its first instead of spending its MMAs on rows nobody reads.
-The output is the dense kernel's bit for bit (tests/test_gpu_decode.py compares it with the
-second warpgroup kept busy). A predicate that ptxas can trace to the warp index, in place of the
-vote, made it serialise the wgmmas (C7519), so the vote stays.
+The same machinery serves dense decode on the 128-row tile: when a tile's query rows all fit in
+the first consumer warpgroup (q_len x GQA <= 64 with pack-GQA), the second one holds only
+padding. The kernel then votes with a threshold of 0 (log2: -inf): the first warpgroup never
+skips, the second, all padding, skips every block after its first instead of spending its MMAs
+on rows nobody reads. The output is the dense kernel's bit for bit. A predicate that ptxas can
+trace to the warp index, in place of the vote, made it serialise the wgmmas (C7519), so the vote
+stays. Such calls now take a 64-row tile with one consumer warpgroup instead
+(``launch.sm90_config``), which also saves the padding warpgroup's QK^T; the 128-row path stays
+selectable for comparison (tests/test_gpu_decode.py, perf/bench_decode.py).
 
 FA4's per-block step (``mma_one_n_block_intrawg_overlap``) is reused unchanged: it is handed a
 softmax that votes first (``SkippingSoftmax``) and a P.V callable that does nothing for a skipped

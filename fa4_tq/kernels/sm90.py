@@ -112,15 +112,16 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
         tile_n: int = 128,
         intra_wg_overlap: bool = True,
         mma_pv_is_rs: bool = True,
-        producer_regs: int = 72,
-        consumer_regs: int = 216,
+        producer_regs: Optional[int] = None,
+        consumer_regs: Optional[int] = None,
         fuse_rotation: bool = True,
         skip_softmax: bool = False,
         idle_second_warpgroup: bool = False,
         ablate: Optional[str] = None,
     ):
-        if tile_m != 128:
-            raise ValueError("the packed-KV SM90 kernel runs two consumer warpgroups: tile_m must be 128")
+        if tile_m not in (64, 128):
+            raise ValueError(f"tile_m must be 128 (two consumer warpgroups) or 64 (one, for decode), got {tile_m}")
+        num_threads = 128 * (tile_m // 64 + 1)
         super().__init__(
             dtype,
             head_dim,
@@ -132,7 +133,7 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
             tile_m=tile_m,
             tile_n=tile_n,
             num_stages=2,
-            num_threads=384,
+            num_threads=num_threads,
             Q_in_regs=False,
             intra_wg_overlap=intra_wg_overlap,
             mma_pv_is_rs=mma_pv_is_rs,
@@ -149,19 +150,26 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
         # Every tile's query rows fit in the first consumer warpgroup (the caller knows: batch
         # layout, seqlen_q x GQA <= 64): the second skips its blocks (skip_softmax.py). Under
         # skip_softmax its vote already does this (all its rows are padding).
-        self.idle_second_warpgroup = idle_second_warpgroup and not skip_softmax
+        self.idle_second_warpgroup = idle_second_warpgroup and not skip_softmax and tile_m == 128
         if self.idle_second_warpgroup and not intra_wg_overlap:
             raise ValueError("idle_second_warpgroup wraps FA4's intra-warpgroup-overlap step: it needs intra_wg_overlap=True")
         self.k_plan = StagingPlan(tile_n, head_dim, k_bits)
         self.v_plan = StagingPlan(tile_n, head_dim, v_bits)
         self.staging_slots, self.staging_padded = choose_staging(tile_m, tile_n, head_dim, k_bits, v_bits)
-        # setmaxnreg only moves registers inside the CTA's launch allocation: 384 threads x 168
-        # (the most a 384-thread CTA gets) = 64512. FA4's cp.async setting is 224/40; 216/72
-        # measured 1-3% faster than 224/56 here (more producer registers, no consumer spills).
-        if 256 * consumer_regs + 128 * producer_regs > 384 * 168 or producer_regs % 8 or consumer_regs % 8:
+        # setmaxnreg only moves registers inside the CTA's launch allocation: threads x the most a
+        # thread gets at one CTA per SM (168 at 384 threads; 240 at 256, as ptxas sizes this
+        # kernel). FA4's cp.async setting at 384 threads is 224/40; 216/72 measured 1-3% faster
+        # than 224/56 here (more producer registers, no consumer spills).
+        launch_regs = min(240, 65536 // num_threads // 8 * 8)
+        default_consumer, default_producer = (216, 72) if tile_m == 128 else (240, 160)
+        consumer_regs = default_consumer if consumer_regs is None else consumer_regs
+        producer_regs = default_producer if producer_regs is None else producer_regs
+        consumer_threads = num_threads - 128
+        if (consumer_threads * consumer_regs + 128 * producer_regs > num_threads * launch_regs
+                or producer_regs % 8 or consumer_regs % 8):
             raise ValueError(
                 f"producer_regs={producer_regs} and consumer_regs={consumer_regs} do not fit in "
-                f"{384 * 168} registers (multiples of 8)"
+                f"{num_threads * launch_regs} registers (multiples of 8)"
             )
         self.producer_regs, self.consumer_regs = producer_regs, consumer_regs
         # Measurement only (perf/bench_prefill.py --ablate): "no_copy" skips the packed loads,
@@ -372,8 +380,8 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
         stats, counters = self._skip.stats, self._skip_state.counters
         if tidx % 128 == 0:
             wg = tidx // 128
-            stats[batch_idx, head_idx, m_block * 2 + wg, 0] = counters[1]
-            stats[batch_idx, head_idx, m_block * 2 + wg, 1] = counters[2]
+            stats[batch_idx, head_idx, m_block * (self.tile_m // 64) + wg, 0] = counters[1]
+            stats[batch_idx, head_idx, m_block * (self.tile_m // 64) + wg, 1] = counters[2]
 
     # ------------------------------------------------------------------ producer
     @cute.jit
