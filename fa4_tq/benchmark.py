@@ -57,6 +57,18 @@ def time_host(fn: Callable[[], object], *, warmup: int = 5, reps: int = 30) -> f
     return statistics.median(times)
 
 
+def profile_each(launches, note: str = "") -> None:
+    """Run each ``(name, fn)`` once between cudaProfilerStart and Stop, synchronising after each,
+    for ``ncu --profile-from-start off`` (scripts/profile_*.py); compile and warm up before."""
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    for name, fn in launches:
+        fn()
+        torch.cuda.synchronize()
+        print(f"profiled: {name}{note}", flush=True)
+    torch.cuda.profiler.stop()
+
+
 def copy_bandwidth() -> float:
     """GB/s of a 1 GiB device-to-device copy (read + write counted): the bandwidth ceiling the
     memory-bound benchmarks report against, measured in their own run."""

@@ -17,6 +17,7 @@ import argparse
 import torch
 
 from fa4_tq import PagedKVCache
+from fa4_tq.benchmark import profile_each
 
 
 def main(argv=None):
@@ -38,13 +39,7 @@ def main(argv=None):
         write = lambda c=cache, k=k, v=v, s=slots: c.write(0, k, v, s, backend="kernel")
         write()  # compile, warm up
         runs.append((f"K{kb}V{vb}", write))
-    torch.cuda.synchronize()
-    torch.cuda.cudart().cudaProfilerStart()
-    for name, write in runs:
-        print(f"profiling {name} at {t} tokens", flush=True)
-        write()
-    torch.cuda.synchronize()
-    torch.cuda.cudart().cudaProfilerStop()
+    profile_each(runs, f" at {t} tokens")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import argparse
 import torch
 
 from fa4_tq import PagedKVCache
-from fa4_tq.benchmark import time_gpu
+from fa4_tq.benchmark import profile_each, time_gpu
 from fa4_tq.kernels.launch import packed_attention
 
 HEADS, KV_HEADS, D, PAGE = 64, 8, 128, 128
@@ -74,12 +74,7 @@ def main(argv=None):
             base = t if name.endswith("as shipped") else base
             print(f"| {name} | {t * 1e3:.1f} | {t / base:.2f} |", flush=True)
         return
-    torch.cuda.profiler.start()
-    for name, fn in launches:
-        fn()
-        torch.cuda.synchronize()
-        print(f"profiled: {name}", flush=True)
-    torch.cuda.profiler.stop()
+    profile_each(launches)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import argparse
 import torch
 
 from fa4_tq import compress
+from fa4_tq.benchmark import profile_each
 from fa4_tq.codec import rotate_rounded
 from fa4_tq.kernels.launch import packed_attention
 
@@ -51,13 +52,7 @@ def main(argv=None):
                                  return_lse=False, rotation="none", _ablate=ab)))
     for _, fn in launches:  # compile + warm up outside the profiled range
         fn(), fn()
-    torch.cuda.synchronize()
-    torch.cuda.profiler.start()
-    for name, fn in launches:
-        fn()
-        torch.cuda.synchronize()
-        print(f"profiled: {name}  (b={batch} s={s} h={h}/{hk} d={d} causal={causal})", flush=True)
-    torch.cuda.profiler.stop()
+    profile_each(launches, f"  (b={batch} s={s} h={h}/{hk} d={d} causal={causal})")
 
 
 if __name__ == "__main__":
