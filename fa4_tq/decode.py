@@ -147,11 +147,11 @@ def flash_attn_with_kvcache(
             + ("" if backend == "decompress" else ": 'auto' chose it because the kernel cannot run this call")
         )
     if resolved == "reference":
-        from .kernels.launch import sm90_tiles
+        from .kernels.launch import sm90_tile_n
 
         out, lse, stats = skip_softmax_attention(
             q, k, v, prob.page_table, prob.seqused_k, threshold=lam.double(), causal=causal,
-            softmax_scale=prob.softmax_scale, tile_n=sm90_tiles(q.shape[-1], k.bits, v.bits)[1],
+            softmax_scale=prob.softmax_scale, tile_n=sm90_tile_n(q.shape[-1], k.bits, v.bits),
             rows_per_vote=ROWS_PER_VOTE)
         out, lse = out.to(q.dtype), lse.float() if return_lse else None
     else:
@@ -188,11 +188,11 @@ def _skip_lambda(threshold, scale_factor, seqused_k: torch.Tensor, batch: int, c
 def choose_num_splits(q: torch.Tensor, k: PackedKV, v: PackedKV, page_table: torch.Tensor) -> int:
     """What ``num_splits=None`` becomes for this call on this GPU (``plan_num_splits`` with the
     kernel's tile and the device's SM count)."""
-    from .kernels.launch import _sm_count, sm90_tiles
+    from .kernels.launch import _sm_count, sm90_tile_n
 
     batch, seqlen_q, heads, d = q.shape
     kv_heads, page_size = k.shape[2], k.shape[1]
-    tile_n = sm90_tiles(d, k.bits, v.bits)[1]
+    tile_n = sm90_tile_n(d, k.bits, v.bits)
     return plan_num_splits(batch, kv_heads, seqlen_q * (heads // kv_heads), page_table.shape[1], page_size,
                            _sm_count(q.device), tile_n)
 
@@ -259,7 +259,7 @@ def _run_split(prob, num_splits: Optional[int], return_lse: bool, lam: Optional[
     are ``packed_attention``'s private ablation arguments (``_idle``, ``_tiles``)."""
     from flash_attn.cute.interface import _flash_attn_fwd_combine
 
-    from .kernels.launch import packed_attention, sm90_tiles
+    from .kernels.launch import packed_attention, sm90_tile_n
 
     q, k, v = prob.q, prob.k, prob.v
     batch, seqlen_q, heads, d = q.shape
@@ -318,5 +318,5 @@ def _run_split(prob, num_splits: Optional[int], return_lse: bool, lam: Optional[
     # (narrow/select, not slicing: they also run on the fake tensors of CPU compile checks)
     stats = stats.masked_fill(empty.view(parts, batch, 1, 1, 1), 0).sum(0).narrow(2, 0, math.ceil(rows / ROWS_PER_VOTE))
     skipped, blocks = stats.select(-1, 0).long(), stats.select(-1, 1).long()
-    eps = skipped.double() * sm90_tiles(d, k.bits, v.bits)[1] * lam.double().view(-1, 1, 1)
+    eps = skipped.double() * sm90_tile_n(d, k.bits, v.bits) * lam.double().view(-1, 1, 1)
     return out, lse, SkipStats(skipped, blocks, eps)

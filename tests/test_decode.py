@@ -98,14 +98,14 @@ def test_decode_shaped_calls_take_the_64_row_tile():
     """q_len x GQA <= 64 in the batch layout: one consumer warpgroup on 64 rows (the second of a
     128-row tile would hold only padding); more rows, or varlen q, keep prefill's 128-row tile.
     tile_n is prefill's either way (split planning and skip-softmax bounds use it)."""
-    from fa4_tq.kernels.launch import sm90_config, sm90_tiles
+    from fa4_tq.kernels.launch import sm90_config, sm90_tile_n
 
     assert sm90_config(128, 4, 4, 8, True) == (64, 128)  # decode, GQA 8
     assert sm90_config(128, 4, 4, 64, True) == (64, 128)  # verification of 8 tokens, GQA 8
     assert sm90_config(128, 4, 4, 65, True) == (128, 128)
     assert sm90_config(128, 4, 4, 8, False) == (128, 128)  # varlen q: rows per tile unknown
     for d, kb, vb in ((64, 2, 2), (256, 8, 8), (256, 4, 4)):
-        assert sm90_config(d, kb, vb, 16, True) == (64, sm90_tiles(d, kb, vb)[1])
+        assert sm90_config(d, kb, vb, 16, True) == (64, sm90_tile_n(d, kb, vb))
 
 
 def test_decode_inputs_are_checked():

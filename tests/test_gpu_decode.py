@@ -191,13 +191,13 @@ def test_decode_tile_changes_nothing(poisoned, seqlen_q, h, h_k, d, num_splits):
     from fa4_tq.interface import _Problem
     from fa4_tq.kernels.launch import sm90_config
 
-    assert sm90_config(d, 4, 2, seqlen_q * h // h_k, True)[0] == 64
+    tile_m, tile_n = sm90_config(d, 4, 2, seqlen_q * h // h_k, True)
+    assert tile_m == 64
     gen = torch.Generator().manual_seed(seqlen_q)
     cache, table, used, _ = ragged_paged_cache([3000, 65, 1200], 64, h_k, d, gen, k_bits=4, v_bits=2, device=DEV)
     q = torch.randn(3, seqlen_q, h, d, generator=gen).to(torch.bfloat16).to(DEV)
     out, lse = flash_attn_with_kvcache(q, cache, table, used, num_splits=num_splits, return_lse=True, backend="inline")
     prob = _Problem(q, *cache, 3, d ** -0.5, True, (None, None), seqused_k=used, page_table=table)
-    tile_n = sm90_config(d, 4, 2, seqlen_q * h // h_k, True)[1]
     for knobs in (dict(_tiles=(128, tile_n)), dict(_tiles=(128, tile_n), _idle=False)):
         o, l = _run_split(prob, num_splits, True, **knobs)
         assert torch.equal(out, o) and torch.equal(lse, l), knobs

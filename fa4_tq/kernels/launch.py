@@ -29,15 +29,16 @@ def device_arch() -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def sm90_tiles(head_dim: int, k_bits: int, v_bits: int) -> tuple[int, int]:
-    """(tile_m, tile_n). FA4 uses 128x128 at head_dim 128; at 64 it uses 192x128, whose third
-    consumer warpgroup leaves the producer 32 registers, too few to dequantise, so we keep 128;
-    at 256 tile_n 64 (FA4: 80) so that 128 producer threads split each row evenly in two, and 32
-    where even one staging slot of 64 rows does not fit beside FA4's tiles (K8V8)."""
+def sm90_tile_n(head_dim: int, k_bits: int, v_bits: int) -> int:
+    """KV rows per tile, for every tile_m (``sm90_config``). FA4 uses 128x128 at head_dim 128; at
+    64 it uses 192x128, whose third consumer warpgroup leaves the producer 32 registers, too few
+    to dequantise, so we keep 128 rows of queries; at 256 tile_n 64 (FA4: 80) so that 128 producer
+    threads split each row evenly in two, and 32 where even one staging slot of 64 rows does not
+    fit beside FA4's tiles (K8V8)."""
     for tile_n in ((128,) if head_dim <= 128 else (64, 32)):
         try:
             choose_staging(128, tile_n, head_dim, k_bits, v_bits)
-            return 128, tile_n
+            return tile_n
         except ValueError:
             continue
     raise ValueError(f"no SM90 tile fits head_dim {head_dim} at K{k_bits}V{v_bits}")
@@ -49,8 +50,8 @@ def sm90_config(head_dim: int, k_bits: int, v_bits: int, rows: int, batch_layout
     Decode and verification (batch layout, rows <= 64), with or without skip-softmax, take a
     64-row tile and one consumer warpgroup: on the 128-row tile the second warpgroup's rows are
     all padding, yet it still computes QK^T and takes turns with the first at the tensor cores
-    (perf/results/decode-*.md measures both). Everything else: 128 rows. tile_n: ``sm90_tiles``."""
-    return (64 if batch_layout and rows <= 64 else 128), sm90_tiles(head_dim, k_bits, v_bits)[1]
+    (perf/results/decode-*.md measures both). Everything else: 128 rows. tile_n: ``sm90_tile_n``."""
+    return (64 if batch_layout and rows <= 64 else 128), sm90_tile_n(head_dim, k_bits, v_bits)
 
 
 def _kernel_class(arch: int):
