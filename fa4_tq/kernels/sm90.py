@@ -447,79 +447,90 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
                 pipeline_q.producer_commit_w_index(0)
             q_producer_phase ^= 1
 
-            # --- K/V: the consumers take blocks n_block_max-1 down to n_block_min (at least one)
+            # --- K/V: the consumers take blocks n_block_max-1 down to n_block_min (at least one).
+            # Pages are looked up one block before their bytes are issued, and the scales are
+            # converted one block after they are loaded, so neither load stalls this warpgroup.
             n_block_min, n_block_max = block_info.get_n_block_min_max(seqlen, m_block)
             n_blocks = cutlass.max(n_block_max - n_block_min, 1)
-            sigma_k, sigma_v = self._issue_block(tq, mPageTable, seqlen, batch_idx, head_idx_kv,
-                                                 n_block_max - 1, 0, row, part)
+            issue = partial(self._issue_block, tq, mPageTable, seqlen, batch_idx, head_idx_kv, row=row, part=part)
+            page_next = self._page_of(mPageTable, seqlen, batch_idx, n_block_max - 2, row)
+            raw_k, raw_v = issue(n_block_max - 1, self._page_of(mPageTable, seqlen, batch_idx, n_block_max - 1, row), 0)
             cute.arch.cp_async_commit_group()
             for i in cutlass.range(n_blocks, unroll=1):
                 n_block = n_block_max - 1 - i
                 slot = i % self.staging_slots
-                sigma_k_next, sigma_v_next = sigma_k, sigma_v
+                raw_k_next, raw_v_next = raw_k, raw_v
                 if const_expr(self.staging_slots == 2):
                     if i + 1 < n_blocks:
-                        sigma_k_next, sigma_v_next = self._issue_block(
-                            tq, mPageTable, seqlen, batch_idx, head_idx_kv, n_block - 1, 1 - slot, row, part
-                        )
+                        raw_k_next, raw_v_next = issue(n_block - 1, page_next, 1 - slot)
+                        page_next = self._page_of(mPageTable, seqlen, batch_idx, n_block - 2, row)
                     cute.arch.cp_async_commit_group()
                     cute.arch.cp_async_wait_group(1)
                 else:
                     cute.arch.cp_async_wait_group(0)
                 pipeline_k.producer_acquire(kv_state)
-                self._dequant_block(self._sStageK, slot, self._sTableK, sigma_k, sK, kv_state.index,
+                self._dequant_block(self._sStageK, slot, self._sTableK, Float32(raw_k), sK, kv_state.index,
                                     self.k_plan, row, part)
                 cute.arch.mbarrier_arrive(pipeline_k.sync_object_full.get_barrier(kv_state.index))
                 pipeline_v.producer_acquire(kv_state)
-                self._dequant_block(self._sStageV, slot, self._sTableV, sigma_v, sV, kv_state.index,
+                self._dequant_block(self._sStageV, slot, self._sTableV, Float32(raw_v), sV, kv_state.index,
                                     self.v_plan, row, part)
                 cute.arch.mbarrier_arrive(pipeline_v.sync_object_full.get_barrier(kv_state.index))
                 kv_state.advance()
                 if const_expr(self.staging_slots == 1):
                     if i + 1 < n_blocks:
-                        sigma_k_next, sigma_v_next = self._issue_block(
-                            tq, mPageTable, seqlen, batch_idx, head_idx_kv, n_block - 1, 0, row, part
-                        )
+                        raw_k_next, raw_v_next = issue(n_block - 1, page_next, 0)
+                        page_next = self._page_of(mPageTable, seqlen, batch_idx, n_block - 2, row)
                     cute.arch.cp_async_commit_group()
-                sigma_k, sigma_v = sigma_k_next, sigma_v_next
+                raw_k, raw_v = raw_k_next, raw_v_next
 
             tile_scheduler.prefetch_next_work()
             tile_scheduler.advance_to_next_work()
             work_tile = tile_scheduler.get_current_work()
 
     @cute.jit
-    def _issue_block(self, tq: TQOperands, mPageTable, seqlen, batch_idx, head_kv, n_block, slot, row, part):
-        """cp.async this thread's packed K and V bytes of ``n_block`` into staging ``slot``; return
-        the row's scales (0 for rows past the end, so their tile rows come out as zeros)."""
+    def _page_of(self, mPageTable, seqlen, batch_idx, n_block, row):
+        """The page that holds this thread's row of ``n_block`` (0 where there is no such row or
+        no page table). Looked up a block ahead: the cp.async addresses wait on it."""
+        page = Int32(0)
+        if const_expr(mPageTable is not None):
+            idx = n_block * self.tile_n + row
+            if idx >= 0 and idx < seqlen.seqlen_k:
+                page = Int32(mPageTable[batch_idx, idx // self._tq.k_data.shape[1]])
+        return page
+
+    @cute.jit
+    def _issue_block(self, tq: TQOperands, mPageTable, seqlen, batch_idx, head_kv, n_block, page, slot, row, part):
+        """cp.async this thread's packed K and V bytes of ``n_block`` (row ``row``, on ``page``
+        when paged) into staging ``slot``; return the rows' scales as stored (0 for rows past the
+        end, so their tile rows come out as zeros), for the caller to convert when it uses them."""
         idx = n_block * self.tile_n + row
         valid = idx >= 0 and idx < seqlen.seqlen_k
-        sigma_k, sigma_v = Float32(0.0), Float32(0.0)
+        raw_k, raw_v = tq.k_scale.element_type(0.0), tq.v_scale.element_type(0.0)
         if valid:
             if const_expr(mPageTable is not None):
-                page_size = tq.k_data.shape[1]
-                page = mPageTable[batch_idx, idx // page_size]
-                off = idx % page_size
+                off = idx % tq.k_data.shape[1]
                 k_row = cute.domain_offset((page, off, head_kv, part * self.k_plan.part_bytes), tq.k_data)
                 v_row = cute.domain_offset((page, off, head_kv, part * self.v_plan.part_bytes), tq.v_data)
-                sigma_k = Float32(tq.k_scale[page, head_kv, off])
-                sigma_v = Float32(tq.v_scale[page, head_kv, off])
+                raw_k = tq.k_scale[page, head_kv, off]
+                raw_v = tq.v_scale[page, head_kv, off]
             elif const_expr(cute.rank(tq.k_data) == 3):  # varlen: (total_k, h_k, nb)
                 tok = seqlen.offset_k + idx
                 k_row = cute.domain_offset((tok, head_kv, part * self.k_plan.part_bytes), tq.k_data)
                 v_row = cute.domain_offset((tok, head_kv, part * self.v_plan.part_bytes), tq.v_data)
-                sigma_k = Float32(tq.k_scale[head_kv, tok])
-                sigma_v = Float32(tq.v_scale[head_kv, tok])
+                raw_k = tq.k_scale[head_kv, tok]
+                raw_v = tq.v_scale[head_kv, tok]
             else:
                 k_row = cute.domain_offset((batch_idx, idx, head_kv, part * self.k_plan.part_bytes), tq.k_data)
                 v_row = cute.domain_offset((batch_idx, idx, head_kv, part * self.v_plan.part_bytes), tq.v_data)
-                sigma_k = Float32(tq.k_scale[batch_idx, head_kv, idx])
-                sigma_v = Float32(tq.v_scale[batch_idx, head_kv, idx])
+                raw_k = tq.k_scale[batch_idx, head_kv, idx]
+                raw_v = tq.v_scale[batch_idx, head_kv, idx]
             if const_expr(self.ablate != "no_copy"):
                 for sStage, src, plan in ((self._sStageK, k_row, self.k_plan), (self._sStageV, v_row, self.v_plan)):
                     ptr = cute.make_ptr(cutlass.Uint8, src.iterator.toint(), cute.AddressSpace.gmem,
                                         assumed_align=plan.copy_bytes)
                     copy_part_async(ptr, sStage[cute.arch.thread_idx()[0], None, slot], plan.part_bytes, plan.copy_bytes)
-        return sigma_k, sigma_v
+        return raw_k, raw_v
 
     @cute.jit
     def _dequant_block(self, sStage, slot, sTable, sigma, sX, stage, plan: cutlass.Constexpr, row, part):
