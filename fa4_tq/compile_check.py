@@ -38,10 +38,10 @@ def target_env(arch: str, num_sms: int = 132) -> dict[str, str]:
     }
 
 
-def run_in_subprocess(arch: str, case: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_in_subprocess(arch: str, case: str, *flags: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, **target_env(arch))
     return subprocess.run(
-        [sys.executable, "-m", "fa4_tq.compile_check", "--arch", arch, case],
+        [sys.executable, "-m", "fa4_tq.compile_check", "--arch", arch, case, *flags],
         env=env, capture_output=True, text=True, timeout=timeout,
     )
 
@@ -90,9 +90,8 @@ def _short_dump_names() -> None:
 
 def ptxas_report(ptx_root: str, arch: str, labels: list[str]) -> list[str]:
     """``ptxas -v`` on each kept PTX: registers, spill bytes, and whether ptxas had to serialise
-    wgmma (warning C7519), one line per kernel."""
+    wgmma (``ptxas_summary``), one line per kernel."""
     import glob
-    import re
 
     lines = []
     for i, label in enumerate(labels, 1):
@@ -102,16 +101,23 @@ def ptxas_report(ptx_root: str, arch: str, labels: list[str]) -> list[str]:
             continue
         res = subprocess.run(["ptxas", f"-arch={arch}", "-v", ptx[0], "-o", os.devnull],
                              capture_output=True, text=True)
-        text = res.stdout + res.stderr
-        regs = re.findall(r"Used (\d+) registers", text)
-        spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-        lines.append(
-            f"PTXAS {label}: {max(map(int, regs)) if regs else '?'} registers, spill stores/loads "
-            f"{'/'.join(spills[0]) if spills else '?'} bytes"
-            + (", wgmma serialised (C7519)" if "C7519" in text else "")
-            + ("" if res.returncode == 0 else f", ptxas exit {res.returncode}")
-        )
+        lines.append(f"PTXAS {label}: " + ptxas_summary(res.stdout + res.stderr, res.returncode))
     return lines
+
+
+def ptxas_summary(text: str, returncode: int = 0) -> str:
+    """One line from ``ptxas -v``'s output: registers, spill bytes, and each note saying ptxas
+    serialised the kernel's wgmmas (C7519: a wgmma under a predicate traced to the warp index;
+    C7520: a wgmma in a divergent path). Serialised wgmmas each wait for the one before."""
+    import re
+
+    regs = re.findall(r"Used (\d+) registers", text)
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    notes = sorted(set(re.findall(r"\((C75\d\d)\)[^\n]*serialized", text)))
+    return (f"{max(map(int, regs)) if regs else '?'} registers, spill stores/loads "
+            f"{'/'.join(spills[0]) if spills else '?'} bytes"
+            + "".join(f", wgmma serialised ({c})" for c in notes)
+            + ("" if returncode == 0 else f", ptxas exit {returncode}"))
 
 
 class _TargetHardwareInfo:

@@ -109,5 +109,33 @@ def test_ptxas_report_reads_registers_and_spills(tmp_path):
         ".version 8.0\n.target sm_90a\n.address_size 64\n.visible .entry k()\n{\n ret;\n}\n")
     line, missing = ptxas_report(str(tmp_path), "sm_90a", ["trivial", "absent"])
     assert line.startswith("PTXAS trivial: ") and "spill stores/loads 0/0 bytes" in line, line
-    assert "C7519" not in line and "exit" not in line, line
+    assert "serialised" not in line and "exit" not in line, line
     assert missing == "PTXAS absent: no PTX kept"
+
+
+def test_ptxas_summary_names_serialised_wgmma():
+    """The note ptxas 13.0 printed for the skip-softmax kernels while their P.V wgmma sat in a
+    run-time branch: the report must name it (it once looked for C7519 only)."""
+    from fa4_tq.compile_check import ptxas_summary
+
+    text = ("ptxas info    : (C7520) Potential Performance Loss: wgmma.mma_async instructions are serialized "
+            "due to program dependence on compiler-inserted WG.AR in divergent path in the function 'k'\n"
+            "ptxas info    : Used 168 registers, used 16 barriers\n"
+            "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n")
+    assert ptxas_summary(text) == "168 registers, spill stores/loads 0/0 bytes, wgmma serialised (C7520)"
+    assert ptxas_summary(text.replace("C7520", "C7519"), 1).endswith("(C7519), ptxas exit 1")
+    assert "serialised" not in ptxas_summary(text.splitlines(True)[1])
+
+
+@pytest.mark.skipif(shutil.which("ptxas") is None, reason="needs ptxas (a CUDA toolkit)")
+def test_decode_kernels_keep_wgmma_asynchronous():
+    """Every decode variant, skip-softmax included, compiles for sm_90a without spills and without
+    serialised wgmma: a wgmma in a run-time branch (a gated P.V) serialises them all."""
+    from fa4_tq.compile_check import decode_variants
+
+    res = run_in_subprocess("sm_90a", "decode", "--ptxas")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("PTXAS")]
+    assert len(lines) == len(decode_variants()) and not any("no PTX kept" in ln for ln in lines), lines
+    bad = [ln for ln in lines if "serialised" in ln or "spill stores/loads 0/0 bytes" not in ln]
+    assert not bad, bad

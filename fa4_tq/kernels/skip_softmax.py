@@ -2,29 +2,30 @@
 
 After a block's S = Q K^T and its mask, every row of a consumer warpgroup (64 query rows) checks
 ``exp(block_max - running_max) < lambda``; if all rows agree, the warpgroup skips the block's
-exp, row sum, O rescale and P.V product, and the running max stays. The first block of a tile is
-never skipped. Rows past the query tile's end (pack-GQA padding) vote "skip": they are not part
-of the result, so a warpgroup whose rows are all padding (q_len x GQA <= 64) skips every block
-after its first.
+exp, row sum and O rescale, and the running max stays; its P is zero, so the P.V product that
+still runs adds nothing. The first block of a tile is never skipped. Rows past the query tile's
+end (pack-GQA padding) vote "skip": they are not part of the result, so a warpgroup whose rows
+are all padding (q_len x GQA <= 64) skips every block after its first.
 
-The vote is per warpgroup because the wgmma that is skipped is per warpgroup: one
-``bar.red.and.pred`` over its 128 threads per block. The V tile is still loaded and dequantised
-(the producer runs ahead of the vote), so the saving is consumer work only.
+The vote is per warpgroup, as its wgmmas are: one ``bar.red.and.pred`` over its 128 threads per
+block. The P.V wgmma is not left out: a wgmma inside a run-time branch makes ptxas serialise
+every wgmma of the kernel (its note C7520, "program dependence on compiler-inserted WG.AR in
+divergent path"; C7519 when the predicate comes from the warp index): each wgmma then waits for
+the one before. The P.V of a skipped block costs tensor-core time only. The V tile is still
+loaded and dequantised (the producer runs ahead of the vote), so the saving is consumer work only.
 
 The same machinery serves dense decode on the 128-row tile: when a tile's query rows all fit in
 the first consumer warpgroup (q_len x GQA <= 64 with pack-GQA), the second one holds only
 padding. The kernel then votes with a threshold of 0 (log2: -inf): the first warpgroup never
-skips, the second, all padding, skips every block after its first instead of spending its MMAs
-on rows nobody reads. The output is the dense kernel's bit for bit. A predicate that ptxas can
-trace to the warp index, in place of the vote, made it serialise the wgmmas (C7519), so the vote
-stays. Such calls now take a 64-row tile with one consumer warpgroup instead
-(``launch.sm90_config``), which also saves the padding warpgroup's QK^T; the 128-row path stays
-selectable for comparison (tests/test_gpu_decode.py, perf/bench_decode.py).
+skips, the second, all padding, skips every block's softmax after its first (its wgmmas still
+run, see above). The output is the dense kernel's bit for bit. Such calls take a 64-row tile with
+one consumer warpgroup instead (``launch.sm90_config``), which has no padding warpgroup at all;
+the 128-row path stays selectable for comparison (tests/test_gpu_decode.py, perf/bench_decode.py).
 
 FA4's per-block step (``mma_one_n_block_intrawg_overlap``) is reused unchanged: it is handed a
-softmax that votes first (``SkippingSoftmax``) and a P.V callable that does nothing for a skipped
-block (``gated_pv``). With intra-warpgroup overlap the P.V of block j runs in the step of block
-j - 1 (the next one visited), so the vote is carried in a register between steps.
+softmax that votes first (``SkippingSoftmax``). With intra-warpgroup overlap the O rescale of
+block j runs in the step of block j - 1 (the next one visited), so the vote is carried in a
+register between steps.
 """
 
 from __future__ import annotations
@@ -33,9 +34,8 @@ from typing import NamedTuple
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Boolean, Float32, Int32, const_expr
+from cutlass import Boolean, Float32, Int32
 from cutlass._mlir.dialects import llvm
-from cutlass.cute.nvgpu import warpgroup
 from cutlass.cutlass_dsl import T, dsl_user_op
 
 import flash_attn.cute.utils as fa4_utils
@@ -119,6 +119,7 @@ class SkippingSoftmax:
         counters[1] += Int32(skip)
         if skip:
             row_scale.fill(1.0)
+            acc_S.fill(0.0)  # P = 0: the P.V that FA4 issues for this block adds nothing
         else:
             row_scale.store(softmax.online_softmax(acc_S, is_first=is_first, check_inf=check_inf).load())
         return row_scale
@@ -129,19 +130,3 @@ class SkippingSoftmax:
         # the current step): its row_scale is 1 when skipped.
         if not self.state.last_skipped():
             self.softmax.rescale_O(acc_O, row_scale)
-
-
-@cute.jit
-def gated_pv(state: SkipState, mma_pv_fn, B_idx: Int32, wg_wait: cutlass.Constexpr[int] = -1,
-             zero_init: cutlass.Constexpr = None):
-    """P.V of the last block voted on, unless it was skipped. A skipped one still commits an
-    (empty) wgmma group: FA4's step counts groups (``wait_group(1)`` after QK^T and P.V). The
-    first block is never skipped, so a zero-initialising P.V always runs."""
-    if state.last_skipped():
-        if const_expr(wg_wait < 0):
-            warpgroup.commit_group()
-    else:
-        if const_expr(zero_init is None):
-            mma_pv_fn(B_idx=B_idx, wg_wait=wg_wait)
-        else:
-            mma_pv_fn(B_idx=B_idx, zero_init=zero_init, wg_wait=wg_wait)

@@ -24,8 +24,7 @@ What FA4 lacks, and how it is bridged (each listed in docs/UPSTREAM.md):
   rescale of O and its conversion: ``first_half_block_overlap`` and ``epilogue`` are wrapped
   (FA4's own code runs after / after ours), and ``mma`` only to keep a handle on ``sQ``.
 - Skip-softmax (``skip_softmax=True``, ``skip_softmax.py``) needs a vote between a block's QK^T
-  and its softmax, and a P.V that can be left out: FA4's per-block step and its last half block
-  are wrapped, handing FA4's own code a voting softmax and a gated P.V.
+  and its softmax: FA4's per-block step is wrapped, handing FA4's own code a voting softmax.
 """
 
 from __future__ import annotations
@@ -51,7 +50,7 @@ from quack.cute_dsl_utils import ParamsBase
 
 from .fused_rotation import rotate_q_rows, unrotate_acc
 from .load_stage import copy_part_async, dequant_part
-from .skip_softmax import SkipOperands, SkippingSoftmax, SkipState, gated_pv
+from .skip_softmax import SkipOperands, SkippingSoftmax, SkipState
 from .staging import StagingPlan, choose_staging, table_floats, uses_shared_table
 
 
@@ -160,8 +159,10 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
         # thread gets at one CTA per SM (168 at 384 threads; 240 at 256, as ptxas sizes this
         # kernel). FA4's cp.async setting at 384 threads is 224/40; 216/72 measured 1-3% faster
         # than 224/56 here (more producer registers, no consumer spills).
+        # On the 64-row tile the consumer may take all 256: skip-softmax's zeroing of a skipped
+        # block's P spilled 32 bytes at 240 (verification, tests/test_compile.py checks).
         launch_regs = min(240, 65536 // num_threads // 8 * 8)
-        default_consumer, default_producer = (216, 72) if tile_m == 128 else (240, 160)
+        default_consumer, default_producer = (216, 72) if tile_m == 128 else (256 if skip_softmax else 240, 160)
         consumer_regs = default_consumer if consumer_regs is None else consumer_regs
         producer_regs = default_producer if producer_regs is None else producer_regs
         consumer_threads = num_threads - 128
@@ -347,22 +348,14 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
         return FlashAttentionForwardSm90.first_half_block_overlap(self, *args, is_first_block=is_first_block, **kwargs)
 
     # ------------------------------------------------------------------ consumers: skip-softmax
-    def mma_one_n_block_intrawg_overlap(self, smem_pipe_read, *, softmax, mma_pv_fn, **kwargs):
-        """FA4's per-block step; with skip-softmax its softmax votes first and the P.V of a
-        skipped block is left out (``skip_softmax.py``); with an idle second warpgroup, that
-        warpgroup leaves out every block after its first."""
+    def mma_one_n_block_intrawg_overlap(self, smem_pipe_read, *, softmax, **kwargs):
+        """FA4's per-block step; with skip-softmax its softmax votes first and a skipped block's
+        softmax is left out and its P zeroed (``skip_softmax.py``); with an idle second
+        warpgroup, that warpgroup does so for every block after its first."""
         if const_expr(self.skip_softmax or self.idle_second_warpgroup):
             wg = cute.arch.make_warp_uniform(cute.arch.warp_idx() // 4 - 1)
             softmax = SkippingSoftmax(softmax, self._skip_state, self._skip_vote_barrier_id + wg)
-            mma_pv_fn = partial(gated_pv, self._skip_state, mma_pv_fn)
-        return FlashAttentionForwardSm90.mma_one_n_block_intrawg_overlap(
-            self, smem_pipe_read, softmax=softmax, mma_pv_fn=mma_pv_fn, **kwargs)
-
-    def last_half_block_overlap(self, *, mma_pv_fn, **kwargs):
-        """FA4's last P.V; left out when skip-softmax skipped the last block visited."""
-        if const_expr(self.skip_softmax or self.idle_second_warpgroup):
-            mma_pv_fn = partial(gated_pv, self._skip_state, mma_pv_fn)
-        return FlashAttentionForwardSm90.last_half_block_overlap(self, mma_pv_fn=mma_pv_fn, **kwargs)
+        return FlashAttentionForwardSm90.mma_one_n_block_intrawg_overlap(self, smem_pipe_read, softmax=softmax, **kwargs)
 
     def epilogue(self, acc_O, lse, mO, mLSE, sO, seqlen, gmem_tiled_copy_O, tma_atom_O, tiled_mma, tidx,
                  m_block, head_idx, batch_idx):
