@@ -181,20 +181,23 @@ def test_greedy_decisions_hold_at_the_default_threshold(poisoned, seqlen_q, num_
     assert torch.equal(choice, dense_choice) and torch.equal(accepted, dense_accepted)
 
 
-@pytest.mark.parametrize("seqlen_q,h,h_k,d,num_splits", [(1, 32, 4, 128, 4), (8, 64, 8, 128, None), (4, 8, 8, 64, 1)])
-def test_decode_tile_changes_nothing(poisoned, seqlen_q, h, h_k, d, num_splits):
+@pytest.mark.parametrize("seqlen_q,h,h_k,d,num_splits,bits", [
+    (1, 32, 4, 128, 4, (4, 2)), (8, 64, 8, 128, None, (4, 2)), (4, 8, 8, 64, 1, (4, 2)), (1, 64, 8, 128, 1, (3, 8))])
+def test_decode_tile_changes_nothing(poisoned, seqlen_q, h, h_k, d, num_splits, bits):
     """With q_len x GQA <= 64 the kernel runs a 64-row tile with one consumer warpgroup. On the
-    128-row tile, the second warpgroup holds only padding and by default skips its blocks. All
-    three give the same output and LSE, bit for bit: each row sees the same blocks in the same
-    order through the same 64-row wgmma."""
+    128-row tile, the second warpgroup holds only padding and by default skips its blocks'
+    softmax (P zeroed), or works (``_idle=False``). All three give the same output and LSE, bit
+    for bit, with 2- to 8-bit V: each row sees the same blocks in the same order through the same
+    64-row wgmma."""
     from fa4_tq.decode import _run_split
     from fa4_tq.interface import _Problem
     from fa4_tq.kernels.launch import sm90_config
 
-    tile_m, tile_n = sm90_config(d, 4, 2, seqlen_q * h // h_k, True)
+    kb, vb = bits
+    tile_m, tile_n = sm90_config(d, kb, vb, seqlen_q * h // h_k, True)
     assert tile_m == 64
     gen = torch.Generator().manual_seed(seqlen_q)
-    cache, table, used, _ = ragged_paged_cache([3000, 65, 1200], 64, h_k, d, gen, k_bits=4, v_bits=2, device=DEV)
+    cache, table, used, _ = ragged_paged_cache([3000, 65, 1200], 64, h_k, d, gen, k_bits=kb, v_bits=vb, device=DEV)
     q = torch.randn(3, seqlen_q, h, d, generator=gen).to(torch.bfloat16).to(DEV)
     out, lse = flash_attn_with_kvcache(q, cache, table, used, num_splits=num_splits, return_lse=True, backend="inline")
     prob = _Problem(q, *cache, 3, d ** -0.5, True, (None, None), seqused_k=used, page_table=table)
