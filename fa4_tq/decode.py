@@ -256,7 +256,7 @@ def _run_split(prob, num_splits: Optional[int], return_lse: bool, lam: Optional[
     """The packed-KV kernel over the split's launches, merged by FA4's combine kernel. With
     ``lam`` (skip-softmax) also returns the summed ``SkipStats`` (None unless ``want_stats``: the
     kernel writes its counters either way, summing them costs a few small launches). ``knobs``
-    are ``packed_attention``'s private ablation arguments (``_idle``, ``_tiles``)."""
+    are ``packed_attention``'s private ablation arguments (``_ablate``, ``_tiles``)."""
     from flash_attn.cute.interface import _flash_attn_fwd_combine
 
     from .kernels.launch import packed_attention, sm90_tile_n

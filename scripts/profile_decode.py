@@ -3,8 +3,8 @@
 One unsplit decode step (``--batch`` sequences at ``--context`` tokens, GQA 8:1, head_dim 128,
 pages of 128, q_len 1: one kernel launch) per ``--bits`` pair, run as it ships and with the
 ablations of ``packed_attention`` (``no_copy``: no packed loads; ``no_dequant``: no conversion;
-the 128-row tile of prefill, with its second warpgroup idle or kept busy on padding rows). The ablated outputs are wrong; only their times
-matter: when taking the conversion out does not make a launch faster, the conversion is not what
+the 128-row tile of prefill, whose second warpgroup works on padding rows). The ablated outputs
+are wrong; only their times matter: when taking the conversion out does not make a launch faster, the conversion is not what
 bounds it. ``--time`` prints medians of CUDA-event timings; without it, each variant runs once
 between cudaProfilerStart/Stop, for Nsight Compute:
 
@@ -30,7 +30,6 @@ VARIANTS = {
     "no_dequant": dict(_ablate="no_dequant"),
     "no_copy": dict(_ablate="no_copy"),
     "128-row tile": dict(_tiles=(128, 128)),
-    "128-row tile, padding WG busy": dict(_tiles=(128, 128), _idle=False),
 }
 
 

@@ -91,7 +91,6 @@ def packed_attention(
     skip_log2_threshold: Optional[torch.Tensor] = None,
     skip_stats: Optional[torch.Tensor] = None,
     _ablate: Optional[str] = None,
-    _idle: Optional[bool] = None,
     _tiles: Optional[tuple] = None,
 ):
     """Attention of ``q`` on packed K/V. Returns ``(out, lse)`` with FA4's layouts, ``out`` in
@@ -106,8 +105,7 @@ def packed_attention(
     ``skip_stats`` (int32 ``[batch, tile heads, 2 * m_blocks, 2]``: skipped and visited blocks of
     each 64-row warpgroup of each tile; tile heads are the KV heads with pack-GQA, else the query
     heads). Batch layout only (no ``cu_seqlens``).
-    ``_idle=False`` turns off the idle second warpgroup of decode-shaped calls (tests and
-    perf/bench_decode.py compare the two); None decides from the shape. ``_tiles=(tile_m,
+    ``_tiles=(tile_m,
     tile_n)`` replaces ``sm90_config``'s choice (tests, perf/bench_decode.py).
     Inputs are assumed validated by ``fa4_tq.interface``.
     """
@@ -128,12 +126,12 @@ def packed_attention(
                 q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
                 cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, page_table=page_table,
                 return_lse=return_lse, rotation="none", out=out, lse=lse, skip_log2_threshold=skip_log2_threshold,
-                skip_stats=skip_stats, _ablate=_ablate, _idle=_idle, _tiles=_tiles)
+                skip_stats=skip_stats, _ablate=_ablate, _tiles=_tiles)
         o_rot, lse = packed_attention(
             rotate_rounded(q, k.seed), k, v, softmax_scale=softmax_scale, causal=causal,
             window_size=window_size, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
             seqused_k=seqused_k, page_table=page_table, return_lse=return_lse, rotation="none", lse=lse,
-            skip_log2_threshold=skip_log2_threshold, skip_stats=skip_stats, _ablate=_ablate, _idle=_idle,
+            skip_log2_threshold=skip_log2_threshold, skip_stats=skip_stats, _ablate=_ablate,
             _tiles=_tiles,
         )
         o = unrotate_rounded(o_rot, v.seed)
@@ -180,8 +178,6 @@ def packed_attention(
             cu_seqlens_q, cu_seqlens_k, seqused_k, page_table, out, lse, k_table, v_table, skip)
     rows = q_rot.shape[1] * (qhead_per_kvhead if pack_gqa else 1)  # query rows per (sequence, head) tile
     tile_m, tile_n = _tiles or sm90_config(head_dim, k.bits, v.bits, rows, cu_seqlens_q is None)
-    # decode/verification on the 128-row tile: every tile's rows fit in the first consumer warpgroup
-    idle = tile_m == 128 and cu_seqlens_q is None and not skip and rows <= 64 and _idle is not False
     if is_fake_mode():  # compile only: the sign vectors' shapes are all that matter
         k_signs, v_signs = (torch.empty(head_dim, dtype=torch.float32, device=q_rot.device) for _ in range(2))
     else:
@@ -191,14 +187,14 @@ def packed_attention(
         arch, cls.__name__, q_rot.dtype, head_dim, qhead_per_kvhead, k.bits, v.bits,
         k.scales.dtype, v.scales.dtype, causal, local, wl is None, wr is None, pack_gqa,
         cu_seqlens_q is None, cu_seqlens_k is None, seqused_k is None, page_table is None,
-        lse is None, tile_m, tile_n, fused, skip, idle, _ablate,
+        lse is None, tile_m, tile_n, fused, skip, _ablate,
     )
     if key not in _compile_cache:
         dtype = {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16}[q_rot.dtype]
         kernel = cls(
             dtype, head_dim, qhead_per_kvhead, k_bits=k.bits, v_bits=v.bits, is_causal=causal,
             is_local=local, pack_gqa=pack_gqa, tile_m=tile_m, tile_n=tile_n, fuse_rotation=fused,
-            skip_softmax=skip, idle_second_warpgroup=idle, ablate=_ablate,
+            skip_softmax=skip, ablate=_ablate,
         )
         small = dict(assumed_align=4, leading_dim=0)
         args = [

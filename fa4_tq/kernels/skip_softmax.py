@@ -14,13 +14,11 @@ divergent path"; C7519 when the predicate comes from the warp index): each wgmma
 the one before. The P.V of a skipped block costs tensor-core time only. The V tile is still
 loaded and dequantised (the producer runs ahead of the vote), so the saving is consumer work only.
 
-The same machinery serves dense decode on the 128-row tile: when a tile's query rows all fit in
-the first consumer warpgroup (q_len x GQA <= 64 with pack-GQA), the second one holds only
-padding. The kernel then votes with a threshold of 0 (log2: -inf): the first warpgroup never
-skips, the second, all padding, skips every block's softmax after its first (its wgmmas still
-run, see above). The output is the dense kernel's bit for bit. Such calls take a 64-row tile with
-one consumer warpgroup instead (``launch.sm90_config``), which has no padding warpgroup at all;
-the 128-row path stays selectable for comparison (tests/test_gpu_decode.py, perf/bench_decode.py).
+Decode without skipping once used the same vote on the 128-row tile to idle a second consumer
+warpgroup whose rows were all padding. With the P.V of such a warpgroup no longer left out, the
+vote cost more than the softmax it saved (scripts/profile_decode.py: 767 against 684 us at K4V4,
+batch 32, 16K), so it was removed; such calls take a 64-row tile with one consumer warpgroup
+(``launch.sm90_config``).
 
 FA4's per-block step (``mma_one_n_block_intrawg_overlap``) is reused unchanged: it is handed a
 softmax that votes first (``SkippingSoftmax``). With intra-warpgroup overlap the O rescale of

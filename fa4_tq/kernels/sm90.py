@@ -115,7 +115,6 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
         consumer_regs: Optional[int] = None,
         fuse_rotation: bool = True,
         skip_softmax: bool = False,
-        idle_second_warpgroup: bool = False,
         ablate: Optional[str] = None,
     ):
         if tile_m not in (64, 128):
@@ -146,12 +145,6 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
         if skip_softmax and not intra_wg_overlap:
             raise ValueError("skip_softmax wraps FA4's intra-warpgroup-overlap step: it needs intra_wg_overlap=True")
         self.skip_softmax = skip_softmax
-        # Every tile's query rows fit in the first consumer warpgroup (the caller knows: batch
-        # layout, seqlen_q x GQA <= 64): the second skips its blocks (skip_softmax.py). Under
-        # skip_softmax its vote already does this (all its rows are padding).
-        self.idle_second_warpgroup = idle_second_warpgroup and not skip_softmax and tile_m == 128
-        if self.idle_second_warpgroup and not intra_wg_overlap:
-            raise ValueError("idle_second_warpgroup wraps FA4's intra-warpgroup-overlap step: it needs intra_wg_overlap=True")
         self.k_plan = StagingPlan(tile_n, head_dim, k_bits)
         self.v_plan = StagingPlan(tile_n, head_dim, v_bits)
         self.staging_slots, self.staging_padded = choose_staging(tile_m, tile_n, head_dim, k_bits, v_bits)
@@ -320,7 +313,7 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
         """FA4's ``mma``; keeps ``sQ`` for ``first_half_block_overlap`` (which FA4 does not pass it)
         and, with skip-softmax, sets up this thread's vote registers."""
         self._sQ = sQ
-        if const_expr(self.skip_softmax or self.idle_second_warpgroup):
+        if const_expr(self.skip_softmax):
             tidx = cute.arch.thread_idx()[0] - 128  # consumer threads, as FA4's mma numbers them
             cS = cute.make_identity_tensor((self.tile_m, self.tile_n))
             self._tScS_mn = layout_utils.reshape_acc_to_mn(tiled_mma_qk.get_slice(tidx).partition_C(cS))
@@ -334,9 +327,6 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
             tidx = cute.arch.thread_idx()[0] - 128  # consumer threads, as FA4's mma numbers them
             wg = cute.arch.make_warp_uniform(tidx // 128)
             rotate_q_rows(self._sQ, wg * 64, tidx % 128, self._tq.k_signs, 64, self._rotate_q_barrier_id + wg)
-        if const_expr(self.idle_second_warpgroup and is_first_block):
-            # lambda 0: only the rows of the first warpgroup exist (and never skip)
-            self._skip_state.start_tile(Float32(-Float32.inf), self._tScS_mn, Int32(0), Int32(64))
         if const_expr(self.skip_softmax and is_first_block):
             # FA4 binds the tile's coordinates into the mask callable it passes (nested partials,
             # flattened by functools): the only place they reach this method.
@@ -350,9 +340,8 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
     # ------------------------------------------------------------------ consumers: skip-softmax
     def mma_one_n_block_intrawg_overlap(self, smem_pipe_read, *, softmax, **kwargs):
         """FA4's per-block step; with skip-softmax its softmax votes first and a skipped block's
-        softmax is left out and its P zeroed (``skip_softmax.py``); with an idle second
-        warpgroup, that warpgroup does so for every block after its first."""
-        if const_expr(self.skip_softmax or self.idle_second_warpgroup):
+        softmax is left out and its P zeroed (``skip_softmax.py``)."""
+        if const_expr(self.skip_softmax):
             wg = cute.arch.make_warp_uniform(cute.arch.warp_idx() // 4 - 1)
             softmax = SkippingSoftmax(softmax, self._skip_state, self._skip_vote_barrier_id + wg)
         return FlashAttentionForwardSm90.mma_one_n_block_intrawg_overlap(self, smem_pipe_read, softmax=softmax, **kwargs)
