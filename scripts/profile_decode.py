@@ -4,9 +4,9 @@ One unsplit decode step (``--batch`` sequences at ``--context`` tokens, GQA 8:1,
 pages of 128, q_len 1: one kernel launch) per ``--bits`` pair, run as it ships and with the
 ablations of ``packed_attention`` (``no_copy``: no packed loads; ``no_dequant``: no conversion;
 the 128-row tile of prefill, whose second warpgroup works on padding rows). The ablated outputs
-are wrong; only their times matter: when taking the conversion out does not make a launch faster, the conversion is not what
-bounds it. ``--time`` prints medians of CUDA-event timings; without it, each variant runs once
-between cudaProfilerStart/Stop, for Nsight Compute:
+are wrong; only their times matter: when taking the conversion out does not make a launch
+faster, the conversion is not what bounds it. ``--time`` prints medians of CUDA-event timings;
+without it, each variant runs once between cudaProfilerStart/Stop, for Nsight Compute:
 
     python scripts/profile_decode.py --time --bits 4,4 --bits 2,2
     ncu --clock-control none --profile-from-start off --section SpeedOfLight \\

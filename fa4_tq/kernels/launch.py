@@ -105,8 +105,7 @@ def packed_attention(
     ``skip_stats`` (int32 ``[batch, tile heads, 2 * m_blocks, 2]``: skipped and visited blocks of
     each 64-row warpgroup of each tile; tile heads are the KV heads with pack-GQA, else the query
     heads). Batch layout only (no ``cu_seqlens``).
-    ``_tiles=(tile_m,
-    tile_n)`` replaces ``sm90_config``'s choice (tests, perf/bench_decode.py).
+    ``_tiles=(tile_m, tile_n)`` replaces ``sm90_config``'s choice (tests, perf/bench_decode.py).
     Inputs are assumed validated by ``fa4_tq.interface``.
     """
     skip = skip_log2_threshold is not None

@@ -152,8 +152,8 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
         # thread gets at one CTA per SM (168 at 384 threads; 240 at 256, as ptxas sizes this
         # kernel). FA4's cp.async setting at 384 threads is 224/40; 216/72 measured 1-3% faster
         # than 224/56 here (more producer registers, no consumer spills).
-        # On the 64-row tile the consumer may take all 256: skip-softmax's zeroing of a skipped
-        # block's P spilled 32 bytes at 240 (verification, tests/test_compile.py checks).
+        # On the 64-row tile the skip-softmax consumer takes 256: zeroing a skipped block's P
+        # spilled 32 bytes at 240 in the verification variant (tests/test_compile.py fails on spills).
         launch_regs = min(240, 65536 // num_threads // 8 * 8)
         default_consumer, default_producer = (216, 72) if tile_m == 128 else (256 if skip_softmax else 240, 160)
         consumer_regs = default_consumer if consumer_regs is None else consumer_regs
@@ -435,8 +435,9 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
             n_block_min, n_block_max = block_info.get_n_block_min_max(seqlen, m_block)
             n_blocks = cutlass.max(n_block_max - n_block_min, 1)
             issue = partial(self._issue_block, tq, mPageTable, seqlen, batch_idx, head_idx_kv, row=row, part=part)
-            page_next = self._page_of(mPageTable, seqlen, batch_idx, n_block_max - 2, row)
-            raw_k, raw_v = issue(n_block_max - 1, self._page_of(mPageTable, seqlen, batch_idx, n_block_max - 1, row), 0)
+            page_of = partial(self._page_of, mPageTable, seqlen, batch_idx, row=row)
+            page_next = page_of(n_block_max - 2)
+            raw_k, raw_v = issue(n_block_max - 1, page_of(n_block_max - 1), 0)
             cute.arch.cp_async_commit_group()
             for i in cutlass.range(n_blocks, unroll=1):
                 n_block = n_block_max - 1 - i
@@ -445,7 +446,7 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
                 if const_expr(self.staging_slots == 2):
                     if i + 1 < n_blocks:
                         raw_k_next, raw_v_next = issue(n_block - 1, page_next, 1 - slot)
-                        page_next = self._page_of(mPageTable, seqlen, batch_idx, n_block - 2, row)
+                        page_next = page_of(n_block - 2)
                     cute.arch.cp_async_commit_group()
                     cute.arch.cp_async_wait_group(1)
                 else:
@@ -462,7 +463,7 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
                 if const_expr(self.staging_slots == 1):
                     if i + 1 < n_blocks:
                         raw_k_next, raw_v_next = issue(n_block - 1, page_next, 0)
-                        page_next = self._page_of(mPageTable, seqlen, batch_idx, n_block - 2, row)
+                        page_next = page_of(n_block - 2)
                     cute.arch.cp_async_commit_group()
                 raw_k, raw_v = raw_k_next, raw_v_next
 
