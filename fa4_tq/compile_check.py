@@ -327,16 +327,11 @@ def _case_decode() -> list[str]:
 
 def cache_write_variants():
     """(label, kwargs) of the cache-write kernels CI compiles: each K/V width pair on the
-    diagonal plus mixed ones at head_dim 128, every head_dim, fp16 with float32 scales; the
-    default rotation (the MMA at head_dim 64/128 where it serves, else the butterflies) and the
-    butterflies where the MMA is the default."""
+    diagonal plus mixed ones at head_dim 128, every head_dim, fp16 with float32 scales."""
     out = [(f"k{kb}v{vb} d128", dict(kb=kb, vb=vb)) for kb, vb in ((2, 2), (3, 3), (4, 4), (8, 8), (4, 2), (8, 3))]
-    out += [(f"k{kb}v{vb} d128 butterfly", dict(kb=kb, vb=vb, rotation="butterfly")) for kb, vb in ((4, 4), (8, 3))]
     out += [(f"k4v4 d{d}", dict(d=d)) for d in (64, 256)]
-    out += [("k3v2 d64", dict(d=64, kb=3, vb=2)), ("k4v4 d64 butterfly", dict(d=64, rotation="butterfly"))]
     out += [("k3v8 d512", dict(d=512, kb=3, vb=8)), ("k2v4 d512", dict(d=512, kb=2, vb=4))]
-    out += [("k4v4 d128 fp16 fp32-scales int64-slots", dict(dtype="float16", scale_dtype="float32", slots="int64")),
-            ("k4v4 d128 fp16 butterfly", dict(dtype="float16", rotation="butterfly"))]
+    out += [("k4v4 d128 fp16 fp32-scales int64-slots", dict(dtype="float16", scale_dtype="float32", slots="int64"))]
     return out
 
 
@@ -352,7 +347,7 @@ def _case_cache_write() -> list[str]:
         k = torch.empty(300, 4, d, dtype=dtype, device="cuda")
         slots = torch.empty(300, dtype=getattr(torch, kw.get("slots", "int32")), device="cuda")
         kc, vc = (_fake_packed((16, 64, 4), d, b, sdt) for b in (kb, vb))
-        write_packed(k, k, slots, kc, vc, rotation=kw.get("rotation", "auto"))
+        write_packed(k, k, slots, kc, vc)
         done.append(label)
     return done
 

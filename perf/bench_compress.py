@@ -7,7 +7,7 @@ GB/s counts the bytes that must move: the bf16 K and V read, the packed rows and
 graph or a host running ahead sees); "host us" is the Python + launch time of one eager
 ``PagedKVCache.write`` call, which bounds the rate of a host that waits on nothing else.
 Medians. Writes perf/results/compress-<gpu>.md. ``--sweep`` times the kernel's tuning knobs
-(rotation, values per thread, CTAs per SM) instead.
+(values per thread, CTAs per SM) instead.
 
     python perf/bench_compress.py [--out-dir D] [--sweep]
 """
@@ -64,18 +64,18 @@ def sweep(reps: int):
 
     copy = copy_bandwidth()
     print(f"copy bandwidth: {copy:.0f} GB/s")
-    print("| K/V bits | tokens | rotation | per_lane | ctas_per_sm | GPU us | % of copy |")
+    print("| K/V bits | tokens | per_lane | ctas_per_sm | GPU us | % of copy |")
     gen = torch.Generator(device="cuda").manual_seed(0)
-    knobs = [("butterfly", 32, n) for n in (3, 4, 6)] + [("butterfly", 64, 4)] + [("mma", None, n) for n in (2, 3, 4)]
-    for kb, vb in ((4, 4), (2, 2), (8, 8)):
+    for kb, vb in ((4, 4), (8, 8)):
         for t in (4096, 65536):
             cache, k, v, slots, moved = _problem(kb, vb, t, gen)
             kc, vc = cache.layer(0)
-            for rotation, per_lane, per_sm in knobs:
-                us = 1e3 * time_gpu(lambda: write_packed(k, v, slots, kc, vc, per_lane=per_lane, ctas_per_sm=per_sm,
-                                                         rotation=rotation), reps=reps)
-                print(f"| K{kb}V{vb} | {t} | {rotation} | {per_lane} | {per_sm} | {us:.1f} | "
-                      f"{100 * moved / (us * 1e3) / copy:.0f}% |", flush=True)
+            for per_lane in (32, 64):
+                for per_sm in (3, 4, 6):
+                    us = 1e3 * time_gpu(lambda: write_packed(k, v, slots, kc, vc, per_lane=per_lane,
+                                                             ctas_per_sm=per_sm), reps=reps)
+                    print(f"| K{kb}V{vb} | {t} | {per_lane} | {per_sm} | {us:.1f} | "
+                          f"{100 * moved / (us * 1e3) / copy:.0f}% |", flush=True)
 
 
 HEADER = ("| K/V bits | tokens | GPU us | GB/s | % of copy | host us per call | reference us "

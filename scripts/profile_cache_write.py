@@ -1,4 +1,4 @@
-"""One cache-write launch (K and V together) per ``--bits`` pair and ``--rotation``, for Nsight Compute.
+"""One cache-write launch (``PagedKVCache.write``, K and V together) per ``--bits`` pair, for Nsight Compute.
 
 Everything is compiled and warmed up first; only the launches between cudaProfilerStart/Stop are
 profiled, so run it under ``ncu --profile-from-start off``:
@@ -18,7 +18,6 @@ import torch
 
 from fa4_tq import PagedKVCache
 from fa4_tq.benchmark import profile_each
-from fa4_tq.kernels.launch import write_packed
 
 
 def main(argv=None):
@@ -27,8 +26,6 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=65536)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--rotation", action="append", default=None,
-                    help="auto, butterfly or mma (repeatable: one launch each; default auto)")
     args = ap.parse_args(argv)
     pairs = [tuple(int(b) for b in p.split(",")) for p in (args.bits or ["4,4"])]
     t, d, h, page = args.tokens, args.head_dim, args.heads, 64
@@ -39,11 +36,9 @@ def main(argv=None):
         cache = PagedKVCache(1, pages, page, h, d, k_bits=kb, v_bits=vb, device="cuda")
         k, v = (torch.randn(t, h, d, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
         slots = torch.randperm(pages * page, device="cuda", generator=g)[:t].to(torch.int32)
-        for rot in args.rotation or ["auto"]:
-            kc, vc = cache.layer(0)
-            write = lambda k=k, v=v, s=slots, kc=kc, vc=vc, rot=rot: write_packed(k, v, s, kc, vc, rotation=rot)
-            write()  # compile, warm up
-            runs.append((f"K{kb}V{vb} {rot}", write))
+        write = lambda c=cache, k=k, v=v, s=slots: c.write(0, k, v, s, backend="kernel")
+        write()  # compile, warm up
+        runs.append((f"K{kb}V{vb}", write))
     profile_each(runs, f" at {t} tokens")
 
 

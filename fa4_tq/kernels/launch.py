@@ -294,14 +294,6 @@ def _signs_on(d: int, seed: int, device: torch.device) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- cache write
 @functools.lru_cache(maxsize=None)
-def _rotation_fragments_on(d: int, seed: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``cache_write.rotation_fragments`` as the kernel reads them ([d*d/8, 4] int32), made once."""
-    from .cache_write import rotation_fragments
-
-    return rotation_fragments(d, seed, dtype).view(-1, 4).to(device)
-
-
-@functools.lru_cache(maxsize=None)
 def _search_table_on(bits: int, d: int, device: torch.device) -> torch.Tensor:
     """``cache_write.search_table`` on ``device``, made once."""
     from .cache_write import search_table
@@ -310,43 +302,32 @@ def _search_table_on(bits: int, d: int, device: torch.device) -> torch.Tensor:
 
 
 def write_packed(k: torch.Tensor, v: Optional[torch.Tensor], slot_mapping: torch.Tensor, k_dst: PackedKV,
-                 v_dst: Optional[PackedKV] = None, *, per_lane: Optional[int] = None, ctas_per_sm: int = 4,
-                 rotation: str = "auto"):
+                 v_dst: Optional[PackedKV] = None, *, per_lane: Optional[int] = None, ctas_per_sm: int = 4):
     """Compress ``k, v[T, H, d]`` into the paged ``k_dst``/``v_dst`` (data ``[P, S, H, nb]``,
     scales ``[P, H, S]``) at ``slot_mapping[T]`` (-1 skips), one kernel launch for both;
     ``v=None`` writes ``k`` alone (``compress_into``).
 
     Inputs are assumed validated by the caller (``PagedKVCache.write``, ``compress_into``); rows
     that are not 16-byte aligned are copied to a contiguous buffer first. ``per_lane`` (values
-    per thread) and ``ctas_per_sm`` (the grid, in CTAs per SM) are tuning knobs for perf/;
-    ``rotation`` picks ``"butterfly"`` or ``"mma"`` (``cache_write.CacheWrite``), ``"auto"`` the
-    MMA where it serves the shape and no ``per_lane`` is asked for."""
+    per thread) and ``ctas_per_sm`` (the grid, in CTAs per SM) are tuning knobs for perf/."""
     import cutlass.cute as cute
     from flash_attn.cute.cute_dsl_utils import to_cute_tensor
     from flash_attn.cute.testing import is_fake_mode
 
-    from .cache_write import ROTATIONS, CacheWrite, bucket_count, mma_rotation_supported
+    from .cache_write import CacheWrite, bucket_count
 
     sides = [(k, k_dst)] + ([] if v is None else [(v, v_dst)])
     d = k.shape[-1]
-    if rotation == "auto":
-        bits = (k_dst.bits, None if v is None else v_dst.bits)
-        rotation = "mma" if per_lane is None and mma_rotation_supported(d, bits) else "butterfly"
-    elif rotation not in ROTATIONS:
-        raise ValueError(f"rotation must be 'auto' or one of {ROTATIONS}, got {rotation!r}")
     pages, page_size = k_dst.data.shape[:2]
     if pages * page_size >= 2 ** 31:
         raise ValueError(f"a cache of {pages * page_size} slots needs 64-bit slot arithmetic (at most 2**31 - 1)")
     consts = []
     for x, dst in sides:
         if is_fake_mode():
-            rot = (torch.empty(d * d // 8, 4, dtype=torch.int32, device=k.device) if rotation == "mma"
-                   else torch.empty(d, dtype=torch.float32, device=k.device))
-            consts.append((rot, torch.empty(bucket_count(dst.bits, d), 4, dtype=torch.int32, device=k.device)))
+            consts.append((torch.empty(d, dtype=torch.float32, device=k.device),
+                           torch.empty(bucket_count(dst.bits, d), 4, dtype=torch.int32, device=k.device)))
         else:
-            rot = (_rotation_fragments_on(d, dst.seed, x.dtype, k.device) if rotation == "mma"
-                   else _signs_on(d, dst.seed, k.device))
-            consts.append((rot, _search_table_on(dst.bits, d, k.device)))
+            consts.append((_signs_on(d, dst.seed, k.device), _search_table_on(dst.bits, d, k.device)))
     if not is_fake_mode():
         sides = [(x if _rows_aligned(x) else x.contiguous(), dst) for x, dst in sides]
     (k, k_dst), (v, v_dst) = sides[0], sides[-1]
@@ -354,17 +335,16 @@ def write_packed(k: torch.Tensor, v: Optional[torch.Tensor], slot_mapping: torch
     sms = _sm_count(k.device)
     key = ("cache_write", device_arch(), k.dtype, d, k_dst.bits,
            None if len(sides) == 1 else v_dst.bits, k_dst.scales.dtype, v_dst.scales.dtype,
-           slot_mapping.dtype, sms * ctas_per_sm, per_lane, rotation)
+           slot_mapping.dtype, sms * ctas_per_sm, per_lane)
     args = (k, v, slot_mapping, k_dst.data, v_dst.data, k_dst.scales, v_dst.scales, ks, vs, kt, vt)
     if key not in _compile_cache:
         cargs = [to_cute_tensor(k), to_cute_tensor(v), to_cute_tensor(slot_mapping, assumed_align=4, leading_dim=0)]
         cargs += [to_cute_tensor(t, assumed_align=16) for t in (k_dst.data, v_dst.data)]
         cargs += [to_cute_tensor(t, assumed_align=2) for t in (k_dst.scales, v_dst.scales)]
-        cargs += [to_cute_tensor(t, assumed_align=16, leading_dim=t.dim() - 1) for t in (ks, vs)]
+        cargs += [to_cute_tensor(t, assumed_align=16, leading_dim=0) for t in (ks, vs)]
         cargs += [to_cute_tensor(t, assumed_align=16) for t in (kt, vt)]
         cargs.append(cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        kernel = CacheWrite(d, k_dst.bits, None if len(sides) == 1 else v_dst.bits, sms * ctas_per_sm, per_lane,
-                            rotation)
+        kernel = CacheWrite(d, k_dst.bits, None if len(sides) == 1 else v_dst.bits, sms * ctas_per_sm, per_lane)
         _compile_cache[key] = cute.compile(kernel, *cargs, options="--enable-tvm-ffi")
     if not is_fake_mode() and k.shape[0]:
         _compile_cache[key](*args)
