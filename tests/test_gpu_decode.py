@@ -67,6 +67,13 @@ def test_many_sequences_and_a_long_context(poisoned):
     _check([65536], 1, 64, 8, 128, 128, 4, 4, tag="64K")
 
 
+def test_batch_one_then_a_larger_batch(poisoned):
+    """A split at batch 1 repeats q with a stride of 0, which the compiled kernel takes as a
+    constant; the same shapes at batch 2 must get their own kernel, not a stride error."""
+    for lens in ([3000], [3000, 700], [5]):
+        _check(lens, 1, 16, 2, 128, 64, 4, 2, num_splits=2, tag="restride")
+
+
 def test_split_and_unsplit_agree(poisoned):
     outs = [_check([40, 5000], 4, 64, 8, 128, 64, 4, 4, num_splits=n, tag="splits") for n in (1, 2, 16, None)]
     for o in outs[1:]:

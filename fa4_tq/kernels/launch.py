@@ -176,7 +176,8 @@ def packed_attention(
             cls, arch, q_rot, k, v, softmax_scale, qhead_per_kvhead, pack_gqa, (causal, local, wl, wr),
             cu_seqlens_q, cu_seqlens_k, seqused_k, page_table, out, lse, k_table, v_table, skip)
     rows = q_rot.shape[1] * (qhead_per_kvhead if pack_gqa else 1)  # query rows per (sequence, head) tile
-    tile_m, tile_n = _tiles or sm90_config(head_dim, k.bits, v.bits, rows, cu_seqlens_q is None)
+    tile_m, tile_n, ctas_per_sm = (*_tiles, 1)[:3] if _tiles else (
+        *sm90_config(head_dim, k.bits, v.bits, rows, cu_seqlens_q is None), 1)
     if is_fake_mode():  # compile only: the sign vectors' shapes are all that matter
         k_signs, v_signs = (torch.empty(head_dim, dtype=torch.float32, device=q_rot.device) for _ in range(2))
     else:
@@ -186,14 +187,17 @@ def packed_attention(
         arch, cls.__name__, q_rot.dtype, head_dim, qhead_per_kvhead, k.bits, v.bits,
         k.scales.dtype, v.scales.dtype, causal, local, wl is None, wr is None, pack_gqa,
         cu_seqlens_q is None, cu_seqlens_k is None, seqused_k is None, page_table is None,
-        lse is None, tile_m, tile_n, fused, skip, _ablate,
+        lse is None, tile_m, tile_n, ctas_per_sm, fused, skip, _ablate,
+        # a stride of 0 (a broadcast q, as the split path makes at batch 1) is compiled in as a
+        # constant: such a kernel rejects any other stride, so it is a variant of its own
+        tuple(st == 0 for st in q_rot.stride()),
     )
     if key not in _compile_cache:
         dtype = {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16}[q_rot.dtype]
         kernel = cls(
             dtype, head_dim, qhead_per_kvhead, k_bits=k.bits, v_bits=v.bits, is_causal=causal,
             is_local=local, pack_gqa=pack_gqa, tile_m=tile_m, tile_n=tile_n, fuse_rotation=fused,
-            skip_softmax=skip, ablate=_ablate,
+            skip_softmax=skip, ablate=_ablate, ctas_per_sm=ctas_per_sm,
         )
         small = dict(assumed_align=4, leading_dim=0)
         args = [
