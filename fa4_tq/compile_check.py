@@ -298,8 +298,6 @@ def decode_variants():
     out.append(("combine d64", None))
     out.append(("k4v4 d128 verify tail (causal)", dict(sq=4, lse=True)))
     out.append(("combine d128 with lse", None))
-    out += [(f"k{kb}v{vb} d128 decode chunks, 2 CTAs an SM", dict(kb=kb, vb=vb, tiles=(64, 64, 2)))
-            for kb, vb in ((4, 4), (2, 2), (8, 8))]
     # skip-softmax (kernels/skip_softmax.py): decode at head_dim 64 and verification at 128
     out.append(("k2v2 d64 decode chunks skip-softmax", dict(d=64, kb=2, vb=2, skip=True)))
     out.append(("k4v4 d128 verify chunks + tail skip-softmax", dict(sq=8, lse=True, skip=True)))
@@ -323,7 +321,7 @@ def _case_decode() -> list[str]:
                         seqused_k=torch.empty(2, dtype=torch.int32, device="cuda"),
                         page_table=torch.empty(2, 16, dtype=torch.int32, device="cuda"))
         lam = torch.empty(2, dtype=torch.float32, device="cuda") if kw.get("skip") else None
-        _run_split(prob, 4, kw.get("lse", False), lam, **({"_tiles": kw["tiles"]} if "tiles" in kw else {}))
+        _run_split(prob, 4, kw.get("lse", False), lam)
     return done
 
 

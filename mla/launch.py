@@ -38,7 +38,7 @@ def mla_attention(
     from flash_attn.cute.interface import _compile_options
     from flash_attn.cute.testing import is_fake_mode
 
-    from fa4_tq.kernels.launch import device_arch
+    from fa4_tq.kernels.launch import device_arch, zero_strides
     from fa4_tq.kernels.staging import lookup_table
 
     arch = device_arch()
@@ -85,7 +85,7 @@ def mla_attention(
         out_align = 32  # as FA4's interface assumes for head_dim_v 512
     # bytes each pointer may be assumed aligned to (scales and index tensors: their element)
     aligns = (16, 16, 16, 2, 16, 16, out_align, 4, 4, 4, 4)
-    key = ("mla", arch, heads, bits, scales.dtype, causal, lse is not None)
+    key = ("mla", arch, heads, bits, scales.dtype, causal, lse is not None, zero_strides(q_nope, q_pe))
     if key not in _compile_cache:
         kernel = Kernel(heads, bits, causal)
         args = [None if t is None else to_cute_tensor(t, assumed_align=a, leading_dim=_unit_stride_dim(t))

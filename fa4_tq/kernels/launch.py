@@ -176,8 +176,7 @@ def packed_attention(
             cls, arch, q_rot, k, v, softmax_scale, qhead_per_kvhead, pack_gqa, (causal, local, wl, wr),
             cu_seqlens_q, cu_seqlens_k, seqused_k, page_table, out, lse, k_table, v_table, skip)
     rows = q_rot.shape[1] * (qhead_per_kvhead if pack_gqa else 1)  # query rows per (sequence, head) tile
-    tile_m, tile_n, ctas_per_sm = (*_tiles, 1)[:3] if _tiles else (
-        *sm90_config(head_dim, k.bits, v.bits, rows, cu_seqlens_q is None), 1)
+    tile_m, tile_n = _tiles or sm90_config(head_dim, k.bits, v.bits, rows, cu_seqlens_q is None)
     if is_fake_mode():  # compile only: the sign vectors' shapes are all that matter
         k_signs, v_signs = (torch.empty(head_dim, dtype=torch.float32, device=q_rot.device) for _ in range(2))
     else:
@@ -187,17 +186,14 @@ def packed_attention(
         arch, cls.__name__, q_rot.dtype, head_dim, qhead_per_kvhead, k.bits, v.bits,
         k.scales.dtype, v.scales.dtype, causal, local, wl is None, wr is None, pack_gqa,
         cu_seqlens_q is None, cu_seqlens_k is None, seqused_k is None, page_table is None,
-        lse is None, tile_m, tile_n, ctas_per_sm, fused, skip, _ablate,
-        # a stride of 0 (a broadcast q, as the split path makes at batch 1) is compiled in as a
-        # constant: such a kernel rejects any other stride, so it is a variant of its own
-        tuple(st == 0 for st in q_rot.stride()),
+        lse is None, tile_m, tile_n, fused, skip, _ablate, zero_strides(q_rot),
     )
     if key not in _compile_cache:
         dtype = {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16}[q_rot.dtype]
         kernel = cls(
             dtype, head_dim, qhead_per_kvhead, k_bits=k.bits, v_bits=v.bits, is_causal=causal,
             is_local=local, pack_gqa=pack_gqa, tile_m=tile_m, tile_n=tile_n, fuse_rotation=fused,
-            skip_softmax=skip, ablate=_ablate, ctas_per_sm=ctas_per_sm,
+            skip_softmax=skip, ablate=_ablate,
         )
         small = dict(assumed_align=4, leading_dim=0)
         args = [
@@ -263,7 +259,7 @@ def _packed_attention_sm100(cls, arch, q, k, v, softmax_scale, qhead_per_kvhead,
         if seqused_k is None:
             seqused_k = torch.full((b,), kd.shape[1], dtype=torch.int32, device=q.device)
     key = (arch, cls.__name__, q.dtype, d, qhead_per_kvhead, k.bits, v.bits, k.scales.dtype, v.scales.dtype,
-           causal, local, wl is None, wr is None, pack_gqa, cu_seqlens_q is None, lse is None)
+           causal, local, wl is None, wr is None, pack_gqa, cu_seqlens_q is None, lse is None, zero_strides(q))
     if key not in _compile_cache:
         dtype = {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16}[q.dtype]
         kernel = cls(dtype, d, qhead_per_kvhead, k_bits=k.bits, v_bits=v.bits, is_causal=causal, is_local=local,
@@ -339,7 +335,7 @@ def write_packed(k: torch.Tensor, v: Optional[torch.Tensor], slot_mapping: torch
     sms = _sm_count(k.device)
     key = ("cache_write", device_arch(), k.dtype, d, k_dst.bits,
            None if len(sides) == 1 else v_dst.bits, k_dst.scales.dtype, v_dst.scales.dtype,
-           slot_mapping.dtype, sms * ctas_per_sm, per_lane)
+           slot_mapping.dtype, sms * ctas_per_sm, per_lane, zero_strides(k, v))
     args = (k, v, slot_mapping, k_dst.data, v_dst.data, k_dst.scales, v_dst.scales, ks, vs, kt, vt)
     if key not in _compile_cache:
         cargs = [to_cute_tensor(k), to_cute_tensor(v), to_cute_tensor(slot_mapping, assumed_align=4, leading_dim=0)]
@@ -360,6 +356,12 @@ def _sm_count(device) -> int:
     if torch.cuda.is_available() and torch.device(device).type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 132
+
+
+def zero_strides(*tensors: torch.Tensor) -> tuple:
+    """Which dims have stride 0, for a compile key: a broadcast dim (the split path repeats q with
+    stride 0 at batch 1) is compiled in as a constant, and that kernel rejects any other stride."""
+    return tuple(tuple(s == 0 for s in t.stride()) for t in tensors)
 
 
 def _rows_aligned(x: torch.Tensor) -> bool:

@@ -116,7 +116,6 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
         fuse_rotation: bool = True,
         skip_softmax: bool = False,
         ablate: Optional[str] = None,
-        ctas_per_sm: int = 1,
     ):
         if tile_m not in (64, 128):
             raise ValueError(f"tile_m must be 128 (two consumer warpgroups) or 64 (one, for decode), got {tile_m}")
@@ -155,13 +154,8 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
         # than 224/56 here (more producer registers, no consumer spills).
         # On the 64-row tile the skip-softmax consumer takes 256: zeroing a skipped block's P
         # spilled 32 bytes at 240 in the verification variant (tests/test_compile.py fails on spills).
-        if ctas_per_sm not in (1, 2):
-            raise ValueError(f"ctas_per_sm must be 1 or 2, got {ctas_per_sm}")
-        self.ctas_per_sm = ctas_per_sm
-        launch_regs = min(240, 65536 // (num_threads * ctas_per_sm) // 8 * 8)
+        launch_regs = min(240, 65536 // num_threads // 8 * 8)
         default_consumer, default_producer = (216, 72) if tile_m == 128 else (256 if skip_softmax else 240, 160)
-        if ctas_per_sm == 2:  # two CTAs an SM: 128 registers a thread at launch, moved to the consumer
-            default_consumer, default_producer = (160, 96)
         consumer_regs = default_consumer if consumer_regs is None else consumer_regs
         producer_regs = default_producer if producer_regs is None else producer_regs
         consumer_threads = num_threads - 128
@@ -240,10 +234,8 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
 
     # ------------------------------------------------------------------ kernel
     def kernel(self, *fa4_args):
-        """FA4's ``__call__`` launches ``self.kernel(...)``: add the packed operands (and, for two
-        CTAs an SM, the launch bound FA4 fixes at one)."""
-        launcher = self._kernel_tq(*fa4_args, self._tq_host, self._skip_host)
-        return launcher if self.ctas_per_sm == 1 else _MinBlocksLauncher(launcher, self.ctas_per_sm)
+        """FA4's ``__call__`` launches ``self.kernel(...)``: add the packed operands."""
+        return self._kernel_tq(*fa4_args, self._tq_host, self._skip_host)
 
     @cute.kernel
     def _kernel_tq(
@@ -533,18 +525,3 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
             dequant_part(sStage[tidx, None, slot], sigma, dst_part, plan.bits, plan.cols, sTable,
                          unroll=self.dequant_unroll)
         cute.arch.fence_proxy("async.shared", space="cta")
-
-
-class _MinBlocksLauncher:
-    """FA4's ``__call__`` launches with ``min_blocks_per_mp=1``; this raises it, so that ptxas
-    sizes the kernel for that many CTAs an SM (docs/UPSTREAM.md: a launch-bounds hook)."""
-
-    def __init__(self, launcher, min_blocks: int):
-        self._launcher, self._min_blocks = launcher, min_blocks
-
-    def launch(self, *args, **kwargs):
-        kwargs["min_blocks_per_mp"] = max(kwargs.get("min_blocks_per_mp", 1), self._min_blocks)
-        # all of the SM's memory as shared memory (percent); left unset, CuTeDSL asks the device
-        # for its size, which a CPU compile cannot
-        kwargs.setdefault("preferred_smem_carveout", 100)
-        return self._launcher.launch(*args, **kwargs)
