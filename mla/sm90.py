@@ -5,11 +5,17 @@ one warpgroup cannot hold a 64 x 512 float32 output accumulator (256 registers a
 layout is FlashMLA's and FA3's "large head_dim V" one, three warpgroups per CTA:
 
 - WG0, producer: loads the Q tile once and, per KV block, the 64 x 512 latent (bf16 by cp.async,
+  a warp's copies on 512 contiguous bytes: a block's keys are consecutive slots of one page,
   or packed codes dequantised in registers with ``fa4_tq.kernels.load_stage.dequant_part``, the
   prefill kernel's conversion) and the 64 x 64 bf16 RoPE keys into a two-stage ring.
 - WG1, scores: ``S = Q_nope C^T + Q_pe K_pe^T`` (64 x 64 over 576 dims), FA4's mask and online
   softmax, P (bf16) and the row rescale factors into shared memory, then ``O[:, :256] += P C[:, :256]``.
 - WG2: ``O[:, 256:] += P C[:, 256:]`` once WG1 has published P.
+
+8-bit latents run as pairs of CTAs (a cluster of two m-blocks): each producer converts 32 of a
+block's 64 rows into its own stage and bulk-copies them (``cp.async.bulk`` shared::cluster) into
+its peer's, whose full barrier counts the bytes; a stage is free when both CTAs' consumers have
+released it. Both CTAs walk the union of their key ranges.
 
 The 64 rows of a tile are (query token, head) pairs, ``row = token * heads + head`` (FA4's
 PackGQA order with one KV head): every head reads the same latent, so one tile of keys serves 64
@@ -38,6 +44,7 @@ from cutlass.pipeline import pipeline_init_arrive, pipeline_init_wait
 from cutlass.utils import LayoutEnum
 from cutlass import pipeline
 
+from flash_attn.cute import copy_utils
 from flash_attn.cute import pipeline as pipeline_custom
 from flash_attn.cute import utils as fa_utils
 from flash_attn.cute.block_info import BlockInfo
@@ -69,6 +76,11 @@ class FlashMLAForwardSm90:
     {2, 3, 4, 8} (packed, format v1) or None (bf16), causal or not, LSE written or not."""
 
     num_stages = 2
+    copy_unroll = 4  # 16-byte copies per loop trip of a bf16 tile (1, 2 and 8 measured slower)
+    # Latent widths whose blocks two CTAs of a cluster load half each (mla-<gpu>.md: 1.18x at 8
+    # bits, whose shared-memory codebook lookups bound the producer; 0.87-0.98x for bf16 and
+    # 0.92-0.99x at 2 and 4 bits, where the pair's lockstep costs more than the halved loads save).
+    pair_bits = (8,)
     dequant_unroll = 4  # iterations of 32 codes per loop trip in dequant_part
 
     def __init__(self, num_heads: int, bits: Optional[int], is_causal: bool, scale_dtype=Float32):
@@ -79,9 +91,10 @@ class FlashMLAForwardSm90:
         self.is_causal = is_causal
         self.dtype = cutlass.BFloat16
         # setmaxnreg moves registers inside the launch's 384 x 168 (504 per thread of each WG):
-        # WG1 holds O (128), S (32) and P (16) per thread, WG2 O alone; a packed latent's
-        # producer converts codes in registers.
-        self.producer_regs, self.scores_regs, self.pv_regs = (40, 240, 224) if bits is None else (56, 232, 216)
+        # WG1 holds O (128), S (32) and P (16) per thread, WG2 O alone; the producer computes
+        # the addresses of the bf16 tile copies or converts packed codes in registers.
+        self.producer_regs, self.scores_regs, self.pv_regs = 56, 232, 216
+        self.pair = bits in self.pair_bits
 
     # ------------------------------------------------------------------ host entry
     @cute.jit
@@ -133,6 +146,8 @@ class FlashMLAForwardSm90:
 
         softmax_scale_log2 = softmax_scale * math.log2(math.e)
         grid_m = (max_seqlen_q * self.num_heads + TILE_M - 1) // TILE_M
+        if const_expr(self.pair):
+            grid_m = (grid_m + 1) // 2 * 2  # whole clusters of two m-blocks
         self.kernel(
             mQn, mQp, mLat, mScale, mTable, mRope, mO, mLSE, mCuSeqlensQ, mSeqUsedK, mPageTable,
             softmax_scale_log2, tiled_mma_qk, tiled_mma_pv, SharedStorage,
@@ -140,6 +155,7 @@ class FlashMLAForwardSm90:
         ).launch(
             grid=[cutlass.max(grid_m, 1), mCuSeqlensQ.shape[0] - 1, 1],
             block=[384, 1, 1],
+            cluster=[2 if self.pair else 1, 1, 1],
             stream=stream,
             min_blocks_per_mp=1,
         )
@@ -180,11 +196,15 @@ class FlashMLAForwardSm90:
             barrier_storage=storage.mbar_q.data_ptr(), num_stages=1, producer_group=threads(128),
             consumer_group=threads(8), defer_sync=True, elect_one_release=True, syncwarp_before_release=False,
         )
+        # In a pair, a stage is free once both CTAs' consumer warps have released it: each CTA's
+        # producer writes half of its peer's stage.
         pipeline_kv = pipeline_custom.PipelineCpAsync.create(
             barrier_storage=storage.mbar_kv.data_ptr(), num_stages=self.num_stages, producer_group=threads(128),
-            consumer_group=threads(8), defer_sync=True, elect_one_release=True, syncwarp_before_release=False,
+            consumer_group=threads(16 if self.pair else 8), defer_sync=True, elect_one_release=True,
+            syncwarp_before_release=False,
         )
-        pipeline_init_arrive(cluster_shape_mn=(1, 1), is_relaxed=True)
+        cluster_mn = (2, 1) if const_expr(self.pair) else (1, 1)
+        pipeline_init_arrive(cluster_shape_mn=cluster_mn, is_relaxed=True)
 
         sQn = storage.sQn.get_tensor(sQn_layout.outer, swizzle=sQn_layout.inner)
         sQp = storage.sQp.get_tensor(sQp_layout.outer, swizzle=sQp_layout.inner)
@@ -200,10 +220,18 @@ class FlashMLAForwardSm90:
         )
         block_info = BlockInfo(TILE_M, TILE_N, self.is_causal, qhead_per_kvhead_packgqa=self.num_heads)
         n_block_min, n_block_max = block_info.get_n_block_min_max(seqlen, m_block)
+        first_m_block = m_block
+        if const_expr(self.pair):
+            # Both CTAs of a pair walk the same blocks, the union of their ranges (the extra block
+            # of the earlier m-block, if any, is masked for it). A CTA whose rows all lie past the
+            # sequence still runs, on clamped rows it does not store, to fill its peer's stages.
+            first_m_block = m_block // 2 * 2
+            n_block_min = block_info.get_n_block_min_max(seqlen, first_m_block)[0]
+            n_block_max = block_info.get_n_block_min_max(seqlen, first_m_block + 1)[1]
         n_blocks = cutlass.max(n_block_max - n_block_min, 0)
-        pipeline_init_wait(cluster_shape_mn=(1, 1))
+        pipeline_init_wait(cluster_shape_mn=cluster_mn)
 
-        if m_block * TILE_M < seqlen.seqlen_q * self.num_heads:  # the same answer for the whole CTA
+        if first_m_block * TILE_M < seqlen.seqlen_q * self.num_heads:  # the same answer for the whole pair
             if warp_idx < 4:
                 cute.arch.setmaxregister_decrease(self.producer_regs)
                 self.load(mQn, mQp, mLat, mScale, mTable, mRope, mPageTable, sQn, sQp, sC, sR, sTable,
@@ -216,6 +244,10 @@ class FlashMLAForwardSm90:
                 self.mma(mO, mLSE, sQn, sQp, sC, sR, sP, sRowFactor, pipeline_q, pipeline_kv,
                          tiled_mma_qk, tiled_mma_pv, softmax_scale_log2, seqlen, block_info,
                          batch_idx, m_block, n_block_min, n_block_max, n_blocks)
+        if const_expr(self.pair):
+            # No CTA leaves while its peer may still arrive on its barriers.
+            cute.arch.cluster_arrive()
+            cute.arch.cluster_wait()
 
     # ------------------------------------------------------------------ producer
     @cute.jit
@@ -223,6 +255,13 @@ class FlashMLAForwardSm90:
              pipeline_q, pipeline_kv, seqlen, batch_idx, m_block, n_block_max, n_blocks):
         tidx, _, _ = cute.arch.thread_idx()  # 0..127
         row, half = tidx // 2, tidx % 2  # two threads per tile row, one half of its columns each
+        rank = Int32(0)
+        if const_expr(self.pair):
+            # Rows 32 * rank .. + 31 of each block are converted here, four threads a row.
+            rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
+            kv_row, part = 32 * rank + tidx // 4, tidx % 4
+        else:
+            kv_row, part = row, half
         if const_expr(self.bits is not None and uses_shared_table(self.bits)):
             for i in cutlass.range(tidx, table_floats(self.bits), 128, unroll=1):
                 sTable[i] = mTable[i]
@@ -238,34 +277,49 @@ class FlashMLAForwardSm90:
         pipeline_q.producer_commit_w_index(0)
 
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.num_stages)
+        page_size = mRope.shape[1]
         # One block ahead: the next block's page-table entry and scale are read while this one
         # is converted, so no block starts with two dependent global loads.
-        slot, sigma = Int32(0), Float32(0.0)
+        slot, sigma, page = Int32(0), Float32(0.0), Int32(0)
         if n_blocks > 0:
-            slot, sigma = self._row_slot(mPageTable, mScale, mRope.shape[1], seqlen, batch_idx, n_block_max - 1, row)
+            slot, sigma, page = self._row_slot(mPageTable, mScale, page_size, seqlen, batch_idx, n_block_max - 1, kv_row)
         for i in cutlass.range(n_blocks, unroll=1):
-            slot_next, sigma_next = slot, sigma
+            n_block = n_block_max - 1 - i
+            slot_next, sigma_next, page_next = slot, sigma, page
             if i + 1 < n_blocks:
-                slot_next, sigma_next = self._row_slot(mPageTable, mScale, mRope.shape[1], seqlen, batch_idx, n_block_max - 2 - i, row)
+                slot_next, sigma_next, page_next = self._row_slot(
+                    mPageTable, mScale, page_size, seqlen, batch_idx, n_block - 1, kv_row)
             pipeline_kv.producer_acquire(kv_state)
             stage = kv_state.index
-            self._copy_row_async(mRope, slot, sR[row, None, stage], half, D_ROPE // 2, paged=True)
+            # A block's 64 keys are consecutive slots of one page (page_size % 64 == 0).
+            first = n_block * TILE_N % page_size
+            last = first + seqlen.seqlen_k - 1 - n_block * TILE_N
             if const_expr(self.bits is None):
-                self._copy_row_async(mLat, slot, sC[row, None, stage], half, D_LATENT // 2, paged=True)
+                self._copy_tile_async(mRope, page, first, last, sR[None, None, stage], D_ROPE)
+                self._copy_tile_async(mLat, page, first, last, sC[None, None, stage], D_LATENT)
                 # The stage's barrier arrives when this thread's copies land: the producer moves on.
                 pipeline_kv.producer_commit(kv_state)
+            elif const_expr(self.pair):
+                self._copy_tile_async(mRope, page, first, last, sR[None, None, stage], D_ROPE)
+                cute.arch.cp_async_commit_group()  # the RoPE keys fly while the latent is converted
+                self._dequant_row(mLat, slot, sigma, sC[kv_row, None, stage], part, sTable, parts=4)
+                cute.arch.cp_async_wait_group(0)
+                cute.arch.fence_proxy("async.shared", space="cta")
+                self._send_half_to_peer(sC, stage, rank, pipeline_kv, tidx)
             else:
+                # Per-row RoPE copies here: the tile copy measured 0-6% slower beside the conversion.
+                self._copy_row_async(mRope, slot, sR[row, None, stage], half, D_ROPE // 2, paged=True)
                 cute.arch.cp_async_commit_group()  # the RoPE keys fly while the latent is converted
                 self._dequant_row(mLat, slot, sigma, sC[row, None, stage], half, sTable)
                 cute.arch.cp_async_wait_group(0)
                 cute.arch.fence_proxy("async.shared", space="cta")
                 cute.arch.mbarrier_arrive(pipeline_kv.sync_object_full.get_barrier(stage))
             kv_state.advance()
-            slot, sigma = slot_next, sigma_next
+            slot, sigma, page = slot_next, sigma_next, page_next
 
     @cute.jit
     def _row_slot(self, mPageTable, mScale, page_size, seqlen, batch_idx, n_block, row):
-        """(cache slot, latent scale) of this thread's row of ``n_block``. Rows past the sequence
+        """(cache slot, latent scale, page) of this thread's row of ``n_block``. Rows past the sequence
         read its last key (finite data: the mask zeroes their P, and 0 * finite = 0 where
         unwritten cache memory could hold NaN) and get scale 0."""
         token = n_block * TILE_N + row
@@ -277,7 +331,7 @@ class FlashMLAForwardSm90:
         if const_expr(self.bits is not None):
             if valid:
                 sigma = Float32(mScale[page, off])
-        return page * page_size + off, sigma
+        return page * page_size + off, sigma, page
 
     @cute.jit
     def _copy_row_async(self, mX, g_row, s_row, half, cols: cutlass.Constexpr[int], paged: cutlass.Constexpr[bool] = False):
@@ -296,16 +350,58 @@ class FlashMLAForwardSm90:
             cute.copy(atom, src[None, c], dst[None, c])
 
     @cute.jit
-    def _dequant_row(self, mLat, slot, sigma, s_row, half, sTable):
-        """Half a packed latent row -> bf16 in the stage, read straight from global memory by
-        ``dequant_part`` (no staging buffer: Q and the two latent stages fill shared memory)."""
-        part_bytes = D_LATENT // 2 * self.bits // 8
+    def _copy_tile_async(self, mX, page, first, last, sX, cols: cutlass.Constexpr[int]):
+        """Slots ``first .. first + 63`` of ``page`` of a paged cache (slots past ``last`` read
+        slot ``last``: finite data, masked) into the swizzled tile ``sX`` (64, ``cols``), 16 bytes
+        per cp.async. Consecutive threads take consecutive 16-byte chunks, so a warp reads 512
+        contiguous bytes (``_copy_row_async`` gives each thread its own row: half of every sector
+        it fetches is another thread's)."""
+        tidx = cute.arch.thread_idx()[0] % 128
+        per_row = cols // 8
+        chunk = tidx % per_row
+        atom = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), self.dtype,
+                                   num_bits_per_copy=128)
+        for i in cutlass.range(TILE_N * per_row // 128, unroll=self.copy_unroll):
+            r = (i * 128 + tidx) // per_row
+            src_t = cute.domain_offset((page, cutlass.min(first + r, last), chunk * 8), mX)
+            ptr = cute.make_ptr(self.dtype, src_t.iterator.toint(), cute.AddressSpace.gmem, assumed_align=16)
+            cute.copy(atom, cute.make_tensor(ptr, cute.make_layout((8,))),
+                      cute.zipped_divide(sX[r, None], (8,))[None, chunk])
+
+    @cute.jit
+    def _dequant_row(self, mLat, slot, sigma, s_row, part, sTable, parts: cutlass.Constexpr[int] = 2):
+        """Part ``part`` of ``parts`` of a packed latent row -> bf16 in the stage, read straight
+        from global memory by ``dequant_part`` (no staging buffer: Q and the two latent stages
+        fill shared memory)."""
+        cols = D_LATENT // parts
+        part_bytes = cols * self.bits // 8
         page_size = mLat.shape[1]
-        src_t = cute.domain_offset((slot // page_size, slot % page_size, half * part_bytes), mLat)
+        src_t = cute.domain_offset((slot // page_size, slot % page_size, part * part_bytes), mLat)
         ptr = cute.make_ptr(cutlass.Uint8, src_t.iterator.toint(), cute.AddressSpace.gmem, assumed_align=16)
         dequant_part(cute.make_tensor(ptr, cute.make_layout((part_bytes,))), sigma,
-                     cute.local_tile(s_row, (D_LATENT // 2,), (half,)), self.bits, D_LATENT // 2,
-                     sTable if const_expr(uses_shared_table(self.bits)) else None, unroll=self.dequant_unroll)
+                     cute.local_tile(s_row, (cols,), (part,)), self.bits, cols,
+                     sTable if const_expr(uses_shared_table(self.bits)) else None,
+                     unroll=min(self.dequant_unroll, cols // 32))
+
+    @cute.jit
+    def _send_half_to_peer(self, sC, stage, rank, pipeline_kv, tidx):
+        """Once the 128 producer threads have written (and fenced) this CTA's 32 rows of the
+        stage, one thread bulk-copies them into the same place of the peer's stage, completing
+        bytes on the peer's full barrier, and declares the 32 KB the peer sends on its own; then
+        every thread arrives. Rows 32 * rank .. + 31 of each 64-column swizzle atom are 4 KB
+        contiguous and the swizzle does not cross them, so the bytes land where the peer's
+        layout expects them."""
+        cute.arch.barrier(barrier_id=_Bar.PRODUCER, number_of_threads=128)
+        full = pipeline_kv.sync_object_full.get_barrier(stage)
+        half_bytes = TILE_N // 2 * D_LATENT * 2
+        if tidx == 0:
+            base = sC[None, None, stage].iterator
+            for k in cutlass.range_constexpr(D_LATENT // 64):
+                src = base + (k * TILE_N * 64 + rank * (TILE_N // 2) * 64)
+                copy_utils.cpasync_bulk_s2cluster(src, src, full, half_bytes // (D_LATENT // 64), 1 - rank)
+            cute.arch.mbarrier_arrive_and_expect_tx(full, half_bytes)
+        else:
+            cute.arch.mbarrier_arrive(full)
 
     # ------------------------------------------------------------------ consumers
     @cute.jit
@@ -339,7 +435,7 @@ class FlashMLAForwardSm90:
                 pipeline_kv.consumer_wait(kv_state, pipeline_kv.consumer_try_wait(kv_state))
                 sm90_utils.gemm_w_idx(tiled_mma_pv, acc_O, tOrP, tOrCt, zero_init=False, B_idx=kv_state.index, wg_wait=0)
                 cute.arch.barrier_arrive(barrier_id=_Bar.P_FREE, number_of_threads=256)
-                pipeline_kv.consumer_release(kv_state)
+                self._release(pipeline_kv, kv_state)
                 kv_state.advance()
             cute.arch.barrier(barrier_id=_Bar.P_FULL, number_of_threads=256)
             self._rescale_from_smem(acc_O, thr_mma_pv, sRowFactor)
@@ -402,9 +498,22 @@ class FlashMLAForwardSm90:
         cute.arch.barrier(barrier_id=_Bar.P_FULL, number_of_threads=256)
         softmax.rescale_O(acc_O, row_factor)
         sm90_utils.gemm_w_idx(tiled_mma_pv, acc_O, tOrP, tOrCt, zero_init=False, B_idx=kv_state.index, wg_wait=0)
-        pipeline_kv.consumer_release(kv_state)
+        self._release(pipeline_kv, kv_state)
         kv_state.advance()
         return kv_state
+
+    @cute.jit
+    def _release(self, pipeline_kv, kv_state):
+        """The stage is read: one lane per warp arrives on this CTA's empty barrier, and in a
+        pair on the peer's too (its producer writes half of this CTA's stage)."""
+        if const_expr(self.pair):
+            if cute.arch.lane_idx() == 0:
+                empty = pipeline_kv.sync_object_empty.get_barrier(kv_state.index)
+                cute.arch.mbarrier_arrive(empty)
+                # CTA scope, as FA4's pipelines arrive: the reads it releases are finished wgmmas.
+                cute.arch.mbarrier_arrive(empty, 1 - cute.arch.block_idx_in_cluster())
+        else:
+            pipeline_kv.consumer_release(kv_state)
 
     @cute.jit
     def _publish_row_factor(self, tiled_mma_qk, tidx, row_factor, sRowFactor):

@@ -24,16 +24,18 @@ def test_mla_prefill_matches_reference(poisoned, bits, heads, page_size):
     check_mla_prefill([70, 200, 1], [300, 200, 65], heads, page_size, bits)
 
 
-@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("bits", [None, 4, 8])  # 8: the paired-CTA kernel
 def test_mla_non_causal_and_long(poisoned, bits):
     check_mla_prefill([40, 3], [1000, 2000], 16, 64, bits, causal=False)
     check_mla_prefill([700], [2300], 128, 128, bits)
 
 
-def test_mla_rows_without_keys(poisoned):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_mla_rows_without_keys(poisoned, bits):
     """Causal with more queries than keys: the first rows see nothing (output 0, LSE -inf);
-    a sequence with no keys at all; one with no queries."""
-    check_mla_prefill([100, 5, 0], [60, 0, 64], 16, 64, 4)
+    a sequence with no keys at all; one with no queries. At 8 bits a pair of CTAs walks the
+    union of its key ranges, so a tile whose rows see nothing still reads its peer's blocks."""
+    check_mla_prefill([100, 5, 0], [60, 0, 64], 16, 64, bits)
 
 
 def test_mla_3bit_latent(poisoned):
