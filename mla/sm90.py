@@ -272,22 +272,22 @@ class FlashMLAForwardSm90:
         # the pipeline's cp.async-tracked arrive covers the whole tile.
         q_row = cutlass.min(m_block * TILE_M + row, seqlen.seqlen_q * self.num_heads - 1)
         g_row = seqlen.offset_q * self.num_heads + q_row
-        self._copy_row_async(mQn, g_row, sQn[row, None], half, D_LATENT // 2)
-        self._copy_row_async(mQp, g_row, sQp[row, None], half, D_ROPE // 2)
+        self._copy_row_async(mQn, (g_row,), sQn[row, None], half, D_LATENT // 2)
+        self._copy_row_async(mQp, (g_row,), sQp[row, None], half, D_ROPE // 2)
         pipeline_q.producer_commit_w_index(0)
 
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.num_stages)
         page_size = mRope.shape[1]
         # One block ahead: the next block's page-table entry and scale are read while this one
         # is converted, so no block starts with two dependent global loads.
-        slot, sigma, page = Int32(0), Float32(0.0), Int32(0)
+        page, off, sigma = Int32(0), Int32(0), Float32(0.0)
         if n_blocks > 0:
-            slot, sigma, page = self._row_slot(mPageTable, mScale, page_size, seqlen, batch_idx, n_block_max - 1, kv_row)
+            page, off, sigma = self._row_page(mPageTable, mScale, page_size, seqlen, batch_idx, n_block_max - 1, kv_row)
         for i in cutlass.range(n_blocks, unroll=1):
             n_block = n_block_max - 1 - i
-            slot_next, sigma_next, page_next = slot, sigma, page
+            page_next, off_next, sigma_next = page, off, sigma
             if i + 1 < n_blocks:
-                slot_next, sigma_next, page_next = self._row_slot(
+                page_next, off_next, sigma_next = self._row_page(
                     mPageTable, mScale, page_size, seqlen, batch_idx, n_block - 1, kv_row)
             pipeline_kv.producer_acquire(kv_state)
             stage = kv_state.index
@@ -302,24 +302,24 @@ class FlashMLAForwardSm90:
             elif const_expr(self.pair):
                 self._copy_tile_async(mRope, page, first, last, sR[None, None, stage], D_ROPE)
                 cute.arch.cp_async_commit_group()  # the RoPE keys fly while the latent is converted
-                self._dequant_row(mLat, slot, sigma, sC[kv_row, None, stage], part, sTable, parts=4)
+                self._dequant_row(mLat, page, off, sigma, sC[kv_row, None, stage], part, sTable, parts=4)
                 cute.arch.cp_async_wait_group(0)
                 cute.arch.fence_proxy("async.shared", space="cta")
                 self._send_half_to_peer(sC, stage, rank, pipeline_kv, tidx)
             else:
                 # Per-row RoPE copies here: the tile copy measured 0-6% slower beside the conversion.
-                self._copy_row_async(mRope, slot, sR[row, None, stage], half, D_ROPE // 2, paged=True)
+                self._copy_row_async(mRope, (page, off), sR[row, None, stage], half, D_ROPE // 2)
                 cute.arch.cp_async_commit_group()  # the RoPE keys fly while the latent is converted
-                self._dequant_row(mLat, slot, sigma, sC[row, None, stage], half, sTable)
+                self._dequant_row(mLat, page, off, sigma, sC[row, None, stage], half, sTable)
                 cute.arch.cp_async_wait_group(0)
                 cute.arch.fence_proxy("async.shared", space="cta")
                 cute.arch.mbarrier_arrive(pipeline_kv.sync_object_full.get_barrier(stage))
             kv_state.advance()
-            slot, sigma, page = slot_next, sigma_next, page_next
+            page, off, sigma = page_next, off_next, sigma_next
 
     @cute.jit
-    def _row_slot(self, mPageTable, mScale, page_size, seqlen, batch_idx, n_block, row):
-        """(cache slot, latent scale, page) of this thread's row of ``n_block``. Rows past the sequence
+    def _row_page(self, mPageTable, mScale, page_size, seqlen, batch_idx, n_block, row):
+        """(page, offset in the page, latent scale) of this thread's row of ``n_block``. Rows past the sequence
         read its last key (finite data: the mask zeroes their P, and 0 * finite = 0 where
         unwritten cache memory could hold NaN) and get scale 0."""
         token = n_block * TILE_N + row
@@ -331,17 +331,14 @@ class FlashMLAForwardSm90:
         if const_expr(self.bits is not None):
             if valid:
                 sigma = Float32(mScale[page, off])
-        return page * page_size + off, sigma, page
+        return page, off, sigma
 
     @cute.jit
-    def _copy_row_async(self, mX, g_row, s_row, half, cols: cutlass.Constexpr[int], paged: cutlass.Constexpr[bool] = False):
+    def _copy_row_async(self, mX, row_coord, s_row, half, cols: cutlass.Constexpr[int]):
         """``cols`` bf16 of one global row (``half`` of it) into a swizzled shared row, 16 bytes
-        per cp.async."""
+        per cp.async. ``row_coord``: ``(row,)`` of a matrix or ``(page, offset)`` of a paged cache."""
         dst = cute.zipped_divide(cute.local_tile(s_row, (cols,), (half,)), (8,))
-        if const_expr(paged):
-            src_t = cute.domain_offset((g_row // mX.shape[1], g_row % mX.shape[1], half * cols), mX)
-        else:
-            src_t = cute.domain_offset((g_row, half * cols), mX)
+        src_t = cute.domain_offset((*row_coord, half * cols), mX)
         ptr = cute.make_ptr(self.dtype, src_t.iterator.toint(), cute.AddressSpace.gmem, assumed_align=16)
         src = cute.zipped_divide(cute.make_tensor(ptr, cute.make_layout((cols,))), (8,))
         atom = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), self.dtype,
@@ -369,14 +366,13 @@ class FlashMLAForwardSm90:
                       cute.zipped_divide(sX[r, None], (8,))[None, chunk])
 
     @cute.jit
-    def _dequant_row(self, mLat, slot, sigma, s_row, part, sTable, parts: cutlass.Constexpr[int] = 2):
+    def _dequant_row(self, mLat, page, off, sigma, s_row, part, sTable, parts: cutlass.Constexpr[int] = 2):
         """Part ``part`` of ``parts`` of a packed latent row -> bf16 in the stage, read straight
         from global memory by ``dequant_part`` (no staging buffer: Q and the two latent stages
         fill shared memory)."""
         cols = D_LATENT // parts
         part_bytes = cols * self.bits // 8
-        page_size = mLat.shape[1]
-        src_t = cute.domain_offset((slot // page_size, slot % page_size, part * part_bytes), mLat)
+        src_t = cute.domain_offset((page, off, part * part_bytes), mLat)
         ptr = cute.make_ptr(cutlass.Uint8, src_t.iterator.toint(), cute.AddressSpace.gmem, assumed_align=16)
         dequant_part(cute.make_tensor(ptr, cute.make_layout((part_bytes,))), sigma,
                      cute.local_tile(s_row, (cols,), (part,)), self.bits, cols,
