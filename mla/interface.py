@@ -163,8 +163,9 @@ def _check_inputs(q_nope, q_pe, latent, rope, page_table, cu_seqlens_q, seqused_
         raise ValueError(f"page_size must be a multiple of 64, got {page_size}")
     if rope.device != dev:
         raise ValueError(f"rope_cache is on {rope.device} but q_nope on {dev}: move it")
-    if rope.stride(-1) != 1 or rope.stride(1) != D_ROPE or rope.data_ptr() % 16:
-        raise ValueError("rope_cache rows must be contiguous and 16-byte aligned: pass rope_cache.contiguous()")
+    # pages 16-byte aligned too: the kernel loads whole bf16 blocks by TMA
+    if rope.stride(-1) != 1 or rope.stride(1) != D_ROPE or rope.data_ptr() % 16 or rope.stride(0) % 8:
+        raise ValueError("rope_cache rows and pages must be contiguous and 16-byte aligned: pass rope_cache.contiguous()")
     want = (num_pages, page_size, 1, D_LATENT)
     if isinstance(latent, PackedKV):
         V.check_packed("latent_cache", latent)
@@ -181,8 +182,9 @@ def _check_inputs(q_nope, q_pe, latent, rope, page_table, cu_seqlens_q, seqused_
             )
         if latent.device != dev:
             raise ValueError(f"latent_cache is on {latent.device} but q_nope on {dev}: move it")
-        if latent.stride(-1) != 1 or latent.stride(1) != D_LATENT or latent.data_ptr() % 16:
-            raise ValueError("latent_cache rows must be contiguous and 16-byte aligned: pass latent_cache.contiguous()")
+        if latent.stride(-1) != 1 or latent.stride(1) != D_LATENT or latent.data_ptr() % 16 or latent.stride(0) % 8:
+            raise ValueError(
+                "latent_cache rows and pages must be contiguous and 16-byte aligned: pass latent_cache.contiguous()")
     else:
         raise TypeError(
             f"latent_cache must be a fa4_tq.PackedKV or a bf16 tensor, got {type(latent).__name__}: "

@@ -4,10 +4,13 @@ FA4 has no SM90 kernel for this shape (``flash_attn.cute`` b36 stops at head_dim
 one warpgroup cannot hold a 64 x 512 float32 output accumulator (256 registers a thread). The
 layout is FlashMLA's and FA3's "large head_dim V" one, three warpgroups per CTA:
 
-- WG0, producer: loads the Q tile once and, per KV block, the 64 x 512 latent (bf16 by cp.async,
-  a warp's copies on 512 contiguous bytes: a block's keys are consecutive slots of one page,
-  or packed codes dequantised in registers with ``fa4_tq.kernels.load_stage.dequant_part``, the
-  prefill kernel's conversion) and the 64 x 64 bf16 RoPE keys into a two-stage ring.
+- WG0, producer: loads the Q tile once and, per KV block, the 64 x 512 latent and the 64 x 64
+  bf16 RoPE keys into a two-stage ring. A block's 64 keys are consecutive slots of one page (the
+  page size is a multiple of 64), so a bf16 block is two TMA copies issued by one warp; the
+  sequence's partial last block is copied by cp.async instead, the slots past its end replaced
+  by its last key (they may hold NaN, and a masked P of 0 times NaN is NaN). Packed codes are
+  dequantised in registers with ``fa4_tq.kernels.load_stage.dequant_part``, the prefill
+  kernel's conversion.
 - WG1, scores: ``S = Q_nope C^T + Q_pe K_pe^T`` (64 x 64 over 576 dims), FA4's mask and online
   softmax, P (bf16) and the row rescale factors into shared memory, then ``O[:, :256] += P C[:, :256]``.
 - WG2: ``O[:, 256:] += P C[:, 256:]`` once WG1 has published P.
@@ -82,6 +85,7 @@ class FlashMLAForwardSm90:
     # 0.92-0.99x at 2 and 4 bits, where the pair's lockstep costs more than the halved loads save).
     pair_bits = (8,)
     dequant_unroll = 4  # iterations of 32 codes per loop trip in dequant_part
+    bf16_tma = True  # whole bf16 blocks by TMA (False: every block by the producer's cp.async)
 
     def __init__(self, num_heads: int, bits: Optional[int], is_causal: bool, scale_dtype=Float32):
         if bits not in (None, 2, 3, 4, 8):
@@ -131,6 +135,12 @@ class FlashMLAForwardSm90:
             a_source=warpgroup.OperandSource.SMEM,
         )
         n_table = table_floats(self.bits) if self.bits is not None else 0
+        # bf16 latent: whole blocks by TMA over the paged caches viewed (page_size, cols, pages)
+        # (one page holds whole 64-key blocks); RoPE keys with them on the same barrier.
+        tma_lat = tma_rope = (None, None)
+        if const_expr(self.bits is None):
+            tma_lat = self._make_tma(mLat, self.sC_layout, D_LATENT)
+            tma_rope = self._make_tma(mRope, self.sR_layout, D_ROPE)
 
         @cute.struct
         class SharedStorage:
@@ -150,7 +160,7 @@ class FlashMLAForwardSm90:
             grid_m = (grid_m + 1) // 2 * 2  # whole clusters of two m-blocks
         self.kernel(
             mQn, mQp, mLat, mScale, mTable, mRope, mO, mLSE, mCuSeqlensQ, mSeqUsedK, mPageTable,
-            softmax_scale_log2, tiled_mma_qk, tiled_mma_pv, SharedStorage,
+            *tma_lat, *tma_rope, softmax_scale_log2, tiled_mma_qk, tiled_mma_pv, SharedStorage,
             self.sQn_layout, self.sQp_layout, self.sC_layout, self.sR_layout, self.sP_layout,
         ).launch(
             grid=[cutlass.max(grid_m, 1), mCuSeqlensQ.shape[0] - 1, 1],
@@ -159,6 +169,14 @@ class FlashMLAForwardSm90:
             stream=stream,
             min_blocks_per_mp=1,
         )
+
+    @staticmethod
+    def _make_tma(mX: cute.Tensor, s_layout, cols: int):
+        """(TMA atom, TMA coordinate tensor (page_size, cols, pages)) for 64-row tiles of a paged
+        bf16 cache (pages, page_size, cols) into one stage of ``s_layout``."""
+        paged = cute.make_tensor(mX.iterator, cute.select(mX.layout, mode=[1, 2, 0]))
+        return cpasync.make_tiled_tma_atom(
+            cpasync.CopyBulkTensorTileG2SOp(), paged, cute.select(s_layout, mode=[0, 1]), (TILE_N, cols), 1)
 
     # ------------------------------------------------------------------ kernel
     @cute.kernel
@@ -175,6 +193,10 @@ class FlashMLAForwardSm90:
         mCuSeqlensQ: cute.Tensor,
         mSeqUsedK: cute.Tensor,
         mPageTable: cute.Tensor,
+        tma_atom_lat: Optional[cute.CopyAtom],
+        mLatTma: Optional[cute.Tensor],
+        tma_atom_rope: Optional[cute.CopyAtom],
+        mRopeTma: Optional[cute.Tensor],
         softmax_scale_log2: Float32,
         tiled_mma_qk: cute.TiledMma,
         tiled_mma_pv: cute.TiledMma,
@@ -234,8 +256,12 @@ class FlashMLAForwardSm90:
         if first_m_block * TILE_M < seqlen.seqlen_q * self.num_heads:  # the same answer for the whole pair
             if warp_idx < 4:
                 cute.arch.setmaxregister_decrease(self.producer_regs)
+                tma = None
+                if const_expr(self.bits is None):
+                    tma = (self._tma_tiles(tma_atom_lat, mLatTma, sC, D_LATENT),
+                           self._tma_tiles(tma_atom_rope, mRopeTma, sR, D_ROPE))
                 self.load(mQn, mQp, mLat, mScale, mTable, mRope, mPageTable, sQn, sQp, sC, sR, sTable,
-                          pipeline_q, pipeline_kv, seqlen, batch_idx, m_block, n_block_max, n_blocks)
+                          pipeline_q, pipeline_kv, seqlen, batch_idx, m_block, n_block_max, n_blocks, tma)
             else:
                 if warp_idx < 8:
                     cute.arch.setmaxregister_increase(self.scores_regs)
@@ -250,9 +276,17 @@ class FlashMLAForwardSm90:
             cute.arch.cluster_wait()
 
     # ------------------------------------------------------------------ producer
+    @staticmethod
+    def _tma_tiles(atom, mX_tma, sX, cols: int):
+        """(atom, global tiles indexed [None, block in page, page], shared tiles [None, stage])."""
+        gX = cute.local_tile(mX_tma, (TILE_N, cols), (None, 0, None))  # (64, cols, blocks/page, pages)
+        tXsX, tXgX = cpasync.tma_partition(atom, 0, cute.make_layout(1), cute.group_modes(sX, 0, 2),
+                                           cute.group_modes(gX, 0, 2))
+        return atom, tXgX, tXsX
+
     @cute.jit
     def load(self, mQn, mQp, mLat, mScale, mTable, mRope, mPageTable, sQn, sQp, sC, sR, sTable,
-             pipeline_q, pipeline_kv, seqlen, batch_idx, m_block, n_block_max, n_blocks):
+             pipeline_q, pipeline_kv, seqlen, batch_idx, m_block, n_block_max, n_blocks, tma):
         tidx, _, _ = cute.arch.thread_idx()  # 0..127
         row, half = tidx // 2, tidx % 2  # two threads per tile row, one half of its columns each
         rank = Int32(0)
@@ -295,10 +329,25 @@ class FlashMLAForwardSm90:
             first = n_block * TILE_N % page_size
             last = first + seqlen.seqlen_k - 1 - n_block * TILE_N
             if const_expr(self.bits is None):
-                self._copy_tile_async(mRope, page, first, last, sR[None, None, stage], D_ROPE)
-                self._copy_tile_async(mLat, page, first, last, sC[None, None, stage], D_LATENT)
-                # The stage's barrier arrives when this thread's copies land: the producer moves on.
-                pipeline_kv.producer_commit(kv_state)
+                if const_expr(self.bf16_tma) and last >= first + TILE_N - 1:
+                    # A whole block by TMA: one thread declares its bytes, the other 127 arrive
+                    # (the full barrier counts the 128 producer threads), and warp 0 issues the
+                    # copies (a TMA copy elects its issuing lane: the whole warp must run it).
+                    full = pipeline_kv.sync_object_full.get_barrier(stage)
+                    if tidx == 0:
+                        cute.arch.mbarrier_arrive_and_expect_tx(full, TILE_N * (D_LATENT + D_ROPE) * 2)
+                    else:
+                        cute.arch.mbarrier_arrive(full)
+                    if tidx < 32:
+                        for atom, tXgX, tXsX in tma:
+                            cute.copy(atom, tXgX[None, first // TILE_N, page], tXsX[None, stage], tma_bar_ptr=full)
+                else:
+                    # The sequence's last, partial block: slots past its end may hold anything
+                    # (NaN * P = 0 is NaN), so these threads copy the last key in their place.
+                    self._copy_tile_async(mRope, page, first, last, sR[None, None, stage], D_ROPE)
+                    self._copy_tile_async(mLat, page, first, last, sC[None, None, stage], D_LATENT)
+                    # The stage's barrier arrives when this thread's copies land.
+                    pipeline_kv.producer_commit(kv_state)
             elif const_expr(self.pair):
                 self._copy_tile_async(mRope, page, first, last, sR[None, None, stage], D_ROPE)
                 cute.arch.cp_async_commit_group()  # the RoPE keys fly while the latent is converted

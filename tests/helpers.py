@@ -100,9 +100,11 @@ def greedy_accept_lengths(out, proj, drafts):
     return choice, agree.cumprod(1).sum(1)
 
 
-def mla_problem(lens_q, lens_k, heads, page_size, bits, gen, *, seed=3, device="cuda"):
+def mla_problem(lens_q, lens_k, heads, page_size, bits, gen, *, seed=3, device="cuda", poison_unwritten=False):
     """A shuffled-page MLACache holding ``lens_k`` tokens per sequence (latent with heavy-tailed
-    channels) and queries for the last ``lens_q`` of them; returns the call's arguments."""
+    channels) and queries for the last ``lens_q`` of them; returns the call's arguments.
+    ``poison_unwritten``: every slot no token was written to holds NaN (bf16 latent and RoPE keys,
+    packed scales) and 0xFF codes, as recycled or uninitialised pages may."""
     import mla
 
     num_pages, table, slots = shuffled_pages(lens_k, page_size, gen, spare=3)
@@ -117,6 +119,16 @@ def mla_problem(lens_q, lens_k, heads, page_size, bits, gen, *, seed=3, device="
     q_pe = torch.randn(total_q, heads, 64, generator=gen).to(torch.bfloat16).to(device)
     cu = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32, device=device)
     latent, rope = cache.layer(0)
+    if poison_unwritten:
+        unwritten = torch.ones(num_pages * page_size, dtype=torch.bool)
+        unwritten[torch.tensor(slots, dtype=torch.long)] = False
+        unwritten = unwritten.to(device)
+        rope.view(-1, rope.shape[-1])[unwritten] = float("nan")
+        if bits is None:
+            latent.view(-1, latent.shape[-1])[unwritten] = float("nan")
+        else:
+            latent.data.view(-1, latent.data.shape[-1])[unwritten] = 0xFF
+            latent.scales.view(-1)[unwritten] = float("nan")
     return (q_nope, q_pe, latent, rope, table.to(device), cu, torch.tensor(lens_k, dtype=torch.int32, device=device))
 
 
@@ -138,13 +150,13 @@ def mla_bf16_yardstick(args, causal, scale):
     return torch.cat(outs, 0)
 
 
-def check_mla_prefill(lens_q, lens_k, heads, page_size, bits, *, causal=True, tag=""):
+def check_mla_prefill(lens_q, lens_k, heads, page_size, bits, *, causal=True, tag="", poison_unwritten=False):
     """mla.flash_mla_prefill(backend="kernel") against the float64 reference: output within 2x the
     bf16 yardstick's error + 1e-3, LSE within 1e-3, rows with no key 0 / -inf."""
     import mla
 
     gen = torch.Generator().manual_seed(hash((tuple(lens_q), tuple(lens_k), heads, page_size, bits)) % 2**31)
-    args = mla_problem(lens_q, lens_k, heads, page_size, bits, gen)
+    args = mla_problem(lens_q, lens_k, heads, page_size, bits, gen, poison_unwritten=poison_unwritten)
     scale = 576 ** -0.5
     out, lse = mla.flash_mla_prefill(*args, causal=causal, return_lse=True, backend="kernel")
     ref, ref_lse = mla.mla_reference(*args, causal=causal, dtype=torch.float64)

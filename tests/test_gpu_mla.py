@@ -38,6 +38,14 @@ def test_mla_rows_without_keys(poisoned, bits):
     check_mla_prefill([100, 5, 0], [60, 0, 64], 16, 64, bits)
 
 
+@pytest.mark.parametrize("bits", [None, 4, 8])
+def test_mla_unwritten_slots_are_never_read(poisoned, bits):
+    """Slots past each sequence's end in its last page hold NaN: a kernel that let them into a
+    masked product (P = 0 times NaN) would return NaN. Partial last blocks at both page sizes."""
+    check_mla_prefill([30, 100], [100, 300], 64, 64, bits, poison_unwritten=True)
+    check_mla_prefill([50], [190], 16, 128, bits, poison_unwritten=True)
+
+
 def test_mla_3bit_latent(poisoned):
     check_mla_prefill([130], [400], 64, 64, 3)
 

@@ -223,3 +223,20 @@ def test_which_gpus_the_kernel_serves(monkeypatch, capability, heads, explicit, 
         assert why is None
     else:
         assert why is not None and want in why
+
+
+@pytest.mark.parametrize("which", ["rope_cache", "latent_cache"])
+def test_pages_must_be_16_byte_aligned(which):
+    """Whole bf16 blocks are loaded by TMA, whose page stride must be a multiple of 16 bytes: a
+    cache carved from a larger buffer with an odd page stride is refused by name."""
+    cache, table, _, _ = _cache([70], bits=None)
+    latent, rope = cache.layer(0)
+    q_nope, q_pe, cu = _queries([70], 2)
+    args = dict(q_nope=q_nope, q_pe=q_pe, latent_cache=latent, rope_cache=rope, page_table=table,
+                cu_seqlens_q=cu, seqused_k=torch.tensor([70], dtype=torch.int32))
+    t = args[which]
+    pages, page_size, _, d = t.shape
+    buf = torch.zeros(pages * (page_size * d + 4), dtype=t.dtype)
+    args[which] = torch.as_strided(buf, t.shape, (page_size * d + 4, d, d, 1))
+    with pytest.raises(ValueError, match=f"{which} rows and pages must be contiguous and 16-byte aligned"):
+        mla.flash_mla_prefill(**args)
