@@ -1,7 +1,8 @@
 """The cache-write kernel's codebook search (``kernels/cache_write.py``), modelled in Python by
-``magnitude_index``: one bucket lookup and one compare must give ``torch.bucketize``'s code on
-the codebook, for every width and head_dim, at every boundary, one float either side of it, at
-both zeros and up to ``|u| = sqrt(d)``. The squared centroid it returns feeds the scale."""
+``code_of``: one bucket lookup and one float compare must give ``torch.bucketize``'s code on the
+codebook, for every width and head_dim, at every boundary, one float either side of it, at both
+zeros, at bucket edges and up to ``|u| = sqrt(d)``. The squared centroid it returns feeds the
+scale."""
 
 import math
 import struct
@@ -10,24 +11,29 @@ import pytest
 import torch
 
 from fa4_tq.codec.codebook import boundaries, centroids
-from fa4_tq.kernels.cache_write import bucket_count, bucket_scale, magnitude_index, positive_boundaries
-
-
-def _bits(x: float) -> int:
-    return struct.unpack("<I", struct.pack("<f", x))[0]
+from fa4_tq.kernels.cache_write import bucket_range, bucket_scale, code_of, signed_boundaries
 
 
 def _probe_values(bits: int, d: int) -> list[float]:
-    """Each boundary and the floats next to it, both signs, zeros, bucket edges, random |u|."""
-    vals = [0.0, -0.0, math.sqrt(d), -math.sqrt(d)]
-    for b in positive_boundaries(bits):
+    """Each boundary and the floats next to it, zeros, bucket edges of both signs, random u."""
+    r = math.sqrt(d)
+    vals = [0.0, -0.0, r, -r]
+    for b in signed_boundaries(bits):
         t = torch.tensor([b], dtype=torch.float32)
-        for x in (t, torch.nextafter(t, t + 1), torch.nextafter(t, t - 1)):
-            vals += [float(x), -float(x)]
+        vals += [float(x) for x in (t, torch.nextafter(t, t + 1), torch.nextafter(t, t - 1))]
     s = bucket_scale(bits)
-    vals += [q / s for q in range(int(math.sqrt(d) * s))]
+    for q in range(-int(r * s), int(r * s) + 1):
+        t = torch.tensor([q / s], dtype=torch.float32)
+        vals += [float(t), float(torch.nextafter(t, t - 1))]
     vals += torch.randn(2000, generator=torch.Generator().manual_seed(bits)).mul(2).tolist()
-    return [v for v in vals if abs(v) <= math.sqrt(d)]
+    if bits == 8:  # past the outermost boundaries: the clamped end buckets
+        vals += [-r, r, -0.99 * r, 0.99 * r]
+    return [v for v in vals if abs(v) <= r]
+
+
+def test_boundaries_are_the_codebooks():
+    for bits in (2, 3, 4, 8):
+        assert signed_boundaries(bits) == boundaries(bits, "cpu").tolist()
 
 
 @pytest.mark.parametrize("d", [64, 128, 256, 512])
@@ -38,7 +44,7 @@ def test_bucket_search_is_bucketize(bits, d):
     want = torch.bucketize(u, boundaries(bits, "cpu"))
     c2 = centroids(bits, "cpu").float() ** 2
     for x, w in zip(u.tolist(), want.tolist()):
-        code, g2 = magnitude_index(_bits(x), bits, d)
+        code, g2 = code_of(x, bits, d)
         assert code == w, (bits, d, x, code, w)
         assert struct.unpack("<f", struct.pack("<I", g2))[0] == float(c2[w]), (bits, x)
 
@@ -46,8 +52,10 @@ def test_bucket_search_is_bucketize(bits, d):
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_buckets_hold_at_most_one_boundary(bits):
     s = bucket_scale(bits)
-    q = [math.floor(b * s) for b in positive_boundaries(bits)]
+    q = [math.floor(b * s) for b in signed_boundaries(bits)]
     assert len(set(q)) == len(q)
-    assert bucket_count(bits, 128) >= q[-1] + 2
+    offset, n = bucket_range(bits, 128)
+    assert q[0] + offset >= 0 and q[-1] + offset + 1 <= n - 1  # a boundary-free bucket above the last
     if bits < 8:  # every |u| <= sqrt(d) has its own bucket: the kernel does not clamp
-        assert bucket_count(bits, 512) > math.sqrt(512) * s + 1
+        offset, n = bucket_range(bits, 512)
+        assert math.floor(-math.sqrt(512) * s) + offset >= 0 and math.floor(math.sqrt(512) * s) + offset < n

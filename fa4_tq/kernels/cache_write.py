@@ -15,13 +15,13 @@ Per row, as ``fa4_tq.compress`` (the reference) computes it:
    in one product per value, and a running sum for the norm): ``u`` can differ from the
    reference's in its last bit or two, so a value within that of a decision boundary can take
    the neighbouring code. The tests count those ties.
-3. The code: the codebook is symmetric, so the magnitude index ``k`` is the number of positive
-   boundaries below ``|u|`` (``<=`` on the negative side, as ``torch.bucketize`` puts a value on
-   a boundary in the lower code). ``k`` comes from one shared-memory bucket: ``|u| * S`` (``S`` a
-   power of two so that a bucket holds at most one boundary, ``search_table``) names the bucket,
-   which stores how many boundaries lie below it, its one candidate boundary and the squared
-   centroids on both sides; one compare finishes the search, for every width (8 bits included).
-   ``u > 0`` takes ``m + k``, else ``m - 1 - k = (m + k) xor (2m - 1)`` (``m = 2**(b-1)``).
+3. The code: the number of boundaries strictly below ``u`` (``torch.bucketize``: a value on a
+   boundary takes the lower code). It comes from one shared-memory bucket: ``u * S + C`` (``S``
+   a power of two so that a bucket holds at most one boundary, ``C`` the buckets below zero,
+   ``search_table``) names the bucket, which stores how many boundaries lie below it, its one
+   candidate boundary and the squared centroids of the two possible codes; one float compare
+   finishes the search, for every width (8 bits included) and both signs (zeros take the
+   middle boundary's lower code, ``m - 1``).
 4. ``sigma = ||y|| / ||g[idx]||`` rounded to the scale dtype; codes packed little-endian.
 
 Rows whose slot is -1 (padding) are computed and not written; a zero vector gets codes
@@ -65,46 +65,52 @@ def _f32_bits(x: float) -> int:
     return struct.unpack("<I", struct.pack("<f", x))[0]
 
 
-def positive_boundaries(bits: int) -> list[float]:
-    """The 2**(b-1) - 1 positive decision boundaries (float32 midpoints of bf16 centroids): the
-    upper half of ``codebook.boundaries(bits)``, computed from Python floats because the kernel
-    calls this while tracing, under torch's FakeTensorMode in CPU compiles (no torch ops there)."""
-    c = [v for v in centroid_values(bits) if v > 0]
+def signed_boundaries(bits: int) -> list[float]:
+    """The 2**b - 1 decision boundaries (float32 midpoints of bf16 centroids, ``codebook.boundaries``)
+    computed from Python floats because the kernel calls this while tracing, under torch's
+    FakeTensorMode in CPU compiles (no torch ops there)."""
+    c = centroid_values(bits)
     return [_f32(0.5 * (c[j] + c[j + 1])) for j in range(len(c) - 1)]
 
 
 def bucket_scale(bits: int) -> int:
-    """The smallest power of two ``S`` whose buckets ``[q/S, (q+1)/S)`` hold at most one positive
-    boundary each (``|u| * S`` is then exact, so bucket membership is exact too)."""
-    pb, s = positive_boundaries(bits), 1
-    while len({math.floor(b * s) for b in pb}) < len(pb):
+    """The smallest power of two ``S`` whose buckets ``[q/S, (q+1)/S)`` hold at most one boundary
+    each (``u * S`` is then exact, so bucket membership is exact too)."""
+    b, s = signed_boundaries(bits), 1
+    while len({math.floor(x * s) for x in b}) < len(b):
         s *= 2
     return s
 
 
-def bucket_count(bits: int, head_dim: int) -> int:
-    """Buckets in the table. Up to 4 bits, every possible ``|u| <= sqrt(d)`` has its own (a few
-    dozen rows), so the kernel needs no clamp; 8-bit tables stop one past the last boundary's
-    bucket, which every larger ``|u|`` shares (the kernel clamps)."""
-    s = bucket_scale(bits)
-    last = math.floor(positive_boundaries(bits)[-1] * s) + 1
-    return last + 1 if bits == 8 else max(last, math.floor(_f32(math.sqrt(head_dim)) * s) + 2) + 1
+def bucket_range(bits: int, head_dim: int) -> tuple[int, int]:
+    """(offset C, bucket count n): row ``q + C`` of the table is bucket ``q``. Up to 4 bits the
+    rows cover every ``|u| <= sqrt(d)`` (a unit-norm-times-sqrt(d) vector has no larger
+    coordinate), so the kernel needs no clamp; 8-bit tables run from the lowest boundary's bucket
+    to one boundary-free bucket above the highest, and the kernel clamps every value beyond them
+    into the end buckets (whose codes are then 0 and 255, as they must be)."""
+    b, s = signed_boundaries(bits), bucket_scale(bits)
+    lo, hi = math.floor(b[0] * s), math.floor(b[-1] * s) + 1
+    if bits != 8:
+        r = math.floor(_f32(math.sqrt(head_dim)) * s) + 2
+        lo, hi = min(lo, -r), max(hi, r)
+    return -lo, hi - lo + 1
 
 
 @functools.lru_cache(maxsize=None)
 def search_rows(bits: int, head_dim: int) -> tuple[tuple[int, int, int, int], ...]:
-    """The bucket table as uint32 rows ``(m + below, candidate, c2[below], c2[below + 1])``:
-    ``m = 2**(bits-1)`` plus how many boundaries lie below the bucket, the float32 bits of the
-    one boundary inside it (+inf if none), and the squared centroids (float32 bits) for the two
-    possible magnitude indices."""
-    pb, s, m = positive_boundaries(bits), bucket_scale(bits), 1 << (bits - 1)
-    c2 = [_f32_bits(_f32(v * v)) for v in centroid_values(bits) if v > 0]
+    """The bucket table as uint32 rows ``(below, candidate, c2[below], c2[below + 1])``: how many
+    boundaries lie below the bucket (the code of a value at or under its candidate), the
+    float32 bits of the one boundary inside it (+inf if none), and the squared centroids
+    (float32 bits) of the two possible codes."""
+    b, s = signed_boundaries(bits), bucket_scale(bits)
+    offset, n = bucket_range(bits, head_dim)
+    c2 = [_f32_bits(_f32(v * v)) for v in centroid_values(bits)]
     rows = []
-    for q in range(bucket_count(bits, head_dim)):
-        below = sum(1 for b in pb if math.floor(b * s) < q)
-        inside = [b for b in pb if math.floor(b * s) == q]
+    for q in range(-offset, n - offset):
+        below = sum(1 for x in b if math.floor(x * s) < q)
+        inside = [x for x in b if math.floor(x * s) == q]
         cand = _f32_bits(inside[0]) if inside else 0x7F800000
-        rows.append((m + below, cand, c2[below], c2[min(below + 1, len(c2) - 1)]))
+        rows.append((below, cand, c2[below], c2[min(below + 1, len(c2) - 1)]))
     return tuple(rows)
 
 
@@ -116,20 +122,15 @@ def search_table(bits: int, head_dim: int):
     return torch.tensor(rows, dtype=torch.int32)
 
 
-def magnitude_index(u_bits: int, bits: int, head_dim: int) -> tuple[int, int]:
-    """Python model of the kernel's search for one float32 ``u`` (its bits): (code, c2 bits).
-    The CPU tests check it against ``torch.bucketize`` on the codebook at every bucket edge."""
-    m = 1 << (bits - 1)
-    pos = 0 < u_bits < 0x80000000
-    a = (u_bits & 0x7FFFFFFF) + (u_bits >> 31)  # the next float up for u < 0: b <= |u|
-    af = struct.unpack("<f", struct.pack("<I", a))[0]
-    rows = search_rows(bits, head_dim)
-    q = int(af * bucket_scale(bits))
-    assert bits == 8 or q < len(rows), "bucket past the table: |u| > sqrt(d)"
-    code_pos, cand, lo, hi = rows[min(q, len(rows) - 1)]
-    above = cand < a
-    code = code_pos + above
-    return (code if pos else code ^ (2 * m - 1)), (hi if above else lo)
+def code_of(u: float, bits: int, head_dim: int) -> tuple[int, int]:
+    """Python model of the kernel's search for one float32 ``u``: (code, c2 bits). The CPU tests
+    check it against ``torch.bucketize`` on the codebook at every boundary and bucket edge."""
+    offset, n = bucket_range(bits, head_dim)
+    q = math.floor(_f32(u) * bucket_scale(bits)) + offset
+    assert bits == 8 or 0 <= q < n, "bucket past the table: |u| > sqrt(d)"
+    below, cand, lo, hi = search_rows(bits, head_dim)[min(max(q, 0), n - 1)]
+    above = struct.unpack("<f", struct.pack("<I", cand))[0] < u
+    return below + above, (hi if above else lo)
 
 
 class CacheWrite:
@@ -144,7 +145,7 @@ class CacheWrite:
         self.max_ctas = max_ctas
         self.lanes, self.per_lane = lanes_per_row(head_dim, per_lane)
         self.rows_per_cta = THREADS // self.lanes
-        self.table_rows = max(bucket_count(b, head_dim) for b in self.bits if b is not None)
+        self.table_rows = max(bucket_range(b, head_dim)[1] for b in self.bits if b is not None)
 
     @cute.jit
     def __call__(
@@ -184,7 +185,7 @@ class CacheWrite:
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
         grid_x, _, _ = cute.arch.grid_dim()
-        n = bucket_count(bits, self.head_dim)
+        n = bucket_range(bits, self.head_dim)[1]
         for i in cutlass.range(tidx, n * 4, THREADS, unroll=1):
             sTable[i // 4, i % 4] = Uint32(mTable[i // 4, i % 4])
         # sign bits of the bf16/fp16 pairs (bit 15 and bit 31): x * s is one xor on the input
@@ -248,23 +249,21 @@ class CacheWrite:
         to_unit = Float32(math.sqrt(d)) / (h_norm if h_norm > Float32(0.0) else Float32(1.0))
 
         # 2. codes (bucket search), the norm of the quantised row, packing
-        flip = Uint32((1 << bits) - 1)  # (m + k) xor flip = m - 1 - k
-        n, scale = bucket_count(bits, d), Float32(bucket_scale(bits))
+        offset, n = bucket_range(bits, d)
+        scale = Float32(bucket_scale(bits))
         words = cute.make_rmem_tensor((E * bits // 32,), Uint32)
         words.fill(0)
         gsq = Float32(0.0)
         for j in cutlass.range_constexpr(E):
-            ub = _as_u32(f[j] * to_unit)
-            a = (ub & Uint32(0x7FFFFFFF)) + (ub >> 31)  # the next float up for u < 0: b <= |u|
-            q = _floor_index(_as_f32(a), scale)
-            if const_expr(bits == 8):  # larger |u| share the last bucket
-                q = cutlass.min(q, Int32(n - 1))
+            u = f[j] * to_unit
+            q = _floor_index(u, scale, offset)
+            if const_expr(bits == 8):  # values past the outermost boundaries share the end buckets
+                q = cutlass.max(cutlass.min(q, Int32(n - 1)), Int32(0))
             entry = cute.make_rmem_tensor((4,), Uint32)
             cute.autovec_copy(sTable[q, None], entry)
-            above = entry[1] < a
+            above = _as_f32(entry[1]) < u
             gsq += _as_f32(entry[3] if above else entry[2])
             code = entry[0] + (Uint32(1) if above else Uint32(0))
-            code = code if Int32(ub) > Int32(0) else code ^ flip  # +0.0 and -0.0 take m - 1
             w, sh = (bits * j) // 32, (bits * j) % 32
             words[w] = words[w] | (code << sh)
             if const_expr(sh + bits > 32):  # a 3-bit code straddling two words
@@ -287,19 +286,18 @@ class CacheWrite:
 
 
 @dsl_user_op
-def _floor_index(a: Float32, scale: Float32, *, loc=None, ip=None) -> Int32:
-    """``floor(a * scale)`` for ``0 <= a * scale < 2**22`` without a conversion instruction
-    (quarter rate): ``a * scale + 2**23`` rounded toward zero has it in its low mantissa bits."""
-    return Int32(llvm.inline_asm(
-        T.i32(), [Float32(a).ir_value(loc=loc, ip=ip), Float32(scale).ir_value(loc=loc, ip=ip)],
-        "{ .reg .f32 t;\n fma.rz.f32 t, $1, $2, 0f4B000000;\n mov.b32 $0, t;\n sub.s32 $0, $0, 0x4B000000; }",
+def _floor_index(u: Float32, scale: Float32, offset: int, *, loc=None, ip=None) -> Int32:
+    """``floor(u * scale) + offset`` without a conversion instruction (quarter rate):
+    ``u * scale + offset + 2**23`` rounded toward zero has it in its low mantissa bits while
+    ``0 <= u * scale + offset < 2**23``; below 0 (8-bit tables only) the bits stay monotonic and
+    the kernel's clamp to bucket 0 is still exact. The subtraction is left to the compiler, which
+    folds it into the table address."""
+    bits = llvm.inline_asm(
+        T.i32(), [Float32(u).ir_value(loc=loc, ip=ip), Float32(scale).ir_value(loc=loc, ip=ip)],
+        f"{{ .reg .f32 t;\n fma.rz.f32 t, $1, $2, 0f{_f32_bits(2.0**23 + offset):08X};\n mov.b32 $0, t; }}",
         "=r,f,f", has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT,
-    ))
-
-
-@dsl_user_op
-def _as_u32(x: Float32, *, loc=None, ip=None) -> Uint32:
-    return Uint32(arith.bitcast(T.i32(), Float32(x).ir_value(loc=loc, ip=ip), loc=loc, ip=ip))
+    )
+    return Int32(bits) - Int32(0x4B000000)
 
 
 @dsl_user_op

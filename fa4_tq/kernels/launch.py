@@ -314,7 +314,7 @@ def write_packed(k: torch.Tensor, v: Optional[torch.Tensor], slot_mapping: torch
     from flash_attn.cute.cute_dsl_utils import to_cute_tensor
     from flash_attn.cute.testing import is_fake_mode
 
-    from .cache_write import CacheWrite, bucket_count
+    from .cache_write import CacheWrite, bucket_range
 
     sides = [(k, k_dst)] + ([] if v is None else [(v, v_dst)])
     d = k.shape[-1]
@@ -325,7 +325,7 @@ def write_packed(k: torch.Tensor, v: Optional[torch.Tensor], slot_mapping: torch
     for x, dst in sides:
         if is_fake_mode():
             consts.append((torch.empty(d, dtype=torch.float32, device=k.device),
-                           torch.empty(bucket_count(dst.bits, d), 4, dtype=torch.int32, device=k.device)))
+                           torch.empty(bucket_range(dst.bits, d)[1], 4, dtype=torch.int32, device=k.device)))
         else:
             consts.append((_signs_on(d, dst.seed, k.device), _search_table_on(dst.bits, d, k.device)))
     if not is_fake_mode():
