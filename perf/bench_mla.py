@@ -9,8 +9,8 @@ sharing the latent. TFLOP/s counts 2 * (576 + 512) FLOPs per visible (query, key
 L * (L + 1) / 2 pairs per head when causal. Our times are medians of GPU time per call over 10
 calls queued back to back (``time_gpu``: a sleep kernel holds the stream while the host queues
 them, so Python and launch time are left out, which at 1K tokens would dominate an eager call;
-back to back, so the GPU runs at its sustained clock: one call after each sleep measured up to
-13% faster on the bf16 latent) to the kernel on its prepared inputs (``mla.launch.mla_attention``;
+back to back, so the GPU runs at its sustained clock: one call after each sleep measured 10%
+faster on the bf16 latent) to the kernel on its prepared inputs (``mla.launch.mla_attention``;
 the packed path's q rotation and output un-rotation, two bf16 GEMMs, are timed the same way as
 "rot ms"). The PyTorch baseline is timed eagerly (``time_cuda``), one call a timing: it runs
 0.4-750 ms. Writes perf/results/mla-<gpu>.md.
