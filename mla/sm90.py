@@ -334,10 +334,7 @@ class FlashMLAForwardSm90:
                     # (the full barrier counts the 128 producer threads), and warp 0 issues the
                     # copies (a TMA copy elects its issuing lane: the whole warp must run it).
                     full = pipeline_kv.sync_object_full.get_barrier(stage)
-                    if tidx == 0:
-                        cute.arch.mbarrier_arrive_and_expect_tx(full, TILE_N * (D_LATENT + D_ROPE) * 2)
-                    else:
-                        cute.arch.mbarrier_arrive(full)
+                    self._arrive_expecting(full, TILE_N * (D_LATENT + D_ROPE) * 2, tidx)
                     if tidx < 32:
                         for atom, tXgX, tXsX in tma:
                             cute.copy(atom, tXgX[None, first // TILE_N, page], tXsX[None, stage], tma_bar_ptr=full)
@@ -444,7 +441,15 @@ class FlashMLAForwardSm90:
             for k in cutlass.range_constexpr(D_LATENT // 64):
                 src = base + (k * TILE_N * 64 + rank * (TILE_N // 2) * 64)
                 copy_utils.cpasync_bulk_s2cluster(src, src, full, half_bytes // (D_LATENT // 64), 1 - rank)
-            cute.arch.mbarrier_arrive_and_expect_tx(full, half_bytes)
+        self._arrive_expecting(full, half_bytes, tidx)
+
+    @cute.jit
+    def _arrive_expecting(self, full, nbytes: cutlass.Constexpr[int], tidx):
+        """The 128 producer threads' arrivals on a stage's full barrier (it counts them), thread 0's
+        also declaring the ``nbytes`` that copy engines will complete on it: the phase cannot
+        end before thread 0 arrives, so those bytes may land first."""
+        if tidx == 0:
+            cute.arch.mbarrier_arrive_and_expect_tx(full, nbytes)
         else:
             cute.arch.mbarrier_arrive(full)
 
