@@ -325,6 +325,49 @@ def _case_decode() -> list[str]:
     return done
 
 
+def decode_kernel_variants():
+    """(label, kwargs) of the decode kernel (kernels/decode.py) that flash_attn_with_kvcache runs
+    for dense calls of up to 8 query rows per KV head: every K/V pair of 2/4/8 bits at head_dim
+    128 and GQA 8:1, head_dim 64, verification rows (seqlen_q 2 at GQA 4:1, causal), fp16 with
+    float32 scales; each with FA4's combine kernel over 4 splits."""
+    from itertools import product
+
+    out = [(f"k{kb}v{vb} d128 gqa8", dict(kb=kb, vb=vb)) for kb, vb in product((2, 4, 8), repeat=2)]
+    out.insert(1, ("combine d128 float32", None))  # compiled by the call before (None: no call of its own)
+    out += [
+        ("k4v4 d64 gqa8", dict(d=64)),
+        ("combine d64 float32", None),
+        ("k8v4 d64 gqa8", dict(d=64, kb=8)),
+        ("k4v4 d128 verify seqlen_q 2 gqa4 causal", dict(sq=2, group=4, lse=True)),
+        ("combine d128 float32 with lse", None),
+        ("k4v2 d128 fp16 fp32-scales", dict(vb=2, dtype="float16", scale_dtype="float32")),
+    ]
+    return out
+
+
+def _case_decode_kernel() -> list[str]:
+    import torch
+    from fa4_tq.decode import _run_decode_kernel
+    from fa4_tq.interface import _Problem
+
+    done = []
+    for label, kw in decode_kernel_variants():
+        if kw is None:
+            done.append(label)
+            continue
+        d, kb, vb, sq, group = kw.get("d", 128), kw.get("kb", 4), kw.get("vb", 4), kw.get("sq", 1), kw.get("group", 8)
+        dtype = getattr(torch, kw.get("dtype", "bfloat16"))
+        sdt = getattr(torch, kw.get("scale_dtype", "float16"))
+        q = torch.empty(2, sq, 2 * group, d, dtype=dtype, device="cuda")
+        k, v = (_fake_packed((32, 64, 2), d, b, sdt) for b in (kb, vb))
+        prob = _Problem(q, k, v, 2, d ** -0.5, True, (None, None),
+                        seqused_k=torch.empty(2, dtype=torch.int32, device="cuda"),
+                        page_table=torch.empty(2, 16, dtype=torch.int32, device="cuda"))
+        _run_decode_kernel(prob, 4, kw.get("lse", False))
+        done.append(label)
+    return done
+
+
 def cache_write_variants():
     """(label, kwargs) of the cache-write kernels CI compiles: each K/V width pair on the
     diagonal plus mixed ones at head_dim 128, every head_dim, fp16 with float32 scales."""
@@ -395,6 +438,7 @@ CASES: dict[str, Callable[[], list[str]]] = {
     "tq-sm90-smoke": lambda: _case_tq_sm90(full=False),
     "cache-write": _case_cache_write,
     "decode": _case_decode,
+    "decode-kernel": _case_decode_kernel,
     "tq-sm100": _case_tq_sm100,
     "mla": _case_mla,
     "mla-sm100": _case_mla,  # the same variants, for sm_100a (mla/sm100.py)

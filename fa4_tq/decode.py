@@ -139,6 +139,8 @@ def flash_attn_with_kvcache(
     if lam is None:
         if resolved != "inline":
             return _run_resolved(prob, return_lse, resolved)
+        if decode_kernel_runs(prob):
+            return _run_decode_kernel(prob, num_splits, return_lse)
         return _run_split(prob, num_splits, return_lse)
     if resolved == "decompress":
         raise ValueError(
@@ -206,6 +208,61 @@ def plan_num_splits(batch: int, kv_heads: int, rows_per_kv_head: int, max_pages:
     tiles = batch * kv_heads * math.ceil(rows_per_kv_head / SM90_TILE_M)
     n_blocks = math.ceil(max_pages * page_size / tile_n)
     return max(1, min(num_splits_heuristic(tiles, num_sms, n_blocks, MAX_SPLITS), max_pages))
+
+
+def decode_kernel_runs(prob) -> bool:
+    """Whether a dense call runs the decode kernel (``kernels/decode.py``: SM90, head_dim 64/128,
+    2/4/8-bit K and V, seqlen_q x GQA <= 8 rows per KV head) rather than the packed-KV prefill
+    kernel over split launches (everything else, and skip-softmax)."""
+    from .kernels import decode as decode_kernel
+    from .kernels.launch import device_arch
+
+    q, k, v = prob.q, prob.k, prob.v
+    rows = q.shape[1] * (q.shape[2] // k.shape[2])
+    return device_arch() // 10 == 9 and decode_kernel.supports(q.shape[-1], k.bits, v.bits, rows, k.shape[1])
+
+
+DECODE_CTAS_PER_SM = 4  # splits are added until the decode kernel has this many CTAs per SM
+DECODE_MIN_KEYS_PER_SPLIT = 512  # ... but no split gets fewer keys (four warps, four 32-key blocks each)
+
+
+def plan_decode_splits(batch: int, kv_heads: int, max_keys: int, num_sms: int) -> int:
+    """KV splits of the decode kernel: one CTA per (split, KV head, sequence), enough of them for
+    ``DECODE_CTAS_PER_SM`` per SM, none shorter than ``DECODE_MIN_KEYS_PER_SPLIT`` keys."""
+    want = -(-DECODE_CTAS_PER_SM * num_sms // (batch * kv_heads))
+    return max(1, min(want, max_keys // DECODE_MIN_KEYS_PER_SPLIT, MAX_SPLITS))
+
+
+def _run_decode_kernel(prob, num_splits: Optional[int], return_lse: bool):
+    """The decode kernel over ``num_splits`` KV splits (float32 partials, merged by FA4's combine
+    kernel), with q rotated before it (one bf16 GEMM) and the output un-rotated after it (one
+    float32 GEMM on the merged output, then the cast)."""
+    from flash_attn.cute.interface import _flash_attn_fwd_combine
+    from flash_attn.cute.testing import is_fake_mode
+
+    from .codec import rotate_rounded
+    from .codec.rotation import _signed_hadamard
+    from .kernels.launch import _sm_count, packed_decode
+
+    q, k, v = prob.q, prob.k, prob.v
+    batch, seqlen_q, heads, d = q.shape
+    if num_splits is None:
+        num_splits = plan_decode_splits(batch, k.shape[2], prob.page_table.shape[1] * k.shape[1], _sm_count(q.device))
+    f32 = dict(dtype=torch.float32, device=q.device)
+    out_part = torch.empty(num_splits, batch, seqlen_q, heads, d, **f32)
+    lse_part = torch.empty(num_splits, batch, heads, seqlen_q, **f32)
+    q_rot = q if is_fake_mode() else rotate_rounded(q, k.seed)  # compiling: the GEMM cannot run on fake tensors
+    packed_decode(q_rot, k, v, prob.page_table, prob.seqused_k, out_part, lse_part,
+                  softmax_scale=prob.softmax_scale, causal=prob.causal)
+    if num_splits == 1:
+        o_rot, lse = out_part[0], lse_part[0]
+    else:
+        o_rot = torch.empty(batch, seqlen_q, heads, d, **f32)
+        lse = torch.empty(batch, heads, seqlen_q, **f32) if return_lse else None
+        _flash_attn_fwd_combine(out_part, lse_part.transpose(-1, -2), o_rot,
+                                lse.transpose(-1, -2) if return_lse else None)
+    o = torch.mm(o_rot.view(-1, d), _signed_hadamard(d, v.seed, torch.float32, q.device).t()).mul_(d ** -0.5)
+    return o.view(q.shape).to(q.dtype), (lse if return_lse else None)
 
 
 class Launch(NamedTuple):

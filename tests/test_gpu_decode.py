@@ -93,16 +93,22 @@ def _peaked(lens, seqlen_q, h, h_k, d, page_size, k_bits, v_bits, seed):
 
 @pytest.mark.parametrize("seqlen_q,num_splits", [(1, None), (8, None), (8, 1)])
 def test_skip_threshold_none_and_zero_are_the_dense_kernel(poisoned, seqlen_q, num_splits):
-    """None runs the dense kernel; 0 runs the voting kernel, which then skips nothing: both equal
-    the dense kernel bit for bit (output and LSE)."""
+    """None runs the dense path; 0 runs the voting kernel, which then skips nothing: it equals the
+    dense packed-KV kernel it is built on bit for bit (output and LSE). (At seqlen_q 1 the dense
+    path is the decode kernel, kernels/decode.py, a different kernel with its own rounding.)"""
+    from fa4_tq.decode import _run_split
+    from fa4_tq.interface import _Problem
+
     q, cache, table, used = _peaked([3000, 70, 1200], seqlen_q, 32, 4, 128, 64, 4, 4, seed=1)
     kw = dict(num_splits=num_splits, return_lse=True, backend="inline")
     out, lse = flash_attn_with_kvcache(q, cache, table, used, **kw)
     out_n, lse_n = flash_attn_with_kvcache(q, cache, table, used, skip_softmax_threshold=None, **kw)
     out_0, lse_0, st = flash_attn_with_kvcache(q, cache, table, used, skip_softmax_threshold=0.0,
                                                return_skip_stats=True, **kw)
+    prob = _Problem(q, *cache, 3, 128 ** -0.5, True, (None, None), seqused_k=used, page_table=table)
+    dense, dense_lse = _run_split(prob, num_splits, True)
     assert torch.equal(out_n, out) and torch.equal(lse_n, lse)
-    assert torch.equal(out_0, out) and torch.equal(lse_0, lse)
+    assert torch.equal(out_0, dense) and torch.equal(lse_0, dense_lse)
     assert int(st.skipped.sum()) == 0 and int(st.blocks.min()) >= 1
 
 
@@ -205,10 +211,90 @@ def test_decode_tile_changes_nothing(poisoned, seqlen_q, h, h_k, d, num_splits, 
     gen = torch.Generator().manual_seed(seqlen_q)
     cache, table, used, _ = ragged_paged_cache([3000, 65, 1200], 64, h_k, d, gen, k_bits=kb, v_bits=vb, device=DEV)
     q = torch.randn(3, seqlen_q, h, d, generator=gen).to(torch.bfloat16).to(DEV)
-    out, lse = flash_attn_with_kvcache(q, cache, table, used, num_splits=num_splits, return_lse=True, backend="inline")
     prob = _Problem(q, *cache, 3, d ** -0.5, True, (None, None), seqused_k=used, page_table=table)
+    out, lse = _run_split(prob, num_splits, True)
     o, l = _run_split(prob, num_splits, True, _tiles=(128, tile_n))
     assert torch.equal(out, o) and torch.equal(lse, l)
     assert rel_err(out, attention_reference(q, *cache, page_table=table, seqused_k=used, causal=True,
                                             dtype=torch.float64)[0]) < 2e-2
 
+
+
+# ----------------------------------------------------------------------------- the decode kernel
+def _unwritten_poisoned(cache, table, used):
+    """NaN scales and random bytes in every slot no sequence wrote (recycled pages look like that)."""
+    k, v = cache
+    page_size = k.data.shape[1]
+    written = torch.zeros(k.data.shape[0] * page_size, dtype=torch.bool, device=DEV)
+    for b, n in enumerate(used.tolist()):
+        t = torch.arange(n, device=DEV)
+        written[table[b, t // page_size].long() * page_size + t % page_size] = True
+    written = written.view(k.data.shape[0], page_size)
+    for x in (k, v):
+        noise = torch.randint(0, 256, x.data.shape, dtype=torch.uint8, device=DEV)
+        x.data.copy_(torch.where(written[:, :, None, None], x.data, noise))
+        x.scales.copy_(torch.where(written[:, None, :], x.scales, torch.full_like(x.scales, float("nan"))))
+
+
+DECODE_KERNEL_CASES = [  # (lens, seqlen_q, heads, kv_heads, d, page_size, bits, causal, num_splits)
+    ([1, 700, 3000], 1, 32, 4, 128, 64, (4, 4), True, None),
+    ([1, 700, 3000], 1, 32, 4, 128, 16, (2, 8), True, 5),
+    ([1, 700, 3000], 1, 32, 4, 128, 128, (8, 2), True, 1),
+    ([33, 4100], 1, 16, 2, 64, 64, (4, 4), True, None),  # head_dim 64
+    ([33, 4100], 1, 16, 2, 64, 16, (8, 4), True, 64),  # more splits than a short sequence has keys
+    ([70, 2100], 2, 16, 4, 128, 64, (4, 2), True, None),  # verification, 2 tokens x GQA 4
+    ([70, 2100], 8, 4, 4, 128, 64, (2, 2), True, 3),  # verification, 8 tokens, MHA
+    ([70, 2100], 8, 4, 4, 128, 64, (4, 4), False, None),
+    ([5000], 1, 8, 8, 128, 128, (4, 4), True, None),  # GQA 1, batch 1
+]
+
+
+@pytest.mark.parametrize("lens,seqlen_q,h,h_k,d,page_size,bits,causal,num_splits", DECODE_KERNEL_CASES)
+def test_decode_kernel_against_the_reference_and_the_prefill_kernel(poisoned, lens, seqlen_q, h, h_k, d, page_size,
+                                                                    bits, causal, num_splits):
+    """The decode kernel (kernels/decode.py) runs these calls; unwritten slots hold NaN scales and
+    random codes. Against the float64 reference (as _check) and against the packed-KV prefill
+    kernel on the same cache (the path it replaced)."""
+    from fa4_tq.decode import _run_split, decode_kernel_runs
+    from fa4_tq.interface import _Problem
+
+    kb, vb = bits
+    gen = torch.Generator().manual_seed(len(lens) * 100 + seqlen_q)
+    cache, table, used, _ = ragged_paged_cache(lens, page_size, h_k, d, gen, k_bits=kb, v_bits=vb,
+                                               k_seed=5, v_seed=6, device=DEV)
+    q = torch.randn(len(lens), seqlen_q, h, d, generator=gen).to(torch.bfloat16).to(DEV)
+    # FA4 on the decoded pages (the yardstick) first: it multiplies masked keys' P = 0 by their
+    # values, so NaN in unwritten slots reaches its output (page 128 = its tile, measured)
+    base_out, base_lse = flash_attn_with_kvcache(q, cache, table, used, causal=causal, return_lse=True,
+                                                 backend="decompress")
+    _unwritten_poisoned(cache, table, used)
+    prob = _Problem(q, *cache, len(lens), d ** -0.5, causal, (None, None), seqused_k=used, page_table=table)
+    assert decode_kernel_runs(prob)
+    out, lse = flash_attn_with_kvcache(q, cache, table, used, causal=causal, num_splits=num_splits,
+                                       return_lse=True, backend="inline")
+    ref, ref_lse = attention_reference(q, *cache, page_table=table, seqused_k=used, causal=causal,
+                                       dtype=torch.float64)
+    old, old_lse = _run_split(prob, num_splits, True)
+    err, base = rel_err(out, ref), rel_err(base_out, ref)
+    print(f"DECODE-KERNEL lens={lens} q{seqlen_q} h{h}/{h_k} d{d} page{page_size} K{kb}V{vb} splits={num_splits}: "
+          f"out {err:.2e} (FA4 bf16 {base:.2e}, prefill kernel {rel_err(old, ref):.2e}) lse {rel_err(lse, ref_lse):.2e}")
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert err <= 2 * base + 1e-3, (err, base)
+    assert rel_err(lse, ref_lse) <= 2 * rel_err(base_lse, ref_lse) + 1e-3
+    assert rel_err(out, old) < 2e-2
+
+
+def test_decode_kernel_takes_only_what_it_supports():
+    """Dense calls of <= 8 rows per KV head at 2/4/8 bits and head_dim 64/128 run the decode
+    kernel; 3-bit codes, more rows and head_dim 64 with 2-bit V (2-byte lane slices) do not."""
+    from fa4_tq.decode import decode_kernel_runs
+    from fa4_tq.interface import _Problem
+
+    def runs(seqlen_q, h, h_k, d, kb, vb):
+        gen = torch.Generator().manual_seed(0)
+        cache, table, used, _ = ragged_paged_cache([40], 16, h_k, d, gen, k_bits=kb, v_bits=vb, device=DEV)
+        q = torch.zeros(1, seqlen_q, h, d, dtype=torch.bfloat16, device=DEV)
+        return decode_kernel_runs(_Problem(q, *cache, 1, 1.0, True, (None, None), seqused_k=used, page_table=table))
+
+    assert runs(1, 16, 2, 128, 4, 4) and runs(8, 4, 4, 128, 8, 2) and runs(1, 8, 1, 64, 4, 4)
+    assert not runs(1, 16, 2, 128, 3, 4) and not runs(2, 16, 2, 128, 4, 4) and not runs(1, 8, 1, 64, 4, 2)

@@ -1,0 +1,411 @@
+"""Decode kernel (CuTeDSL, SM90): up to 8 query rows of one KV head against its packed context,
+the codes dequantised straight into ``mma.sync`` registers.
+
+Why a kernel of its own: FA4's SM90 forward (and our subclass of it) computes 64-row wgmma tiles
+from shared memory. A decode step has 1 to 8 query rows per KV head (seqlen_q x GQA), so 7/8 of
+that tensor work is padding, and every dequantised K/V value makes a round trip through shared
+memory; measured, that kernel stays at 15-36% of copy bandwidth (perf/results/decode-*.md). Here
+the tile is transposed ("swap AB"): keys and head-dim columns are the MMA's M side (16) and the
+query rows its N side (8), so nothing is padding at GQA 8:1, and each thread turns its own packed
+bytes into the A fragments it multiplies.
+
+One CTA = (KV split, KV head, sequence), four warps. Each warp walks its own blocks of
+``CHUNKS x 16`` keys (blocks ``warp, warp + 4, ...`` of the split) with its own online softmax,
+the next block's bytes loading while this one is computed; the warps merge through shared memory
+and write the split's normalised output and LSE (float32), which FA4's combine kernel merges
+across splits. Per 16-key chunk a warp does:
+
+- ``S^T = K Q^T``: ``d/16`` m16n8k16 MMAs; lane ``(quad, qi)`` owns keys ``quad`` and
+  ``quad + 8`` and the head-dim slice ``[qi*d/4, (qi+1)*d/4)``: one contiguous load per key. The
+  MMA's k positions are a permutation of the head dims, the same for K and for Q (held in
+  registers for the whole kernel), so the dot products are unchanged (``k_dim`` below).
+- the codes are looked up in the unscaled codebook (``prmt``, ``staging.decode_four``) and the
+  key's scale multiplies its score instead (``s = sigma_k * q.g``): no per-element multiply.
+- ``O^T += V^T P^T``: the scores' 8x8 halves are transposed in registers (``movmatrix``) into the
+  B fragments; P is multiplied by the value's scale ``sigma_v`` first. Lane ``(quad, qi)`` owns
+  keys ``2qi, 2qi+1, 2qi+8, 2qi+9`` and the head dims ``[quad*d/8, (quad+1)*d/8)``; a fragment
+  register holds one head dim of two keys, so the two keys' codes are interleaved
+  (``interleave_codes``) before the lookup and come out paired.
+
+The query is rotated before the kernel and the output un-rotated after the combine
+(``fa4_tq.decode``). The plain PyTorch twins: ``fa4_tq.reference`` for the attention,
+``decode_pairs`` (on ints) for the register layout, tested in tests/test_decode_layout.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cuda.bindings.driver as cuda
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, Uint32, const_expr
+from cutlass._mlir import ir
+from cutlass._mlir.dialects import llvm
+from cutlass.cutlass_dsl import T, dsl_user_op
+from flash_attn.cute import utils as fa_utils
+
+from .load_stage import pack_x2, prmt
+from .staging import decode_four
+
+WARPS = 4
+ROWS = 8  # query rows per KV head: the MMA's N
+CHUNK = 16  # keys per MMA: M of K Q^T, K of V^T P^T
+SUPPORTED_BITS = (2, 4, 8)
+SUPPORTED_HEAD_DIMS = (64, 128)
+
+
+def chunks_per_block(k_bits: int, v_bits: int) -> int:
+    """16-key chunks per warp loop trip: two, so each load in flight carries more bytes; one at 8
+    bits, whose bytes would not fit twice (current and next block) in registers."""
+    return 1 if max(k_bits, v_bits) == 8 else 2
+
+
+def supports(head_dim: int, k_bits: int, v_bits: int, rows: int, page_size: int) -> bool:
+    """Whether this kernel runs a decode call of ``rows`` query rows per KV head: every lane's
+    share of a row must be whole 32-bit words (a V slice at head_dim 64 and 2 bits is 2 bytes)."""
+    return (head_dim in SUPPORTED_HEAD_DIMS and k_bits in SUPPORTED_BITS and v_bits in SUPPORTED_BITS
+            and 1 <= rows <= ROWS and page_size % CHUNK == 0 and head_dim // 8 * v_bits % 32 == 0)
+
+
+# ----------------------------------------------------------------------------- the code layout
+def interleave_codes(x, y, bits: int):
+    """Two words of ``bits``-bit codes (codes ``x_0, x_1, ...`` and ``y_0, y_1, ...``) -> the
+    streams ``x_0 y_0 x_2 y_2 ...`` and ``x_1 y_1 x_3 y_3 ...``: two ops each, where a ``prmt``
+    per output register would be needed after the lookup. Plain Python over ``&, |, <<, >>``:
+    the kernel calls it on registers, the tests on ints."""
+    m = {2: 0x33333333, 4: 0x0F0F0F0F, 8: 0x00FF00FF}[bits]
+    even = (x & m) | ((y & m) << bits)
+    odd = ((x >> bits) & m) | (y & ((m << bits) & 0xFFFFFFFF))
+    return even, odd
+
+
+def decode_pairs(w, bits: int, dtype: str, prmt_op, table_lookup=None) -> list:
+    """One word of a code stream -> ``16 // bits`` words, word ``i`` holding the codebook values
+    of codes ``2i`` (low half) and ``2i + 1`` in ``dtype``. 2/4-bit: ``decode_four`` on the
+    constant codebook; 8-bit: ``table_lookup(code)``, the value's 16 bits in a word's low half."""
+    if bits == 8:
+        return [prmt_op(table_lookup((w >> (16 * i)) & 0xFF), table_lookup((w >> (16 * i + 8)) & 0xFF), 0x5410)
+                for i in range(2)]
+    out = []
+    for p in range(8 // bits):
+        out += list(decode_four(w >> (4 * bits * p), bits, dtype, prmt_op))
+    return out
+
+
+def k_dim(d: int, kk: int, pos: int, qi: int) -> int:
+    """The head dim at MMA k position ``pos`` (0-15) of k-step ``kk`` for lanes ``qi`` (their
+    positions are ``2qi, 2qi+1, 2qi+8, 2qi+9``): word ``2kk`` (+1 for the upper eight) of the
+    lane's decoded slice ``[qi*d/4, (qi+1)*d/4)``."""
+    assert pos // 2 % 4 == qi
+    return qi * (d // 4) + 4 * kk + 2 * (pos >= 8) + pos % 2
+
+
+def v_dim(d: int, j: int, m: int) -> int:
+    """The head dim at row ``m`` (0-15) of the output's m-tile ``j``: lanes ``quad = m % 8`` own
+    ``[quad*d/8, (quad+1)*d/8)``; rows ``quad`` and ``quad + 8`` are its dims ``2j`` and ``2j+1``."""
+    return (m % 8) * (d // 8) + 2 * j + m // 8
+
+
+# ----------------------------------------------------------------------------- register ops
+@dsl_user_op
+def mma_16816(a, b, c, bf16: bool, *, loc=None, ip=None) -> tuple:
+    """``c + A B`` for one m16n8k16 MMA (float32 accumulators): ``a`` 4 words, ``b`` 2, ``c`` 4
+    floats in the PTX fragment layouts."""
+    t = "bf16" if bf16 else "f16"
+    res = llvm.inline_asm(
+        ir.Type.parse("!llvm.struct<(f32, f32, f32, f32)>"),
+        [Uint32(x).ir_value(loc=loc, ip=ip) for x in (*a, *b)] + [Float32(x).ir_value(loc=loc, ip=ip) for x in c],
+        f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32 {{$0, $1, $2, $3}}, {{$4, $5, $6, $7}}, "
+        "{$8, $9}, {$10, $11, $12, $13};",
+        "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", has_side_effects=False, is_align_stack=False,
+        asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip,
+    )
+    return tuple(Float32(llvm.extractvalue(T.f32(), res, [i], loc=loc, ip=ip)) for i in range(4))
+
+
+@dsl_user_op
+def transpose_8x8(x: Uint32, *, loc=None, ip=None) -> Uint32:
+    """The warp's 8x8 matrix of 16-bit values (lane ``l`` holds row ``l/4``, columns ``2(l%4)``
+    and ``+1``) transposed, in the same layout."""
+    return Uint32(llvm.inline_asm(
+        T.i32(), [Uint32(x).ir_value(loc=loc, ip=ip)], "movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;",
+        "=r,r", has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip,
+    ))
+
+
+# ----------------------------------------------------------------------------- the kernel
+class PackedDecode:
+    """Compile-time configuration: head_dim, K/V bits, query rows (seqlen_q x GQA <= 8), the GQA
+    group, causal (bottom-right, for verification) and the number of KV splits."""
+
+    def __init__(self, head_dim: int, k_bits: int, v_bits: int, seqlen_q: int, group: int, causal: bool):
+        rows = seqlen_q * group
+        if not supports(head_dim, k_bits, v_bits, rows, CHUNK):
+            raise ValueError(f"PackedDecode does not run head_dim {head_dim}, K{k_bits}V{v_bits}, {rows} rows")
+        self.d, self.kb, self.vb = head_dim, k_bits, v_bits
+        self.seqlen_q, self.group, self.rows = seqlen_q, group, rows
+        self.causal = causal and seqlen_q > 1
+        self.chunks = chunks_per_block(k_bits, v_bits)
+        self.block = self.chunks * CHUNK
+        self.k_words = head_dim // 4 * k_bits // 32  # per key and lane
+        self.v_words = head_dim // 8 * v_bits // 32
+
+    @cute.jit
+    def __call__(
+        self,
+        mQ: cute.Tensor,  # (batch, seqlen_q, heads, d) bf16/fp16, rotated by K's R
+        mKData: cute.Tensor,  # (pages, page_size, kv_heads, d*kb/8) uint8
+        mVData: cute.Tensor,
+        mKScale: cute.Tensor,  # (pages, kv_heads, page_size) fp16/fp32
+        mVScale: cute.Tensor,
+        mKTable: cute.Tensor,  # (256,) float32 codebook (8-bit codes; read only then)
+        mVTable: cute.Tensor,
+        mPageTable: cute.Tensor,  # (batch, max_pages) int32
+        mSeqused: cute.Tensor,  # (batch,) int32
+        mO: cute.Tensor,  # (splits, batch, seqlen_q, heads, d) float32
+        mLSE: cute.Tensor,  # (splits, batch, heads, seqlen_q) float32
+        softmax_scale: Float32,
+        stream: cuda.CUstream = None,
+    ):
+        splits, batch = mO.shape[0], mO.shape[1]
+        kv_heads = mKData.shape[2]
+        self.kernel(mQ, mKData, mVData, mKScale, mVScale, mKTable, mVTable, mPageTable, mSeqused, mO, mLSE,
+                    softmax_scale).launch(grid=[splits, kv_heads, batch], block=[32 * WARPS, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(self, mQ, mKData, mVData, mKScale, mVScale, mKTable, mVTable, mPageTable, mSeqused, mO, mLSE,
+               softmax_scale: Float32):
+        d, R = self.d, self.rows
+        bf16 = const_expr(mQ.element_type == cutlass.BFloat16)
+        tidx, _, _ = cute.arch.thread_idx()
+        split, kv_head, b = cute.arch.block_idx()
+        splits = cute.arch.grid_dim()[0]
+        warp, lane = tidx // 32, tidx % 32
+        quad, qi = lane // 4, lane % 4
+
+        smem = cutlass.utils.SmemAllocator()
+        sO = smem.allocate_tensor(Float32, cute.make_layout((WARPS, ROWS, d), stride=(ROWS * d, d, 1)), byte_alignment=16)
+        sML = smem.allocate_tensor(Float32, cute.make_layout((WARPS, ROWS, 2), stride=(2 * ROWS, 2, 1)), byte_alignment=16)
+        sKTab = smem.allocate_tensor(Uint32, cute.make_layout((256,)), byte_alignment=16)
+        sVTab = smem.allocate_tensor(Uint32, cute.make_layout((256,)), byte_alignment=16)
+        if const_expr(self.kb == 8):
+            self._fill_table(mKTable, sKTab, tidx, bf16)
+        if const_expr(self.vb == 8):
+            self._fill_table(mVTable, sVTab, tidx, bf16)
+        if const_expr(self.kb == 8 or self.vb == 8):
+            cute.arch.sync_threads()
+
+        # This split's keys: splits cut the longest table into equal runs of whole blocks.
+        page_size = mKData.shape[1]
+        seqlen = mSeqused[b]
+        max_keys = mPageTable.shape[1] * page_size
+        per_split = (max_keys + splits * self.block - 1) // (splits * self.block) * self.block
+        start = split * per_split
+        end = cutlass.min(start + per_split, seqlen)
+        nblk = (end - start + self.block - 1) // self.block if end > start else Int32(0)
+
+        # Q^T B fragments, whole kernel: row quad's slice [qi*d/4, (qi+1)*d/4).
+        qw = cute.make_rmem_tensor((d // 8,), Uint32)
+        qw.fill(0)
+        if quad < R:
+            i, g = quad // self.group, quad % self.group
+            src = cute.domain_offset((b, i, kv_head * self.group + g, qi * (d // 4)), mQ)
+            ptr = cute.make_ptr(Uint32, src.iterator.toint(), cute.AddressSpace.gmem, assumed_align=16)
+            cute.autovec_copy(cute.make_tensor(ptr, cute.make_layout((d // 8,))), qw)
+
+        acc = cute.make_rmem_tensor((d // 16, 4), Float32)  # O^T m-tiles
+        acc.fill(0.0)
+        ml = cute.make_rmem_tensor((4,), Float32)  # row max (log2 domain) and this lane's row sums
+        ml[0], ml[1], ml[2], ml[3] = -Float32.inf, -Float32.inf, Float32(0.0), Float32(0.0)
+        scale_log2 = softmax_scale * Float32(math.log2(math.e))
+
+        C = self.chunks
+        cur_k = cute.make_rmem_tensor((C * 2 * self.k_words,), Uint32)
+        cur_v = cute.make_rmem_tensor((C * 4 * self.v_words,), Uint32)
+        cur_s = cute.make_rmem_tensor((C * 4,), Float32)
+        nxt_k = cute.make_rmem_tensor((C * 2 * self.k_words,), Uint32)
+        nxt_v = cute.make_rmem_tensor((C * 4 * self.v_words,), Uint32)
+        nxt_s = cute.make_rmem_tensor((C * 4,), Float32)
+        pages = cute.make_rmem_tensor((C,), Int32)
+        if warp < nblk:
+            self._pages(mPageTable, b, start + warp * self.block, end, page_size, pages)
+            self._load(mKData, mVData, mKScale, mVScale, b, kv_head, start + warp * self.block, end, page_size,
+                       pages, quad, qi, nxt_k, nxt_v, nxt_s)
+        if warp + WARPS < nblk:
+            self._pages(mPageTable, b, start + (warp + WARPS) * self.block, end, page_size, pages)
+        for blk in cutlass.range(warp, nblk, WARPS, unroll=1):
+            cur_k.store(nxt_k.load())
+            cur_v.store(nxt_v.load())
+            cur_s.store(nxt_s.load())
+            key0 = start + blk * self.block
+            if blk + WARPS < nblk:  # the next block's bytes, then the page ids of the one after
+                self._load(mKData, mVData, mKScale, mVScale, b, kv_head, key0 + WARPS * self.block, end,
+                           page_size, pages, quad, qi, nxt_k, nxt_v, nxt_s)
+                if blk + 2 * WARPS < nblk:
+                    self._pages(mPageTable, b, key0 + 2 * WARPS * self.block, end, page_size, pages)
+            self._block(cur_k, cur_v, cur_s, qw, acc, ml, sKTab, sVTab, key0, end, seqlen, scale_log2, quad, qi, bf16)
+
+        self._merge(sO, sML, acc, ml, warp, quad, qi)
+        cute.arch.sync_threads()
+        self._epilogue(sO, sML, mO, mLSE, split, b, kv_head, tidx)
+
+    # ------------------------------------------------------------------------- loads
+    @cute.jit
+    def _fill_table(self, mTable, sTab, tidx, bf16):
+        """The 8-bit codebook as 16-bit values in the low halves of a shared word table."""
+        for i in cutlass.range(tidx, 256, 32 * WARPS, unroll=1):
+            sTab[i] = pack_x2(mTable[i], Float32(0.0), bf16)
+
+    @cute.jit
+    def _pages(self, mPageTable, b, key0, end, page_size, pages):
+        """The page of each chunk of the block at ``key0`` (a 16-key chunk never straddles a page;
+        keys past ``end`` read the last key's page)."""
+        for c in cutlass.range_constexpr(self.chunks):
+            key = cutlass.min(key0 + c * CHUNK, end - 1)
+            pages[c] = mPageTable[b, key // page_size]
+
+    @cute.jit
+    def _load(self, mKData, mVData, mKScale, mVScale, b, kv_head, key0, end, page_size, pages, quad, qi,
+              dk, dv, ds):
+        """This lane's bytes and scales of the block at ``key0``: per chunk the K slices of keys
+        ``quad``, ``quad + 8``, the V slices of keys ``2qi, 2qi+1, 2qi+8, 2qi+9``, and both
+        scales of keys ``quad``, ``quad + 8``. Keys past ``end`` read the last key (masked later)."""
+        kw, vw = self.k_words, self.v_words
+        for c in cutlass.range_constexpr(self.chunks):
+            base = key0 + c * CHUNK
+            page = pages[c]
+            for r in cutlass.range_constexpr(2):
+                slot = cutlass.min(base + quad + 8 * r, end - 1) % page_size
+                self._gload(mKData, (page, slot, kv_head, qi * kw * 4), dk, (2 * c + r) * kw, kw)
+                ds[4 * c + r] = Float32(mKScale[page, kv_head, slot])
+                ds[4 * c + 2 + r] = Float32(mVScale[page, kv_head, slot])
+            for t in cutlass.range_constexpr(4):
+                slot = cutlass.min(base + 2 * qi + t % 2 + 8 * (t // 2), end - 1) % page_size
+                self._gload(mVData, (page, slot, kv_head, quad * vw * 4), dv, (4 * c + t) * vw, vw)
+
+    @cute.jit
+    def _gload(self, mX, coord, dst, off: cutlass.Constexpr[int], words: cutlass.Constexpr[int]):
+        src = cute.domain_offset(coord, mX)
+        ptr = cute.make_ptr(Uint32, src.iterator.toint(), cute.AddressSpace.gmem, assumed_align=min(16, 4 * words))
+        cute.autovec_copy(cute.make_tensor(ptr, cute.make_layout((words,))),
+                          cute.local_tile(dst, (words,), (off // words,)))
+
+    # ------------------------------------------------------------------------- one block
+    @cute.jit
+    def _block(self, ck, cv, cs, qw, acc, ml, sKTab, sVTab, key0, end, seqlen, scale_log2, quad, qi, bf16):
+        d, C, kw, vw = self.d, self.chunks, self.k_words, self.v_words
+        dt = "bfloat16" if bf16 else "float16"
+        ktab = lambda code: sKTab[Int32(code)]
+        vtab = lambda code: sVTab[Int32(code)]
+
+        # Scores: s[c, r, h] = key quad + 8r of chunk c, row 2qi + h, in the log2 domain.
+        s = cute.make_rmem_tensor((C * 4,), Float32)
+        for c in cutlass.range_constexpr(C):
+            kdec = [[], []]
+            for r in cutlass.range_constexpr(2):
+                for w in cutlass.range_constexpr(kw):
+                    kdec[r] += decode_pairs(ck[(2 * c + r) * kw + w], self.kb, dt, prmt, ktab)
+            sc = [Float32(0.0)] * 4
+            for kk in cutlass.range_constexpr(d // 16):
+                sc = mma_16816((kdec[0][2 * kk], kdec[1][2 * kk], kdec[0][2 * kk + 1], kdec[1][2 * kk + 1]),
+                               (qw[2 * kk], qw[2 * kk + 1]), sc, bf16)
+            for r in cutlass.range_constexpr(2):
+                f = cs[4 * c + r] * scale_log2
+                for h in cutlass.range_constexpr(2):
+                    s[4 * c + 2 * r + h] = sc[2 * r + h] * f
+        # Masks: keys past the split (and past the sequence), and bottom-right causal rows.
+        last = end - 1
+        if key0 + self.block - 1 > (last - (self.seqlen_q - 1) if const_expr(self.causal) else last):
+            for c in cutlass.range_constexpr(C):
+                for r in cutlass.range_constexpr(2):
+                    key = key0 + c * CHUNK + quad + 8 * r
+                    for h in cutlass.range_constexpr(2):
+                        lim = last
+                        if const_expr(self.causal):
+                            lim = cutlass.min(last, seqlen - self.seqlen_q + (2 * qi + h) // self.group)
+                        if key > lim:
+                            s[4 * c + 2 * r + h] = -Float32.inf
+
+        # Online softmax over the block (rows 2qi, 2qi + 1; the 8 lanes of a column share them).
+        p = cute.make_rmem_tensor((C * 4,), Float32)
+        for h in cutlass.range_constexpr(2):
+            mx = ml[h]
+            for c in cutlass.range_constexpr(C):
+                for r in cutlass.range_constexpr(2):
+                    mx = fa_utils.fmax(mx, s[4 * c + 2 * r + h])
+            for off in (4, 8, 16):
+                mx = fa_utils.fmax(mx, cute.arch.shuffle_sync_bfly(mx, offset=off))
+            base = Float32(0.0) if mx == -Float32.inf else mx
+            alpha = cute.math.exp2(ml[h] - base, fastmath=True)
+            ml[h] = mx
+            total = Float32(0.0)
+            for c in cutlass.range_constexpr(C):
+                for r in cutlass.range_constexpr(2):
+                    e = cute.math.exp2(s[4 * c + 2 * r + h] - base, fastmath=True)
+                    p[4 * c + 2 * r + h] = e
+                    total += e
+            ml[2 + h] = ml[2 + h] * alpha + total
+            for j in cutlass.range_constexpr(d // 16):
+                acc[j, h] = acc[j, h] * alpha
+                acc[j, 2 + h] = acc[j, 2 + h] * alpha
+
+        # O^T += V^T (sigma_v P)^T, per chunk.
+        for c in cutlass.range_constexpr(C):
+            bfr = []
+            for r in cutlass.range_constexpr(2):
+                f = cs[4 * c + 2 + r]
+                bfr.append(transpose_8x8(pack_x2(p[4 * c + 2 * r] * f, p[4 * c + 2 * r + 1] * f, bf16)))
+            vdec = [[], []]  # key pairs (2qi, 2qi+1) and (2qi+8, 2qi+9): dims 2j, 2j+1 alternate
+            for pr in cutlass.range_constexpr(2):
+                for w in cutlass.range_constexpr(vw):
+                    x = cv[(4 * c + 2 * pr) * vw + w]
+                    y = cv[(4 * c + 2 * pr + 1) * vw + w]
+                    even, odd = interleave_codes(x, y, self.vb)
+                    ev = decode_pairs(even, self.vb, dt, prmt, vtab)
+                    od = decode_pairs(odd, self.vb, dt, prmt, vtab)
+                    for i in cutlass.range_constexpr(len(ev)):
+                        vdec[pr] += [ev[i], od[i]]
+            for j in cutlass.range_constexpr(d // 16):
+                o = mma_16816((vdec[0][2 * j], vdec[0][2 * j + 1], vdec[1][2 * j], vdec[1][2 * j + 1]),
+                              (bfr[0], bfr[1]), (acc[j, 0], acc[j, 1], acc[j, 2], acc[j, 3]), bf16)
+                for t in cutlass.range_constexpr(4):
+                    acc[j, t] = o[t]
+
+    # ------------------------------------------------------------------------- merge, store
+    @cute.jit
+    def _merge(self, sO, sML, acc, ml, warp, quad, qi):
+        """Each warp's unnormalised output, row max and row sum into shared memory."""
+        d = self.d
+        for h in cutlass.range_constexpr(2):
+            total = ml[2 + h]
+            for off in (4, 8, 16):
+                total += cute.arch.shuffle_sync_bfly(total, offset=off)
+            if quad == 0:
+                sML[warp, 2 * qi + h, 0] = ml[h]
+                sML[warp, 2 * qi + h, 1] = total
+        for j in cutlass.range_constexpr(d // 16):
+            for t in cutlass.range_constexpr(4):
+                sO[warp, 2 * qi + t % 2, v_dim(d, j, quad + 8 * (t // 2))] = acc[j, t]
+
+    @cute.jit
+    def _epilogue(self, sO, sML, mO, mLSE, split, b, kv_head, tidx):
+        """Merge the warps' rows and write the split's output and LSE (empty split: 0, -inf)."""
+        d = self.d
+        for idx in cutlass.range(tidx, self.rows * d, 32 * WARPS, unroll=1):
+            row, col = idx // d, idx % d
+            mx = sML[0, row, 0]
+            for w in cutlass.range_constexpr(1, WARPS):
+                mx = fa_utils.fmax(mx, sML[w, row, 0])
+            base = Float32(0.0) if mx == -Float32.inf else mx
+            total, o = Float32(0.0), Float32(0.0)
+            for w in cutlass.range_constexpr(WARPS):
+                f = cute.math.exp2(sML[w, row, 0] - base, fastmath=True)
+                total += sML[w, row, 1] * f
+                o += sO[w, row, col] * f
+            i, g = row // self.group, row % self.group
+            head = kv_head * self.group + g
+            mO[split, b, i, head, col] = o / total if total > Float32(0.0) else Float32(0.0)
+            if col == 0:
+                mLSE[split, b, head, i] = ((base + cute.math.log2(total, fastmath=True)) * Float32(math.log(2.0))
+                                           if total > Float32(0.0) else -Float32.inf)
