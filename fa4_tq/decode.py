@@ -222,15 +222,16 @@ def decode_kernel_runs(prob) -> bool:
     return device_arch() // 10 == 9 and decode_kernel.supports(q.shape[-1], k.bits, v.bits, rows, k.shape[1])
 
 
-DECODE_CTAS_PER_SM = 4  # splits are added until the decode kernel has this many CTAs per SM
-DECODE_MIN_KEYS_PER_SPLIT = 512  # ... but no split gets fewer keys (four warps, four 32-key blocks each)
+DECODE_CTAS_PER_SM = 3  # decode-kernel CTAs an SM holds at once (registers and shared memory)
+DECODE_MIN_KEYS_PER_SPLIT = 512  # no split gets fewer keys (four warps, four 32-key blocks each)
 
 
 def plan_decode_splits(batch: int, kv_heads: int, max_keys: int, num_sms: int) -> int:
-    """KV splits of the decode kernel: one CTA per (split, KV head, sequence), enough of them for
-    ``DECODE_CTAS_PER_SM`` per SM, none shorter than ``DECODE_MIN_KEYS_PER_SPLIT`` keys."""
-    want = -(-DECODE_CTAS_PER_SM * num_sms // (batch * kv_heads))
-    return max(1, min(want, max_keys // DECODE_MIN_KEYS_PER_SPLIT, MAX_SPLITS))
+    """KV splits of the decode kernel: one CTA per (split, KV head, sequence); as many splits as
+    fit one wave of ``DECODE_CTAS_PER_SM`` CTAs per SM (a second, partial wave would leave most SMs
+    idle while it runs), none shorter than ``DECODE_MIN_KEYS_PER_SPLIT`` keys."""
+    fit = DECODE_CTAS_PER_SM * num_sms // (batch * kv_heads)
+    return max(1, min(fit, max_keys // DECODE_MIN_KEYS_PER_SPLIT, MAX_SPLITS))
 
 
 def _run_decode_kernel(prob, num_splits: Optional[int], return_lse: bool):

@@ -9,10 +9,10 @@ full context. "GB/s" counts the bytes each kernel must read: the packed rows and
 V for ours, bf16 K and V for the baselines (q and o are negligible). Times are GPU time per call
 with launches queued ahead (``time_gpu``), medians. "vs best bf16" is the faster of FA4 and SDPA
 divided by ours. FA4 has no split-KV on SM90 (its interface asserts so), SDPA picks its own
-backend. "128-row tile" is ours on prefill's tile (two consumer warpgroups) instead of the
-64-row decode tile that ``kernels.launch.sm90_config`` picks when q_len x GQA <= 64; its second
-warpgroup then holds only pack-GQA padding and skips its P.V (``kernels/skip_softmax.py``): the
-kernel before the decode tile. Writes perf/results/decode-<gpu>.md.
+backend. "kernel" says which of our kernels ran: "decode" (kernels/decode.py, dense calls of <= 8
+query rows per KV head at 2/4/8 bits) or "prefill" (the packed-KV FA4 subclass over split
+launches); where it is "decode", "prefill-kernel path" times the path it replaced on the same
+call. Writes perf/results/decode-<gpu>.md.
 
 Skip-softmax has its own table: on i.i.d. random data no block is skippable, so it runs on
 ``fa4_tq.skip_softmax.peaked_attention_inputs`` (LLM-like peaked attention: recent tokens and a
@@ -111,22 +111,26 @@ def _on_sm90() -> bool:
 
 
 def time_ours(s: Setup, q: torch.Tensor, kb: int, vb: int, reps: int, decompress: bool) -> dict:
-    from fa4_tq.decode import _run_split, choose_num_splits
+    from fa4_tq.decode import _run_split, choose_num_splits, decode_kernel_runs, plan_decode_splits
     from fa4_tq.interface import _Problem
+    from fa4_tq.kernels.launch import _sm_count
 
     cache = s.packed(kb, vb)
     run = lambda backend: flash_attn_with_kvcache(q, cache, s.table, s.used, check_indices=False, backend=backend)
-    r = dict(ours=time_gpu(lambda: run("inline"), reps=reps), splits=choose_num_splits(q, *cache, s.table))
-    if q.shape[1] * HEADS // KV_HEADS <= 64 and _on_sm90():  # prefill's 128-row tile (SM90 ablation)
-        prob = _Problem(q, *cache, s.batch, D ** -0.5, q.shape[1] > 1, (None, None), seqused_k=s.used, page_table=s.table)
-        r["tile128"] = time_gpu(lambda: _run_split(prob, None, False, _tiles=(128, 128)), reps=reps)
+    prob = _Problem(q, *cache, s.batch, D ** -0.5, q.shape[1] > 1, (None, None), seqused_k=s.used, page_table=s.table)
+    kernel = decode_kernel_runs(prob)
+    splits = (plan_decode_splits(s.batch, KV_HEADS, s.table.shape[1] * PAGE, _sm_count(q.device)) if kernel
+              else choose_num_splits(q, *cache, s.table))
+    r = dict(ours=time_gpu(lambda: run("inline"), reps=reps), splits=splits, kernel="decode" if kernel else "prefill")
+    if kernel:  # the path it replaced: the packed-KV prefill kernel over split launches
+        r["prefill_path"] = time_gpu(lambda: _run_split(prob, None, False), reps=reps)
     if decompress:
         r["decompress"] = time_gpu(lambda: run("decompress"), reps=max(3, reps // 4))
     return r
 
 
-HEADER = ("| K/V bits | batch | context | q_len | splits | ours us | ours GB/s | % of copy | FA4 bf16 us "
-          "| SDPA bf16 us | decompress+FA4 us | bf16 GB/s (best) | vs best bf16 | ours, 128-row tile us |")
+HEADER = ("| K/V bits | batch | context | q_len | kernel | splits | ours us | ours GB/s | % of copy | FA4 bf16 us "
+          "| SDPA bf16 us | decompress+FA4 us | bf16 GB/s (best) | vs best bf16 | prefill-kernel path us |")
 
 
 def _fmt(r: dict, copy: float) -> str:
@@ -134,11 +138,11 @@ def _fmt(r: dict, copy: float) -> str:
     gbs = packed_bytes(tokens, r["kb"], r["vb"]) / (r["ours"] * 1e6)
     best = min(r["fa4"], r["sdpa"])
     dec = f"{r['decompress'] * 1e3:.0f}" if "decompress" in r else "-"
-    tile128 = f"{r['tile128'] * 1e3:.1f}" if "tile128" in r else "-"
-    return (f"| K{r['kb']}V{r['vb']} | {r['batch']} | {r['context']} | {r['q_len']} | {r['splits']} "
+    prefill = f"{r['prefill_path'] * 1e3:.1f}" if "prefill_path" in r else "-"
+    return (f"| K{r['kb']}V{r['vb']} | {r['batch']} | {r['context']} | {r['q_len']} | {r['kernel']} | {r['splits']} "
             f"| {r['ours'] * 1e3:.1f} | {gbs:.0f} | {100 * gbs / copy:.0f}% | {r['fa4'] * 1e3:.1f} "
             f"| {r['sdpa'] * 1e3:.1f} | {dec} | {bf16_bytes(tokens) / (best * 1e6):.0f} "
-            f"| {best / r['ours']:.2f}x | {tile128} |")
+            f"| {best / r['ours']:.2f}x | {prefill} |")
 
 
 def plan(quick: bool):

@@ -45,7 +45,7 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 from flash_attn.cute import utils as fa_utils
 
-from .load_stage import pack_x2, prmt
+from .load_stage import copy_part_async, pack_x2, prmt
 from .staging import decode_four
 
 WARPS = 4
@@ -137,7 +137,9 @@ def transpose_8x8(x: Uint32, *, loc=None, ip=None) -> Uint32:
 # ----------------------------------------------------------------------------- the kernel
 class PackedDecode:
     """Compile-time configuration: head_dim, K/V bits, query rows (seqlen_q x GQA <= 8), the GQA
-    group, causal (bottom-right, for verification) and the number of KV splits."""
+    group, causal (bottom-right, for verification)."""
+
+    stages = 4  # blocks in flight per warp (cp.async ring in shared memory)
 
     def __init__(self, head_dim: int, k_bits: int, v_bits: int, seqlen_q: int, group: int, causal: bool):
         rows = seqlen_q * group
@@ -150,6 +152,13 @@ class PackedDecode:
         self.block = self.chunks * CHUNK
         self.k_words = head_dim // 4 * k_bits // 32  # per key and lane
         self.v_words = head_dim // 8 * v_bits // 32
+        # One warp's stage of the ring (bytes): K pieces [chunk][key r][piece][lane], V pieces
+        # [chunk][key t][piece][lane] (16-byte pieces at most, lanes adjacent: conflict-free
+        # shared loads), then the scale rows [chunk][K/V][16 keys] (float32 room, either dtype).
+        self.k_piece, self.v_piece = min(16, 4 * self.k_words), min(16, 4 * self.v_words)
+        self.k_bytes = self.chunks * 2 * 32 * 4 * self.k_words
+        self.v_bytes = self.chunks * 4 * 32 * 4 * self.v_words
+        self.stage_bytes = self.k_bytes + self.v_bytes + self.chunks * 2 * CHUNK * 4
 
     @cute.jit
     def __call__(
@@ -185,7 +194,12 @@ class PackedDecode:
         quad, qi = lane // 4, lane % 4
 
         smem = cutlass.utils.SmemAllocator()
-        sO = smem.allocate_tensor(Float32, cute.make_layout((WARPS, ROWS, d), stride=(ROWS * d, d, 1)), byte_alignment=16)
+        S, C = self.stages, self.chunks
+        warp_bytes = S * self.stage_bytes
+        ring = smem.allocate_tensor(cutlass.Uint8, cute.make_layout((WARPS * warp_bytes,)), byte_alignment=128)
+        # after the loop each warp's ring holds its unnormalised output rows for the merge
+        sO = cute.make_tensor(cute.recast_ptr(ring.iterator, dtype=Float32),
+                              cute.make_layout((WARPS, ROWS, d), stride=(warp_bytes // 4, d, 1)))
         sML = smem.allocate_tensor(Float32, cute.make_layout((WARPS, ROWS, 2), stride=(2 * ROWS, 2, 1)), byte_alignment=16)
         sKTab = smem.allocate_tensor(Uint32, cute.make_layout((256,)), byte_alignment=16)
         sVTab = smem.allocate_tensor(Uint32, cute.make_layout((256,)), byte_alignment=16)
@@ -220,31 +234,35 @@ class PackedDecode:
         ml[0], ml[1], ml[2], ml[3] = -Float32.inf, -Float32.inf, Float32(0.0), Float32(0.0)
         scale_log2 = softmax_scale * Float32(math.log2(math.e))
 
-        C = self.chunks
-        cur_k = cute.make_rmem_tensor((C * 2 * self.k_words,), Uint32)
-        cur_v = cute.make_rmem_tensor((C * 4 * self.v_words,), Uint32)
-        cur_s = cute.make_rmem_tensor((C * 4,), Float32)
-        nxt_k = cute.make_rmem_tensor((C * 2 * self.k_words,), Uint32)
-        nxt_v = cute.make_rmem_tensor((C * 4 * self.v_words,), Uint32)
-        nxt_s = cute.make_rmem_tensor((C * 4,), Float32)
-        pages = cute.make_rmem_tensor((C,), Int32)
-        if warp < nblk:
-            self._pages(mPageTable, b, start + warp * self.block, end, page_size, pages)
-            self._load(mKData, mVData, mKScale, mVScale, b, kv_head, start + warp * self.block, end, page_size,
-                       pages, quad, qi, nxt_k, nxt_v, nxt_s)
-        if warp + WARPS < nblk:
-            self._pages(mPageTable, b, start + (warp + WARPS) * self.block, end, page_size, pages)
+        # The ring: block warp + j*WARPS goes to stage j % S, S - 1 blocks ahead of the one
+        # computed; page ids are read one block before their bytes are requested.
+        ring_base = ring.iterator.toint() + warp * warp_bytes
+        src = (mKData, mVData, mKScale, mVScale)
+        pages = cute.make_rmem_tensor((2 * C,), Int32)  # page ids, then slots of each chunk's first key
+        for j in cutlass.range_constexpr(S - 1):
+            if warp + j * WARPS < nblk:
+                key0 = start + (warp + j * WARPS) * self.block
+                self._pages(mPageTable, b, key0, end, page_size, pages)
+                self._issue(ring_base + j * self.stage_bytes, src, kv_head, key0, end, page_size, pages, lane, quad, qi)
+            cute.arch.cp_async_commit_group()
+        if warp + (S - 1) * WARPS < nblk:
+            self._pages(mPageTable, b, start + (warp + (S - 1) * WARPS) * self.block, end, page_size, pages)
         for blk in cutlass.range(warp, nblk, WARPS, unroll=1):
-            cur_k.store(nxt_k.load())
-            cur_v.store(nxt_v.load())
-            cur_s.store(nxt_s.load())
-            key0 = start + blk * self.block
-            if blk + WARPS < nblk:  # the next block's bytes, then the page ids of the one after
-                self._load(mKData, mVData, mKScale, mVScale, b, kv_head, key0 + WARPS * self.block, end,
-                           page_size, pages, quad, qi, nxt_k, nxt_v, nxt_s)
-                if blk + 2 * WARPS < nblk:
-                    self._pages(mPageTable, b, key0 + 2 * WARPS * self.block, end, page_size, pages)
-            self._block(cur_k, cur_v, cur_s, qw, acc, ml, sKTab, sVTab, key0, end, seqlen, scale_log2, quad, qi, bf16)
+            j = (blk - warp) // WARPS
+            cute.arch.sync_warp()  # every lane is done reading the stage refilled next
+            ahead = blk + (S - 1) * WARPS
+            if ahead < nblk:
+                self._issue(ring_base + (j + S - 1) % S * self.stage_bytes, src, kv_head, start + ahead * self.block,
+                            end, page_size, pages, lane, quad, qi)
+                if ahead + WARPS < nblk:
+                    self._pages(mPageTable, b, start + (ahead + WARPS) * self.block, end, page_size, pages)
+            cute.arch.cp_async_commit_group()
+            cute.arch.cp_async_wait_group(S - 1)
+            cute.arch.sync_warp()  # the scale rows were copied by other lanes
+            self._block(ring_base + j % S * self.stage_bytes, src, qw, acc, ml, sKTab, sVTab, start + blk * self.block,
+                        end, seqlen, scale_log2, lane, quad, qi, bf16)
+        cute.arch.cp_async_wait_group(0)
+        cute.arch.sync_warp()
 
         self._merge(sO, sML, acc, ml, warp, quad, qi)
         cute.arch.sync_threads()
@@ -259,43 +277,72 @@ class PackedDecode:
 
     @cute.jit
     def _pages(self, mPageTable, b, key0, end, page_size, pages):
-        """The page of each chunk of the block at ``key0`` (a 16-key chunk never straddles a page;
-        keys past ``end`` read the last key's page)."""
+        """Page and slot of each chunk's first key (``min(chunk start, end - 1)``) of the block at
+        ``key0``: a 16-key chunk never straddles a page, so one division a chunk places all its
+        keys (a division or remainder by the run-time page size costs ~20 instructions)."""
         for c in cutlass.range_constexpr(self.chunks):
             key = cutlass.min(key0 + c * CHUNK, end - 1)
-            pages[c] = mPageTable[b, key // page_size]
+            idx = key // page_size
+            pages[c] = mPageTable[b, idx]
+            pages[self.chunks + c] = key - idx * page_size
 
     @cute.jit
-    def _load(self, mKData, mVData, mKScale, mVScale, b, kv_head, key0, end, page_size, pages, quad, qi,
-              dk, dv, ds):
-        """This lane's bytes and scales of the block at ``key0``: per chunk the K slices of keys
-        ``quad``, ``quad + 8``, the V slices of keys ``2qi, 2qi+1, 2qi+8, 2qi+9``, and both
-        scales of keys ``quad``, ``quad + 8``. Keys past ``end`` read the last key (masked later)."""
-        kw, vw = self.k_words, self.v_words
+    def _issue(self, stage, src, kv_head, key0, end, page_size, pages, lane, quad, qi):
+        """cp.async of this lane's bytes of the block at ``key0`` into the ring stage at shared
+        address ``stage``: per chunk the K slices of keys ``quad``, ``quad + 8`` and the V slices
+        of keys ``2qi, 2qi+1, 2qi+8, 2qi+9``; lanes 0-7 copy the chunk's two rows of 16 scales.
+        Keys past ``end`` read the last key (their scores are masked, their scales finite)."""
+        mKData, mVData, mKScale, mVScale = src
+        kw, vw, kp, vp = self.k_words, self.v_words, self.k_piece, self.v_piece
         for c in cutlass.range_constexpr(self.chunks):
             base = key0 + c * CHUNK
-            page = pages[c]
+            page, first = pages[c], cutlass.min(base, end - 1)
+            slot0 = pages[self.chunks + c] - first  # + a key of this chunk = its slot
             for r in cutlass.range_constexpr(2):
-                slot = cutlass.min(base + quad + 8 * r, end - 1) % page_size
-                self._gload(mKData, (page, slot, kv_head, qi * kw * 4), dk, (2 * c + r) * kw, kw)
-                ds[4 * c + r] = Float32(mKScale[page, kv_head, slot])
-                ds[4 * c + 2 + r] = Float32(mVScale[page, kv_head, slot])
+                slot = slot0 + cutlass.min(base + quad + 8 * r, end - 1)
+                g = cute.domain_offset((page, slot, kv_head, qi * kw * 4), mKData).iterator.toint()
+                for pc in cutlass.range_constexpr(4 * kw // kp):
+                    _async_copy(g + pc * kp, stage + (((2 * c + r) * (4 * kw // kp) + pc) * 32 + lane) * kp, kp)
             for t in cutlass.range_constexpr(4):
-                slot = cutlass.min(base + 2 * qi + t % 2 + 8 * (t // 2), end - 1) % page_size
-                self._gload(mVData, (page, slot, kv_head, quad * vw * 4), dv, (4 * c + t) * vw, vw)
+                slot = slot0 + cutlass.min(base + 2 * qi + t % 2 + 8 * (t // 2), end - 1)
+                g = cute.domain_offset((page, slot, kv_head, quad * vw * 4), mVData).iterator.toint()
+                for pc in cutlass.range_constexpr(4 * vw // vp):
+                    _async_copy(g + pc * vp, stage + self.k_bytes + (((4 * c + t) * (4 * vw // vp) + pc) * 32 + lane) * vp,
+                                vp)
+            row = slot0 + cutlass.min(base, (end - 1) // CHUNK * CHUNK)
+            for side in cutlass.range_constexpr(2):
+                mS = (mKScale, mVScale)[side]
+                pieces = mS.element_type.width // 8  # 16 scales: 2 or 4 pieces of 16 bytes
+                if lane // 4 == side and lane % 4 < pieces:
+                    g = cute.domain_offset((page, kv_head, row), mS).iterator.toint()
+                    _async_copy(g + lane % 4 * 16, stage + self.k_bytes + self.v_bytes + (2 * c + side) * 64 + lane % 4 * 16,
+                                16)
 
     @cute.jit
-    def _gload(self, mX, coord, dst, off: cutlass.Constexpr[int], words: cutlass.Constexpr[int]):
-        src = cute.domain_offset(coord, mX)
-        ptr = cute.make_ptr(Uint32, src.iterator.toint(), cute.AddressSpace.gmem, assumed_align=min(16, 4 * words))
-        cute.autovec_copy(cute.make_tensor(ptr, cute.make_layout((words,))),
-                          cute.local_tile(dst, (words,), (off // words,)))
-
-    # ------------------------------------------------------------------------- one block
-    @cute.jit
-    def _block(self, ck, cv, cs, qw, acc, ml, sKTab, sVTab, key0, end, seqlen, scale_log2, quad, qi, bf16):
-        d, C, kw, vw = self.d, self.chunks, self.k_words, self.v_words
+    def _block(self, stage, src, qw, acc, ml, sKTab, sVTab, key0, end, seqlen, scale_log2, lane, quad, qi, bf16):
+        d, C, kw, vw, kp, vp = self.d, self.chunks, self.k_words, self.v_words, self.k_piece, self.v_piece
         dt = "bfloat16" if bf16 else "float16"
+        # this lane's bytes and its keys' scales, from its ring stage
+        ck = cute.make_rmem_tensor((C * 2 * kw,), Uint32)
+        cv = cute.make_rmem_tensor((C * 4 * vw,), Uint32)
+        cs = cute.make_rmem_tensor((C * 4,), Float32)
+        for c in cutlass.range_constexpr(C):
+            for r in cutlass.range_constexpr(2):
+                for pc in cutlass.range_constexpr(4 * kw // kp):
+                    _shared_words(stage + (((2 * c + r) * (4 * kw // kp) + pc) * 32 + lane) * kp, ck,
+                                  (2 * c + r) * kw + pc * kp // 4, kp // 4)
+            for t in cutlass.range_constexpr(4):
+                for pc in cutlass.range_constexpr(4 * vw // vp):
+                    _shared_words(stage + self.k_bytes + (((4 * c + t) * (4 * vw // vp) + pc) * 32 + lane) * vp, cv,
+                                  (4 * c + t) * vw + pc * vp // 4, vp // 4)
+            base = key0 + c * CHUNK
+            row0 = cutlass.min(base, (end - 1) // CHUNK * CHUNK)
+            for side in cutlass.range_constexpr(2):
+                dtype = src[2 + side].element_type
+                row = cute.make_tensor(cute.make_ptr(dtype, stage + self.k_bytes + self.v_bytes + (2 * c + side) * 64,
+                                                     cute.AddressSpace.smem, assumed_align=16), cute.make_layout((CHUNK,)))
+                for r in cutlass.range_constexpr(2):
+                    cs[4 * c + 2 * side + r] = Float32(row[cutlass.min(base + quad + 8 * r, end - 1) - row0])
         ktab = lambda code: sKTab[Int32(code)]
         vtab = lambda code: sVTab[Int32(code)]
 
@@ -409,3 +456,19 @@ class PackedDecode:
             if col == 0:
                 mLSE[split, b, head, i] = ((base + cute.math.log2(total, fastmath=True)) * Float32(math.log(2.0))
                                            if total > Float32(0.0) else -Float32.inf)
+
+
+# ----------------------------------------------------------------------------- memory helpers
+@cute.jit
+def _async_copy(gaddr, saddr, nbytes: cutlass.Constexpr[int]):
+    """cp.async of ``nbytes`` (4, 8 or 16, aligned so) from global to shared memory, by address."""
+    src = cute.make_ptr(cutlass.Uint8, gaddr, cute.AddressSpace.gmem, assumed_align=nbytes)
+    dst = cute.make_ptr(cutlass.Uint8, saddr, cute.AddressSpace.smem, assumed_align=nbytes)
+    copy_part_async(src, cute.make_tensor(dst, cute.make_layout((nbytes,))), nbytes, nbytes)
+
+
+@cute.jit
+def _shared_words(saddr, dst: cute.Tensor, off: cutlass.Constexpr[int], words: cutlass.Constexpr[int]):
+    """``words`` 32-bit words at shared address ``saddr`` (one vector load) into ``dst[off:]``."""
+    src = cute.make_ptr(Uint32, saddr, cute.AddressSpace.smem, assumed_align=4 * words)
+    cute.autovec_copy(cute.make_tensor(src, cute.make_layout((words,))), cute.local_tile(dst, (words,), (off // words,)))
