@@ -136,7 +136,13 @@ def test_skip_softmax_stays_inside_its_bound(poisoned, lens, seqlen_q, h, h_k, d
     factor = 1.0
     out, lse, st = flash_attn_with_kvcache(q, cache, table, used, skip_softmax_threshold_scale_factor=factor,
                                            return_skip_stats=True, **kw)
-    dense, dense_lse = flash_attn_with_kvcache(q, cache, table, used, **kw)
+    # the dense kernel the skipping one is built on (at <= 8 rows per KV head the dense call runs
+    # the decode kernel, whose rounding differs from it by more than eps)
+    from fa4_tq.decode import _run_split
+    from fa4_tq.interface import _Problem
+
+    prob = _Problem(q, *cache, len(lens), d ** -0.5, True, (None, None), seqused_k=used, page_table=table)
+    dense, dense_lse = _run_split(prob, num_splits, True)
     ref, _ = attention_reference(q, *cache, page_table=table, seqused_k=used, causal=True, dtype=torch.float64)
     group = h // h_k
     vmax = cache[1].decompress().double().norm(dim=-1).amax(dim=(0, 1)).repeat_interleave(group)  # [heads]
@@ -253,8 +259,8 @@ DECODE_KERNEL_CASES = [  # (lens, seqlen_q, heads, kv_heads, d, page_size, bits,
 def test_decode_kernel_against_the_reference_and_the_prefill_kernel(poisoned, lens, seqlen_q, h, h_k, d, page_size,
                                                                     bits, causal, num_splits):
     """The decode kernel (kernels/decode.py) runs these calls; unwritten slots hold NaN scales and
-    random codes. Against the float64 reference (as _check) and against the packed-KV prefill
-    kernel on the same cache (the path it replaced)."""
+    random codes. Against the float64 reference (as _check), and at least as accurate as the
+    packed-KV prefill kernel on the same cache (the path it replaced)."""
     from fa4_tq.decode import _run_split, decode_kernel_runs
     from fa4_tq.interface import _Problem
 
@@ -281,7 +287,7 @@ def test_decode_kernel_against_the_reference_and_the_prefill_kernel(poisoned, le
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     assert err <= 2 * base + 1e-3, (err, base)
     assert rel_err(lse, ref_lse) <= 2 * rel_err(base_lse, ref_lse) + 1e-3
-    assert rel_err(out, old) < 2e-2
+    assert err <= rel_err(old, ref) + 1e-3  # at least as accurate as the path it replaced
 
 
 def test_decode_kernel_takes_only_what_it_supports():
