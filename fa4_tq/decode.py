@@ -2,7 +2,14 @@
 
 A decode step reads a sequence's whole context for a handful of query rows: it is bound by the
 bytes read (and, here, by their dequantisation), and a small batch has too few (sequence, KV
-head) tiles to occupy the GPU. Two things address that, neither of which changes FA4's kernel:
+head) tiles to occupy the GPU.
+
+Dense calls of at most 8 query rows per KV head (seqlen_q x GQA) at 2/4/8 bits and head_dim
+64/128 run the decode kernel (``kernels/decode.py``, ``decode_kernel_runs``): swap-AB
+``mma.sync`` with the codes dequantised into registers, split-KV inside the kernel, FA4's
+combine kernel across splits. Everything else (3-bit codes, more rows, skip-softmax) runs the
+packed-KV prefill kernel as below. Two things address the small batch there, neither of which
+changes FA4's kernel:
 
 - pack-GQA: the ``seqlen_q x heads/kv_heads`` query rows of one KV head share one 128-row tile
   (FA4's ``PackGQA``), so each packed K/V tile is read and dequantised once for all of them.
