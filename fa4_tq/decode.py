@@ -50,8 +50,8 @@ from .codec import PackedKV
 from .interface import _resolve_backend, _run_resolved, _varlen_problem
 from .skip_softmax import SkipStats, skip_softmax_attention
 
-__all__ = ["flash_attn_with_kvcache", "choose_num_splits", "plan_num_splits", "MAX_SEQLEN_Q", "MAX_SPLITS",
-           "SKIP_SOFTMAX_DEFAULT_SCALE_FACTOR"]
+__all__ = ["flash_attn_with_kvcache", "choose_num_splits", "plan_num_splits", "choose_decode_splits",
+           "plan_decode_splits", "MAX_SEQLEN_Q", "MAX_SPLITS", "SKIP_SOFTMAX_DEFAULT_SCALE_FACTOR"]
 
 MAX_SEQLEN_Q = 16  # decode (1) and verification of up to 16 draft tokens
 MAX_SPLITS = 128  # FA4's combine kernel takes at most 256 partials; FA4's own heuristic stops at 128
@@ -241,6 +241,14 @@ def plan_decode_splits(batch: int, kv_heads: int, max_keys: int, num_sms: int) -
     return max(1, min(fit, max_keys // DECODE_MIN_KEYS_PER_SPLIT, MAX_SPLITS))
 
 
+def choose_decode_splits(q: torch.Tensor, k: PackedKV, page_table: torch.Tensor) -> int:
+    """What ``num_splits=None`` becomes for a call the decode kernel runs (``plan_decode_splits``
+    with the cache's KV heads and page size and the device's SM count)."""
+    from .kernels.launch import _sm_count
+
+    return plan_decode_splits(q.shape[0], k.shape[2], page_table.shape[1] * k.shape[1], _sm_count(q.device))
+
+
 def _run_decode_kernel(prob, num_splits: Optional[int], return_lse: bool):
     """The decode kernel over ``num_splits`` KV splits (float32 partials, merged by FA4's combine
     kernel), with q rotated before it (one bf16 GEMM) and the output un-rotated after it (one
@@ -249,13 +257,13 @@ def _run_decode_kernel(prob, num_splits: Optional[int], return_lse: bool):
     from flash_attn.cute.testing import is_fake_mode
 
     from .codec import rotate_rounded
-    from .codec.rotation import _signed_hadamard
-    from .kernels.launch import _sm_count, packed_decode
+    from .codec.rotation import unrotate_float32
+    from .kernels.launch import packed_decode
 
     q, k, v = prob.q, prob.k, prob.v
     batch, seqlen_q, heads, d = q.shape
     if num_splits is None:
-        num_splits = plan_decode_splits(batch, k.shape[2], prob.page_table.shape[1] * k.shape[1], _sm_count(q.device))
+        num_splits = choose_decode_splits(q, k, prob.page_table)
     f32 = dict(dtype=torch.float32, device=q.device)
     out_part = torch.empty(num_splits, batch, seqlen_q, heads, d, **f32)
     lse_part = torch.empty(num_splits, batch, heads, seqlen_q, **f32)
@@ -269,8 +277,7 @@ def _run_decode_kernel(prob, num_splits: Optional[int], return_lse: bool):
         lse = torch.empty(batch, heads, seqlen_q, **f32) if return_lse else None
         _flash_attn_fwd_combine(out_part, lse_part.transpose(-1, -2), o_rot,
                                 lse.transpose(-1, -2) if return_lse else None)
-    o = torch.mm(o_rot.view(-1, d), _signed_hadamard(d, v.seed, torch.float32, q.device).t()).mul_(d ** -0.5)
-    return o.view(q.shape).to(q.dtype), (lse if return_lse else None)
+    return unrotate_float32(o_rot, v.seed).to(q.dtype), (lse if return_lse else None)
 
 
 class Launch(NamedTuple):

@@ -111,16 +111,14 @@ def _on_sm90() -> bool:
 
 
 def time_ours(s: Setup, q: torch.Tensor, kb: int, vb: int, reps: int, decompress: bool) -> dict:
-    from fa4_tq.decode import _run_split, choose_num_splits, decode_kernel_runs, plan_decode_splits
+    from fa4_tq.decode import _run_split, choose_decode_splits, choose_num_splits, decode_kernel_runs
     from fa4_tq.interface import _Problem
-    from fa4_tq.kernels.launch import _sm_count
 
     cache = s.packed(kb, vb)
     run = lambda backend: flash_attn_with_kvcache(q, cache, s.table, s.used, check_indices=False, backend=backend)
     prob = _Problem(q, *cache, s.batch, D ** -0.5, q.shape[1] > 1, (None, None), seqused_k=s.used, page_table=s.table)
     kernel = decode_kernel_runs(prob)
-    splits = (plan_decode_splits(s.batch, KV_HEADS, s.table.shape[1] * PAGE, _sm_count(q.device)) if kernel
-              else choose_num_splits(q, *cache, s.table))
+    splits = choose_decode_splits(q, cache[0], s.table) if kernel else choose_num_splits(q, *cache, s.table)
     r = dict(ours=time_gpu(lambda: run("inline"), reps=reps), splits=splits, kernel="decode" if kernel else "prefill")
     if kernel:  # the path it replaced: the packed-KV prefill kernel over split launches
         r["prefill_path"] = time_gpu(lambda: _run_split(prob, None, False), reps=reps)

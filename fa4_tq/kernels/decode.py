@@ -160,6 +160,17 @@ class PackedDecode:
         self.v_bytes = self.chunks * 4 * 32 * 4 * self.v_words
         self.stage_bytes = self.k_bytes + self.v_bytes + self.chunks * 2 * CHUNK * 4
 
+    # Shared addresses in the ring stage at ``stage``, for the copies that fill it and the loads
+    # that read it.
+    def _k_at(self, stage, c, r, piece, lane):
+        return stage + (((2 * c + r) * (4 * self.k_words // self.k_piece) + piece) * 32 + lane) * self.k_piece
+
+    def _v_at(self, stage, c, t, piece, lane):
+        return stage + self.k_bytes + (((4 * c + t) * (4 * self.v_words // self.v_piece) + piece) * 32 + lane) * self.v_piece
+
+    def _scales_at(self, stage, c, side):
+        return stage + self.k_bytes + self.v_bytes + (2 * c + side) * CHUNK * 4
+
     @cute.jit
     def __call__(
         self,
@@ -243,7 +254,7 @@ class PackedDecode:
             if warp + j * WARPS < nblk:
                 key0 = start + (warp + j * WARPS) * self.block
                 self._pages(mPageTable, b, key0, end, page_size, pages)
-                self._issue(ring_base + j * self.stage_bytes, src, kv_head, key0, end, page_size, pages, lane, quad, qi)
+                self._issue(ring_base + j * self.stage_bytes, src, kv_head, key0, end, pages, lane, quad, qi)
             cute.arch.cp_async_commit_group()
         if warp + (S - 1) * WARPS < nblk:
             self._pages(mPageTable, b, start + (warp + (S - 1) * WARPS) * self.block, end, page_size, pages)
@@ -253,7 +264,7 @@ class PackedDecode:
             ahead = blk + (S - 1) * WARPS
             if ahead < nblk:
                 self._issue(ring_base + (j + S - 1) % S * self.stage_bytes, src, kv_head, start + ahead * self.block,
-                            end, page_size, pages, lane, quad, qi)
+                            end, pages, lane, quad, qi)
                 if ahead + WARPS < nblk:
                     self._pages(mPageTable, b, start + (ahead + WARPS) * self.block, end, page_size, pages)
             cute.arch.cp_async_commit_group()
@@ -287,7 +298,7 @@ class PackedDecode:
             pages[self.chunks + c] = key - idx * page_size
 
     @cute.jit
-    def _issue(self, stage, src, kv_head, key0, end, page_size, pages, lane, quad, qi):
+    def _issue(self, stage, src, kv_head, key0, end, pages, lane, quad, qi):
         """cp.async of this lane's bytes of the block at ``key0`` into the ring stage at shared
         address ``stage``: per chunk the K slices of keys ``quad``, ``quad + 8`` and the V slices
         of keys ``2qi, 2qi+1, 2qi+8, 2qi+9``; lanes 0-7 copy the chunk's two rows of 16 scales.
@@ -302,21 +313,19 @@ class PackedDecode:
                 slot = slot0 + cutlass.min(base + quad + 8 * r, end - 1)
                 g = cute.domain_offset((page, slot, kv_head, qi * kw * 4), mKData).iterator.toint()
                 for pc in cutlass.range_constexpr(4 * kw // kp):
-                    _async_copy(g + pc * kp, stage + (((2 * c + r) * (4 * kw // kp) + pc) * 32 + lane) * kp, kp)
+                    _async_copy(g + pc * kp, self._k_at(stage, c, r, pc, lane), kp)
             for t in cutlass.range_constexpr(4):
                 slot = slot0 + cutlass.min(base + 2 * qi + t % 2 + 8 * (t // 2), end - 1)
                 g = cute.domain_offset((page, slot, kv_head, quad * vw * 4), mVData).iterator.toint()
                 for pc in cutlass.range_constexpr(4 * vw // vp):
-                    _async_copy(g + pc * vp, stage + self.k_bytes + (((4 * c + t) * (4 * vw // vp) + pc) * 32 + lane) * vp,
-                                vp)
-            row = slot0 + cutlass.min(base, (end - 1) // CHUNK * CHUNK)
+                    _async_copy(g + pc * vp, self._v_at(stage, c, t, pc, lane), vp)
+            row = slot0 + _scale_row_key(base, end)
             for side in cutlass.range_constexpr(2):
                 mS = (mKScale, mVScale)[side]
                 pieces = mS.element_type.width // 8  # 16 scales: 2 or 4 pieces of 16 bytes
                 if lane // 4 == side and lane % 4 < pieces:
                     g = cute.domain_offset((page, kv_head, row), mS).iterator.toint()
-                    _async_copy(g + lane % 4 * 16, stage + self.k_bytes + self.v_bytes + (2 * c + side) * 64 + lane % 4 * 16,
-                                16)
+                    _async_copy(g + lane % 4 * 16, self._scales_at(stage, c, side) + lane % 4 * 16, 16)
 
     @cute.jit
     def _block(self, stage, src, qw, acc, ml, sKTab, sVTab, key0, end, seqlen, scale_log2, lane, quad, qi, bf16):
@@ -329,18 +338,16 @@ class PackedDecode:
         for c in cutlass.range_constexpr(C):
             for r in cutlass.range_constexpr(2):
                 for pc in cutlass.range_constexpr(4 * kw // kp):
-                    _shared_words(stage + (((2 * c + r) * (4 * kw // kp) + pc) * 32 + lane) * kp, ck,
-                                  (2 * c + r) * kw + pc * kp // 4, kp // 4)
+                    _shared_words(self._k_at(stage, c, r, pc, lane), ck, (2 * c + r) * kw + pc * kp // 4, kp // 4)
             for t in cutlass.range_constexpr(4):
                 for pc in cutlass.range_constexpr(4 * vw // vp):
-                    _shared_words(stage + self.k_bytes + (((4 * c + t) * (4 * vw // vp) + pc) * 32 + lane) * vp, cv,
-                                  (4 * c + t) * vw + pc * vp // 4, vp // 4)
+                    _shared_words(self._v_at(stage, c, t, pc, lane), cv, (4 * c + t) * vw + pc * vp // 4, vp // 4)
             base = key0 + c * CHUNK
-            row0 = cutlass.min(base, (end - 1) // CHUNK * CHUNK)
+            row0 = _scale_row_key(base, end)
             for side in cutlass.range_constexpr(2):
                 dtype = src[2 + side].element_type
-                row = cute.make_tensor(cute.make_ptr(dtype, stage + self.k_bytes + self.v_bytes + (2 * c + side) * 64,
-                                                     cute.AddressSpace.smem, assumed_align=16), cute.make_layout((CHUNK,)))
+                row = cute.make_tensor(cute.make_ptr(dtype, self._scales_at(stage, c, side), cute.AddressSpace.smem,
+                                                     assumed_align=16), cute.make_layout((CHUNK,)))
                 for r in cutlass.range_constexpr(2):
                     cs[4 * c + 2 * side + r] = Float32(row[cutlass.min(base + quad + 8 * r, end - 1) - row0])
         ktab = lambda code: sKTab[Int32(code)]
@@ -459,6 +466,12 @@ class PackedDecode:
 
 
 # ----------------------------------------------------------------------------- memory helpers
+def _scale_row_key(base, end):
+    """The first key of the 16 scales a chunk starting at ``base`` copies: its own, or, for a
+    chunk wholly past ``end``, those of the chunk holding key ``end - 1``."""
+    return cutlass.min(base, (end - 1) // CHUNK * CHUNK)
+
+
 @cute.jit
 def _async_copy(gaddr, saddr, nbytes: cutlass.Constexpr[int]):
     """cp.async of ``nbytes`` (4, 8 or 16, aligned so) from global to shared memory, by address."""
