@@ -229,24 +229,29 @@ def decode_kernel_runs(prob) -> bool:
     return device_arch() // 10 == 9 and decode_kernel.supports(q.shape[-1], k.bits, v.bits, rows, k.shape[1])
 
 
-DECODE_CTAS_PER_SM = 3  # decode-kernel CTAs an SM holds at once (registers and shared memory)
 DECODE_MIN_KEYS_PER_SPLIT = 512  # no split gets fewer keys (four warps, four 32-key blocks each)
 
 
-def plan_decode_splits(batch: int, kv_heads: int, max_keys: int, num_sms: int) -> int:
+def plan_decode_splits(batch: int, kv_heads: int, max_keys: int, num_sms: int, ctas_per_sm: int) -> int:
     """KV splits of the decode kernel: one CTA per (split, KV head, sequence); as many splits as
-    fit one wave of ``DECODE_CTAS_PER_SM`` CTAs per SM (a second, partial wave would leave most SMs
-    idle while it runs), none shorter than ``DECODE_MIN_KEYS_PER_SPLIT`` keys."""
-    fit = DECODE_CTAS_PER_SM * num_sms // (batch * kv_heads)
+    fit one wave of ``ctas_per_sm`` CTAs per SM (a second, partial wave would leave most SMs idle
+    while it runs), none shorter than ``DECODE_MIN_KEYS_PER_SPLIT`` keys."""
+    fit = ctas_per_sm * num_sms // (batch * kv_heads)
     return max(1, min(fit, max_keys // DECODE_MIN_KEYS_PER_SPLIT, MAX_SPLITS))
 
 
-def choose_decode_splits(q: torch.Tensor, k: PackedKV, page_table: torch.Tensor) -> int:
+def choose_decode_splits(q: torch.Tensor, k: PackedKV, v: PackedKV, page_table: torch.Tensor,
+                         causal: bool = True) -> int:
     """What ``num_splits=None`` becomes for a call the decode kernel runs (``plan_decode_splits``
-    with the cache's KV heads and page size and the device's SM count)."""
+    with the cache's KV heads and page size, the device's SM count and the CTAs per SM that this
+    kernel variant's shared memory and registers allow)."""
+    from .kernels.decode import PackedDecode
     from .kernels.launch import _sm_count
 
-    return plan_decode_splits(q.shape[0], k.shape[2], page_table.shape[1] * k.shape[1], _sm_count(q.device))
+    batch, seqlen_q, heads, d = q.shape
+    kernel = PackedDecode(d, k.bits, v.bits, seqlen_q, heads // k.shape[2], causal)
+    return plan_decode_splits(batch, k.shape[2], page_table.shape[1] * k.shape[1], _sm_count(q.device),
+                              kernel.ctas_per_sm())
 
 
 def _run_decode_kernel(prob, num_splits: Optional[int], return_lse: bool):
@@ -263,7 +268,7 @@ def _run_decode_kernel(prob, num_splits: Optional[int], return_lse: bool):
     q, k, v = prob.q, prob.k, prob.v
     batch, seqlen_q, heads, d = q.shape
     if num_splits is None:
-        num_splits = choose_decode_splits(q, k, prob.page_table)
+        num_splits = choose_decode_splits(q, k, v, prob.page_table, prob.causal)
     f32 = dict(dtype=torch.float32, device=q.device)
     out_part = torch.empty(num_splits, batch, seqlen_q, heads, d, **f32)
     lse_part = torch.empty(num_splits, batch, heads, seqlen_q, **f32)

@@ -118,7 +118,7 @@ def time_ours(s: Setup, q: torch.Tensor, kb: int, vb: int, reps: int, decompress
     run = lambda backend: flash_attn_with_kvcache(q, cache, s.table, s.used, check_indices=False, backend=backend)
     prob = _Problem(q, *cache, s.batch, D ** -0.5, q.shape[1] > 1, (None, None), seqused_k=s.used, page_table=s.table)
     kernel = decode_kernel_runs(prob)
-    splits = choose_decode_splits(q, cache[0], s.table) if kernel else choose_num_splits(q, *cache, s.table)
+    splits = choose_decode_splits(q, *cache, s.table) if kernel else choose_num_splits(q, *cache, s.table)
     r = dict(ours=time_gpu(lambda: run("inline"), reps=reps), splits=splits, kernel="decode" if kernel else "prefill")
     if kernel:  # the path it replaced: the packed-KV prefill kernel over split launches
         r["prefill_path"] = time_gpu(lambda: _run_split(prob, None, False), reps=reps)

@@ -1,7 +1,7 @@
-"""The decode kernel's register layout on the CPU (kernels/decode.py): the code lookups and the
-two-key interleave, run on ints with the PTX byte permute's Python model, give the codebook
-values of the packed codes in the order the MMA fragments need; the head-dim permutations
-cover every dim once."""
+"""The decode kernel's register layout on the CPU (kernels/decode.py): the code lookups (the
+kernel's byte table, and the ``prmt`` register lookup it replaced) and the two-key interleave,
+run on ints with the PTX byte permute's Python model, give the codebook values of the packed
+codes in the order the MMA fragments need; the head-dim permutations cover every dim once."""
 
 import struct
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fa4_tq.codec import centroids, pack
-from fa4_tq.kernels.decode import decode_pairs, interleave_codes, k_dim, v_dim
+from fa4_tq.kernels.decode import byte_table, decode_pairs, interleave_codes, k_dim, v_dim
 from fa4_tq.kernels.staging import prmt_reference
 
 
@@ -26,32 +26,40 @@ def _words(codes: torch.Tensor, bits: int) -> list[int]:
     return [int.from_bytes(bytes(raw[i:i + 4]), "little") for i in range(0, len(raw), 4)]
 
 
-def _table(bits: int, dtype: str):
-    vals = centroids(bits).float().tolist()
-    return lambda code: _bits16(vals[code], dtype)  # as the kernel's shared table: the value in the low half
+def _lookup(bits: int, dtype: str, path: str):
+    """What ``decode_pairs`` looks bytes up in: the kernel's byte table, or nothing (the ``prmt``
+    register lookup, 2/4-bit only)."""
+    if path == "registers":
+        return None
+    table = byte_table(bits, dtype)
+    assert len(table) == 256 and all(len(row) == 2 for row in table)
+    return lambda byte: table[byte]
 
 
 def _halves(w: int) -> tuple[int, int]:
     return w & 0xFFFF, w >> 16
 
 
+LOOKUPS = [(2, "table"), (4, "table"), (8, "table"), (2, "registers"), (4, "registers")]
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("bits", [2, 4, 8])
-def test_one_key_decodes_to_consecutive_pairs(bits, dtype):
+@pytest.mark.parametrize("bits,path", LOOKUPS)
+def test_one_key_decodes_to_consecutive_pairs(bits, dtype, path):
     """K side: a lane's slice of one key -> words holding dims (2i, 2i+1)."""
     gen = torch.Generator().manual_seed(bits)
     codes = torch.randint(0, 1 << bits, (32,), generator=gen)
     vals = centroids(bits).float().tolist()
     out = []
     for w in _words(codes, bits):
-        out += decode_pairs(w, bits, dtype, prmt_reference, _table(bits, dtype))
+        out += decode_pairs(w, bits, dtype, prmt_reference, _lookup(bits, dtype, path))
     assert len(out) == 16
     for i, w in enumerate(out):
         assert _halves(w) == (_bits16(vals[codes[2 * i]], dtype), _bits16(vals[codes[2 * i + 1]], dtype)), i
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
-def test_two_keys_interleave_into_pairs_of_one_dim(bits):
+@pytest.mark.parametrize("bits,path", LOOKUPS)
+def test_two_keys_interleave_into_pairs_of_one_dim(bits, path):
     """V side: two keys' slices -> words holding (key x, key y) of one dim, dims in order, as the
     kernel lists them (even stream's pair i, then odd stream's pair i)."""
     gen = torch.Generator().manual_seed(10 + bits)
@@ -60,8 +68,8 @@ def test_two_keys_interleave_into_pairs_of_one_dim(bits):
     out = []
     for x, y in zip(_words(cx, bits), _words(cy, bits)):
         even, odd = interleave_codes(x, y, bits)
-        ev = decode_pairs(even, bits, "bfloat16", prmt_reference, _table(bits, "bfloat16"))
-        od = decode_pairs(odd, bits, "bfloat16", prmt_reference, _table(bits, "bfloat16"))
+        ev = decode_pairs(even, bits, "bfloat16", prmt_reference, _lookup(bits, "bfloat16", path))
+        od = decode_pairs(odd, bits, "bfloat16", prmt_reference, _lookup(bits, "bfloat16", path))
         for a, b in zip(ev, od):
             out += [a, b]
     assert len(out) == 32

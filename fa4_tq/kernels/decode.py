@@ -19,8 +19,10 @@ across splits. Per 16-key chunk a warp does:
   ``quad + 8`` and the head-dim slice ``[qi*d/4, (qi+1)*d/4)``: one contiguous load per key. The
   MMA's k positions are a permutation of the head dims, the same for K and for Q (held in
   registers for the whole kernel), so the dot products are unchanged (``k_dim`` below).
-- the codes are looked up in the unscaled codebook (``prmt``, ``staging.decode_four``) and the
-  key's scale multiplies its score instead (``s = sigma_k * q.g``): no per-element multiply.
+- the codes are looked up in the unscaled codebook a byte at a time, in a shared-memory table
+  with one copy per lane (``byte_table``: no bank conflicts, one load per byte and ~1 integer
+  instruction to address it, where the ``prmt`` register lookup of prefill takes ~6 a byte), and
+  the key's scale multiplies its score instead (``s = sigma_k * q.g``): no per-element multiply.
 - ``O^T += V^T P^T``: the scores' 8x8 halves are transposed in registers (``movmatrix``) into the
   B fragments; P is multiplied by the value's scale ``sigma_v`` first. Lane ``(quad, qi)`` owns
   keys ``2qi, 2qi+1, 2qi+8, 2qi+9`` and the head dims ``[quad*d/8, (quad+1)*d/8)``; a fragment
@@ -29,7 +31,8 @@ across splits. Per 16-key chunk a warp does:
 
 The query is rotated before the kernel and the output un-rotated after the combine
 (``fa4_tq.decode``). The plain PyTorch twins: ``fa4_tq.reference`` for the attention,
-``decode_pairs`` (on ints) for the register layout, tested in tests/test_decode_layout.py.
+``decode_pairs`` and ``byte_table`` (on ints) for the register layout, tested in
+tests/test_decode_layout.py.
 """
 
 from __future__ import annotations
@@ -46,13 +49,16 @@ from cutlass.cutlass_dsl import T, dsl_user_op
 from flash_attn.cute import utils as fa_utils
 
 from .load_stage import copy_part_async, pack_x2, prmt
-from .staging import decode_four
+from .staging import decode_four, entry_bits
 
 WARPS = 4
 ROWS = 8  # query rows per KV head: the MMA's N
 CHUNK = 16  # keys per MMA: M of K Q^T, K of V^T P^T
 SUPPORTED_BITS = (2, 4, 8)
 SUPPORTED_HEAD_DIMS = (64, 128)
+TABLE_WORDS = 256 * 32  # one width's byte table: [256 byte values][32 words]
+SMEM_PER_SM = 233472  # shared memory of an SM90 SM; each CTA also takes 1 KB of it
+REGISTER_CTAS = 3  # CTAs per SM the registers allow (ptxas: 130-155 a thread, 128 threads)
 
 
 def chunks_per_block(k_bits: int, v_bits: int) -> int:
@@ -80,17 +86,36 @@ def interleave_codes(x, y, bits: int):
     return even, odd
 
 
-def decode_pairs(w, bits: int, dtype: str, prmt_op, table_lookup=None) -> list:
+def byte_table(bits: int, dtype: str) -> tuple[tuple[int, int], ...]:
+    """Row ``e`` of the kernel's lookup table: the two words a byte ``e`` of ``bits``-bit codes
+    decodes to. 2-bit: codes 0-1 and 2-3 of the byte (code 0 in the low half); 4-bit: both codes
+    in one word, repeated; 8-bit: the code's value in the low half, repeated. In shared memory
+    each row holds these two words 16 times (``PackedDecode._fill_table``)."""
+    v = entry_bits(bits, dtype)
+    if bits == 2:
+        return tuple((v[e & 3] | v[e >> 2 & 3] << 16, v[e >> 4 & 3] | v[e >> 6] << 16) for e in range(256))
+    if bits == 4:
+        return tuple((v[e & 15] | v[e >> 4] << 16,) * 2 for e in range(256))
+    return tuple((v[e],) * 2 for e in range(256))
+
+
+def decode_pairs(w, bits: int, dtype: str, prmt_op, byte_lookup=None) -> list:
     """One word of a code stream -> ``16 // bits`` words, word ``i`` holding the codebook values
-    of codes ``2i`` (low half) and ``2i + 1`` in ``dtype``. 2/4-bit: ``decode_four`` on the
-    constant codebook; 8-bit: ``table_lookup(code)``, the value's 16 bits in a word's low half."""
+    of codes ``2i`` (low half) and ``2i + 1`` in ``dtype``.
+
+    With ``byte_lookup`` (the kernel: its shared table; tests: ``byte_table``), each byte of ``w``
+    is looked up: 2-bit bytes give two words, 4-bit bytes one, 8-bit bytes one value, paired with
+    the next byte's by a ``prmt``. Without, 2/4-bit codes go through ``decode_four`` (the prefill
+    kernel's register lookup), which the tests hold the table path to."""
+    if byte_lookup is None:
+        out = []
+        for p in range(8 // bits):
+            out += list(decode_four(w >> (4 * bits * p), bits, dtype, prmt_op))
+        return out
+    words = [byte_lookup((w >> (8 * i)) & 0xFF) for i in range(4)]
     if bits == 8:
-        return [prmt_op(table_lookup((w >> (16 * i)) & 0xFF), table_lookup((w >> (16 * i + 8)) & 0xFF), 0x5410)
-                for i in range(2)]
-    out = []
-    for p in range(8 // bits):
-        out += list(decode_four(w >> (4 * bits * p), bits, dtype, prmt_op))
-    return out
+        return [prmt_op(words[2 * i][0], words[2 * i + 1][0], 0x5410) for i in range(2)]
+    return [x for ws in words for x in ws[:4 // bits]]
 
 
 def k_dim(d: int, kk: int, pos: int, qi: int) -> int:
@@ -139,16 +164,20 @@ class PackedDecode:
     """Compile-time configuration: head_dim, K/V bits, query rows (seqlen_q x GQA <= 8), the GQA
     group, causal (bottom-right, for verification)."""
 
-    stages = 4  # blocks in flight per warp (cp.async ring in shared memory)
-
-    def __init__(self, head_dim: int, k_bits: int, v_bits: int, seqlen_q: int, group: int, causal: bool):
+    def __init__(self, head_dim: int, k_bits: int, v_bits: int, seqlen_q: int, group: int, causal: bool, *,
+                 stages: int = 3, chunks: int | None = None):
+        """``stages``: blocks in flight per warp (the ``cp.async`` ring); ``chunks``: 16-key chunks
+        a block (default ``chunks_per_block``). Three stages measured fastest with the tables in
+        shared memory, though they leave room for 2 CTAs per SM instead of 3 (perf/results)."""
         rows = seqlen_q * group
         if not supports(head_dim, k_bits, v_bits, rows, CHUNK):
             raise ValueError(f"PackedDecode does not run head_dim {head_dim}, K{k_bits}V{v_bits}, {rows} rows")
         self.d, self.kb, self.vb = head_dim, k_bits, v_bits
         self.seqlen_q, self.group, self.rows = seqlen_q, group, rows
         self.causal = causal and seqlen_q > 1
-        self.chunks = chunks_per_block(k_bits, v_bits)
+        self.stages = stages
+        self.chunks = chunks_per_block(k_bits, v_bits) if chunks is None else chunks
+        self.widths = tuple(sorted({k_bits, v_bits}))  # one byte table each
         self.block = self.chunks * CHUNK
         self.k_words = head_dim // 4 * k_bits // 32  # per key and lane
         self.v_words = head_dim // 8 * v_bits // 32
@@ -159,6 +188,14 @@ class PackedDecode:
         self.k_bytes = self.chunks * 2 * 32 * 4 * self.k_words
         self.v_bytes = self.chunks * 4 * 32 * 4 * self.v_words
         self.stage_bytes = self.k_bytes + self.v_bytes + self.chunks * 2 * CHUNK * 4
+
+    def smem_bytes(self) -> int:
+        """Shared memory a CTA allocates: the rings, the byte tables, the merge's row stats."""
+        return WARPS * self.stages * self.stage_bytes + len(self.widths) * TABLE_WORDS * 4 + WARPS * ROWS * 2 * 4
+
+    def ctas_per_sm(self) -> int:
+        """CTAs of this kernel an SM holds at once (shared memory and registers)."""
+        return max(1, min(REGISTER_CTAS, SMEM_PER_SM // (self.smem_bytes() + 1024)))
 
     # Shared addresses in the ring stage at ``stage``, for the copies that fill it and the loads
     # that read it.
@@ -212,14 +249,14 @@ class PackedDecode:
         sO = cute.make_tensor(cute.recast_ptr(ring.iterator, dtype=Float32),
                               cute.make_layout((WARPS, ROWS, d), stride=(warp_bytes // 4, d, 1)))
         sML = smem.allocate_tensor(Float32, cute.make_layout((WARPS, ROWS, 2), stride=(2 * ROWS, 2, 1)), byte_alignment=16)
-        sKTab = smem.allocate_tensor(Uint32, cute.make_layout((256,)), byte_alignment=16)
-        sVTab = smem.allocate_tensor(Uint32, cute.make_layout((256,)), byte_alignment=16)
-        if const_expr(self.kb == 8):
-            self._fill_table(mKTable, sKTab, tidx, bf16)
-        if const_expr(self.vb == 8):
-            self._fill_table(mVTable, sVTab, tidx, bf16)
-        if const_expr(self.kb == 8 or self.vb == 8):
-            cute.arch.sync_threads()
+        tables = {}
+        for bits in self.widths:
+            tab = smem.allocate_tensor(Uint32, cute.make_layout((TABLE_WORDS,)), byte_alignment=16)
+            self._fill_table(mKTable if bits == self.kb else mVTable, tab, bits, tidx, bf16)
+            # this lane's copy of each row: word ``lane`` (2-bit: words ``2 (lane % 16)`` and +1,
+            # one 64-bit load, which a warp does half at a time, so 16 copies are conflict-free)
+            tables[bits] = tab.iterator.toint() + (8 * (lane % 16) if bits == 2 else 4 * lane)
+        cute.arch.sync_threads()
 
         # This split's keys: splits cut the longest table into equal runs of whole blocks.
         page_size = mKData.shape[1]
@@ -270,7 +307,7 @@ class PackedDecode:
             cute.arch.cp_async_commit_group()
             cute.arch.cp_async_wait_group(S - 1)
             cute.arch.sync_warp()  # the scale rows were copied by other lanes
-            self._block(ring_base + j % S * self.stage_bytes, src, qw, acc, ml, sKTab, sVTab, start + blk * self.block,
+            self._block(ring_base + j % S * self.stage_bytes, src, qw, acc, ml, tables, start + blk * self.block,
                         end, seqlen, scale_log2, lane, quad, qi, bf16)
         cute.arch.cp_async_wait_group(0)
         cute.arch.sync_warp()
@@ -281,10 +318,20 @@ class PackedDecode:
 
     # ------------------------------------------------------------------------- loads
     @cute.jit
-    def _fill_table(self, mTable, sTab, tidx, bf16):
-        """The 8-bit codebook as 16-bit values in the low halves of a shared word table."""
-        for i in cutlass.range(tidx, 256, 32 * WARPS, unroll=1):
-            sTab[i] = pack_x2(mTable[i], Float32(0.0), bf16)
+    def _fill_table(self, mTable, sTab, bits: cutlass.Constexpr[int], tidx, bf16):
+        """``byte_table(bits)`` from the float32 codebook ``mTable``, each row's two words 16 times."""
+        for half in cutlass.range_constexpr(256 // (32 * WARPS)):
+            e = tidx + 32 * WARPS * half
+            if const_expr(bits == 2):
+                w = (pack_x2(mTable[e % 4], mTable[e // 4 % 4], bf16), pack_x2(mTable[e // 16 % 4], mTable[e // 64], bf16))
+            elif const_expr(bits == 4):
+                w = (pack_x2(mTable[e % 16], mTable[e // 16], bf16),) * 2
+            else:
+                w = (pack_x2(mTable[e], Float32(0.0), bf16),) * 2
+            for i in cutlass.range_constexpr(16):
+                pos = (tidx + i) % 16 * 2  # threads of a warp start in different banks
+                sTab[e * 32 + pos] = w[0]
+                sTab[e * 32 + pos + 1] = w[1]
 
     @cute.jit
     def _pages(self, mPageTable, b, key0, end, page_size, pages):
@@ -328,7 +375,7 @@ class PackedDecode:
                     _async_copy(g + lane % 4 * 16, self._scales_at(stage, c, side) + lane % 4 * 16, 16)
 
     @cute.jit
-    def _block(self, stage, src, qw, acc, ml, sKTab, sVTab, key0, end, seqlen, scale_log2, lane, quad, qi, bf16):
+    def _block(self, stage, src, qw, acc, ml, tables, key0, end, seqlen, scale_log2, lane, quad, qi, bf16):
         d, C, kw, vw, kp, vp = self.d, self.chunks, self.k_words, self.v_words, self.k_piece, self.v_piece
         dt = "bfloat16" if bf16 else "float16"
         # this lane's bytes and its keys' scales, from its ring stage
@@ -350,8 +397,8 @@ class PackedDecode:
                                                      assumed_align=16), cute.make_layout((CHUNK,)))
                 for r in cutlass.range_constexpr(2):
                     cs[4 * c + 2 * side + r] = Float32(row[cutlass.min(base + quad + 8 * r, end - 1) - row0])
-        ktab = lambda code: sKTab[Int32(code)]
-        vtab = lambda code: sVTab[Int32(code)]
+        ktab = lambda byte: _table_row(tables[self.kb], byte, self.kb)
+        vtab = lambda byte: _table_row(tables[self.vb], byte, self.vb)
 
         # Scores: s[c, r, h] = key quad + 8r of chunk c, row 2qi + h, in the log2 domain.
         s = cute.make_rmem_tensor((C * 4,), Float32)
@@ -466,6 +513,16 @@ class PackedDecode:
 
 
 # ----------------------------------------------------------------------------- memory helpers
+@cute.jit
+def _table_row(lane_row0, byte, bits: cutlass.Constexpr[int]):
+    """This lane's words of row ``byte`` of a byte table (``lane_row0``: their shared address in
+    row 0): two words at 2 bits (one 64-bit load), one otherwise."""
+    w = cute.make_rmem_tensor((2,), Uint32)
+    n = 2 if bits == 2 else 1
+    _shared_words(lane_row0 + Int32(byte) * 128, w, 0, n)
+    return (w[0], w[1]) if const_expr(n == 2) else (w[0],)
+
+
 def _scale_row_key(base, end):
     """The first key of the 16 scales a chunk starting at ``base`` copies: its own, or, for a
     chunk wholly past ``end``, those of the chunk holding key ``end - 1``."""

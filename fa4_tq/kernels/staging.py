@@ -37,14 +37,20 @@ def uses_shared_table(bits: int) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+def entry_bits(bits: int, dtype: str) -> tuple[int, ...]:
+    """The 2**bits codebook values in ``dtype`` ("bfloat16" or "float16") as 16-bit patterns.
+    Every codebook value is a bf16 value, hence exact in float16 too."""
+    fmt = {"bfloat16": "<f", "float16": "<e"}[dtype]  # bf16 = the top half of the float32 bits
+    return tuple(int.from_bytes(struct.pack(fmt, v)[-2:], "little") for v in centroid_values(bits))
+
+
+@functools.lru_cache(maxsize=None)
 def entry_pairs(bits: int, dtype: str) -> tuple[int, ...]:
-    """The 2**bits codebook values in ``dtype`` ("bfloat16" or "float16") as 32-bit words of two
-    16-bit values, entry 2j in the low half of word j. Every codebook value is a bf16 value,
-    hence exact in float16 too."""
+    """The 2**bits codebook values in ``dtype`` as 32-bit words of two 16-bit values, entry 2j
+    in the low half of word j."""
     if bits not in (2, 3, 4):
         raise ValueError(f"register lookups are for 2/3/4-bit codes, got bits={bits}")
-    fmt = {"bfloat16": "<f", "float16": "<e"}[dtype]  # bf16 = the top half of the float32 bits
-    raw = [int.from_bytes(struct.pack(fmt, v)[-2:], "little") for v in centroid_values(bits)]
+    raw = entry_bits(bits, dtype)
     return tuple(raw[2 * j] | (raw[2 * j + 1] << 16) for j in range(len(raw) // 2))
 
 
