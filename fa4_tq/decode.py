@@ -255,34 +255,28 @@ def choose_decode_splits(q: torch.Tensor, k: PackedKV, v: PackedKV, page_table: 
 
 
 def _run_decode_kernel(prob, num_splits: Optional[int], return_lse: bool):
-    """The decode kernel over ``num_splits`` KV splits (float32 partials, merged by FA4's combine
-    kernel), with q rotated before it (one bf16 GEMM) and the output un-rotated after it (one
-    float32 GEMM on the merged output, then the cast)."""
+    """The decode kernel over ``num_splits`` KV splits: it rotates q and un-rotates its float32
+    partials itself; FA4's combine kernel merges the splits into the output dtype (one split:
+    a cast)."""
     from flash_attn.cute.interface import _flash_attn_fwd_combine
-    from flash_attn.cute.testing import is_fake_mode
 
-    from .codec import rotate_rounded
-    from .codec.rotation import unrotate_float32
     from .kernels.launch import packed_decode
 
-    q, k, v = prob.q, prob.k, prob.v
+    q, k, v = prob.q.contiguous(), prob.k, prob.v
     batch, seqlen_q, heads, d = q.shape
     if num_splits is None:
         num_splits = choose_decode_splits(q, k, v, prob.page_table, prob.causal)
     f32 = dict(dtype=torch.float32, device=q.device)
     out_part = torch.empty(num_splits, batch, seqlen_q, heads, d, **f32)
     lse_part = torch.empty(num_splits, batch, heads, seqlen_q, **f32)
-    q_rot = q if is_fake_mode() else rotate_rounded(q, k.seed)  # compiling: the GEMM cannot run on fake tensors
-    packed_decode(q_rot, k, v, prob.page_table, prob.seqused_k, out_part, lse_part,
+    packed_decode(q, k, v, prob.page_table, prob.seqused_k, out_part, lse_part,
                   softmax_scale=prob.softmax_scale, causal=prob.causal)
     if num_splits == 1:
-        o_rot, lse = out_part[0], lse_part[0]
-    else:
-        o_rot = torch.empty(batch, seqlen_q, heads, d, **f32)
-        lse = torch.empty(batch, heads, seqlen_q, **f32) if return_lse else None
-        _flash_attn_fwd_combine(out_part, lse_part.transpose(-1, -2), o_rot,
-                                lse.transpose(-1, -2) if return_lse else None)
-    return unrotate_float32(o_rot, v.seed).to(q.dtype), (lse if return_lse else None)
+        return out_part[0].to(q.dtype), (lse_part[0] if return_lse else None)
+    out = torch.empty(batch, seqlen_q, heads, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, heads, seqlen_q, **f32) if return_lse else None
+    _flash_attn_fwd_combine(out_part, lse_part.transpose(-1, -2), out, lse.transpose(-1, -2) if return_lse else None)
+    return out, lse
 
 
 class Launch(NamedTuple):

@@ -84,15 +84,6 @@ def test_rounded_rotation_is_the_float32_rotation_rounded_once(d, dtype):
         rotate_rounded(x.float(), 7)
 
 
-def test_float32_unrotation_is_the_butterfly_one():
-    """The decode path's one-GEMM un-rotation of its float32 output equals ``unrotate`` up to the
-    order of the float32 sums."""
-    from fa4_tq.codec.rotation import unrotate_float32
-
-    y = torch.randn(5, 3, 128, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(unrotate_float32(y, 7), unrotate(y, 7), rtol=1e-5, atol=1e-5)
-
-
 def test_sign_vector_is_specified():
     # splitmix64(seed << 32 | i) top bit -> -1 (docs/FORMAT.md); pinned so the format cannot drift.
     s = sign_vector(16, 0)

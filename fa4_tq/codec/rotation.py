@@ -120,14 +120,6 @@ def unrotate_rounded(y: torch.Tensor, seed: int) -> torch.Tensor:
     return _matmul_rounded(y, seed, transpose=True)
 
 
-def unrotate_float32(y: torch.Tensor, seed: int) -> torch.Tensor:
-    """``R^T y`` for a float32 ``y [..., d]`` by one float32 GEMM (``unrotate`` makes log2(d)
-    passes): the decode path un-rotates its merged float32 output with it before the one cast."""
-    d = y.shape[-1]
-    w = _signed_hadamard(d, seed, torch.float32, y.device)
-    return torch.mm(y.reshape(-1, d), w.t()).mul_(d ** -0.5).view(y.shape)
-
-
 def hadamard(d: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The dense matrix R (for tests and for fusing the rotation into a projection)."""
     eye = torch.eye(d, dtype=dtype)

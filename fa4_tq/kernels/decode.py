@@ -29,8 +29,10 @@ across splits. Per 16-key chunk a warp does:
   register holds one head dim of two keys, so the two keys' codes are interleaved
   (``interleave_codes``) before the lookup and come out paired.
 
-The query is rotated before the kernel and the output un-rotated after the combine
-(``fa4_tq.decode``). The plain PyTorch twins: ``fa4_tq.reference`` for the attention,
+The kernel rotates the query rows itself (K's R: signs, then the float32 butterflies of
+``codec.rotation``, one rounding) and un-rotates each split's output (V's R^T) before writing it:
+the rotation is linear, so the splits' combine may come after it. A decode call is then this
+kernel and FA4's combine (or one cast, unsplit). The plain PyTorch twins: ``fa4_tq.reference`` for the attention,
 ``decode_pairs`` and ``byte_table`` (on ints) for the register layout, tested in
 tests/test_decode_layout.py.
 """
@@ -48,6 +50,7 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 from flash_attn.cute import utils as fa_utils
 
+from .hadamard import butterflies
 from .load_stage import copy_part_async, pack_x2, prmt
 from .staging import decode_four, entry_bits
 
@@ -190,8 +193,10 @@ class PackedDecode:
         self.stage_bytes = self.k_bytes + self.v_bytes + self.chunks * 2 * CHUNK * 4
 
     def smem_bytes(self) -> int:
-        """Shared memory a CTA allocates: the rings, the byte tables, the merge's row stats."""
-        return WARPS * self.stages * self.stage_bytes + len(self.widths) * TABLE_WORDS * 4 + WARPS * ROWS * 2 * 4
+        """Shared memory a CTA allocates: the rings, the byte tables, the merge's row stats, the
+        rotated query rows."""
+        return (WARPS * self.stages * self.stage_bytes + len(self.widths) * TABLE_WORDS * 4 + WARPS * ROWS * 2 * 4
+                + ROWS * self.d * 2)
 
     def ctas_per_sm(self) -> int:
         """CTAs of this kernel an SM holds at once (shared memory and registers)."""
@@ -211,29 +216,31 @@ class PackedDecode:
     @cute.jit
     def __call__(
         self,
-        mQ: cute.Tensor,  # (batch, seqlen_q, heads, d) bf16/fp16, rotated by K's R
+        mQ: cute.Tensor,  # (batch, seqlen_q, heads, d) bf16/fp16, not rotated
         mKData: cute.Tensor,  # (pages, page_size, kv_heads, d*kb/8) uint8
         mVData: cute.Tensor,
         mKScale: cute.Tensor,  # (pages, kv_heads, page_size) fp16/fp32
         mVScale: cute.Tensor,
         mKTable: cute.Tensor,  # (256,) float32 codebook (8-bit codes; read only then)
         mVTable: cute.Tensor,
+        mKSigns: cute.Tensor,  # (d,) float32: the signs of K's R (the query's rotation)
+        mVSigns: cute.Tensor,  # (d,) float32: the signs of V's R (the output's un-rotation)
         mPageTable: cute.Tensor,  # (batch, max_pages) int32
         mSeqused: cute.Tensor,  # (batch,) int32
-        mO: cute.Tensor,  # (splits, batch, seqlen_q, heads, d) float32
+        mO: cute.Tensor,  # (splits, batch, seqlen_q, heads, d) float32, un-rotated
         mLSE: cute.Tensor,  # (splits, batch, heads, seqlen_q) float32
         softmax_scale: Float32,
         stream: cuda.CUstream = None,
     ):
         splits, batch = mO.shape[0], mO.shape[1]
         kv_heads = mKData.shape[2]
-        self.kernel(mQ, mKData, mVData, mKScale, mVScale, mKTable, mVTable, mPageTable, mSeqused, mO, mLSE,
-                    softmax_scale).launch(grid=[splits, kv_heads, batch], block=[32 * WARPS, 1, 1], stream=stream)
+        self.kernel(mQ, mKData, mVData, mKScale, mVScale, mKTable, mVTable, mKSigns, mVSigns, mPageTable, mSeqused,
+                    mO, mLSE, softmax_scale).launch(grid=[splits, kv_heads, batch], block=[32 * WARPS, 1, 1], stream=stream)
 
     @cute.kernel
-    def kernel(self, mQ, mKData, mVData, mKScale, mVScale, mKTable, mVTable, mPageTable, mSeqused, mO, mLSE,
-               softmax_scale: Float32):
-        d, R = self.d, self.rows
+    def kernel(self, mQ, mKData, mVData, mKScale, mVScale, mKTable, mVTable, mKSigns, mVSigns, mPageTable, mSeqused,
+               mO, mLSE, softmax_scale: Float32):
+        d = self.d
         bf16 = const_expr(mQ.element_type == cutlass.BFloat16)
         tidx, _, _ = cute.arch.thread_idx()
         split, kv_head, b = cute.arch.block_idx()
@@ -249,6 +256,9 @@ class PackedDecode:
         sO = cute.make_tensor(cute.recast_ptr(ring.iterator, dtype=Float32),
                               cute.make_layout((WARPS, ROWS, d), stride=(warp_bytes // 4, d, 1)))
         sML = smem.allocate_tensor(Float32, cute.make_layout((WARPS, ROWS, 2), stride=(2 * ROWS, 2, 1)), byte_alignment=16)
+        # the rotated query rows, as pairs (row-major: a lane's fragment words are contiguous)
+        sQ = smem.allocate_tensor(Uint32, cute.make_layout((ROWS, d // 2), stride=(d // 2, 1)), byte_alignment=128)
+        self._rotate_query(mQ, mKSigns, sQ, b, kv_head, warp, lane, bf16)
         tables = {}
         for bits in self.widths:
             tab = smem.allocate_tensor(Uint32, cute.make_layout((TABLE_WORDS,)), byte_alignment=16)
@@ -267,14 +277,9 @@ class PackedDecode:
         end = cutlass.min(start + per_split, seqlen)
         nblk = (end - start + self.block - 1) // self.block if end > start else Int32(0)
 
-        # Q^T B fragments, whole kernel: row quad's slice [qi*d/4, (qi+1)*d/4).
+        # Q^T B fragments, whole kernel: row quad's slice [qi*d/4, (qi+1)*d/4) (rows >= R: zeros).
         qw = cute.make_rmem_tensor((d // 8,), Uint32)
-        qw.fill(0)
-        if quad < R:
-            i, g = quad // self.group, quad % self.group
-            src = cute.domain_offset((b, i, kv_head * self.group + g, qi * (d // 4)), mQ)
-            ptr = cute.make_ptr(Uint32, src.iterator.toint(), cute.AddressSpace.gmem, assumed_align=16)
-            cute.autovec_copy(cute.make_tensor(ptr, cute.make_layout((d // 8,))), qw)
+        _shared_words(sQ.iterator.toint() + (quad * (d // 2) + qi * (d // 8)) * 4, qw, 0, d // 8)
 
         acc = cute.make_rmem_tensor((d // 16, 4), Float32)  # O^T m-tiles
         acc.fill(0.0)
@@ -314,9 +319,27 @@ class PackedDecode:
 
         self._merge(sO, sML, acc, ml, warp, quad, qi)
         cute.arch.sync_threads()
-        self._epilogue(sO, sML, mO, mLSE, split, b, kv_head, tidx)
+        self._epilogue(sO, sML, mO, mLSE, mVSigns, split, b, kv_head, warp, lane)
 
     # ------------------------------------------------------------------------- loads
+    @cute.jit
+    def _rotate_query(self, mQ, mSigns, sQ, b, kv_head, warp, lane, bf16):
+        """This KV head's query rows times K's R into ``sQ`` as pairs of ``mQ``'s dtype: half a
+        warp a row, ``d/16`` consecutive dims a lane (``hadamard.butterflies``), so each value is
+        ``rotate(q).to(dtype)`` of the reference bit for bit. Rows past ``rows`` are zeros."""
+        d, per, part = self.d, self.d // 16, lane % 16
+        for rr in cutlass.range_constexpr(ROWS // (2 * WARPS)):
+            row = (warp + WARPS * rr) * 2 + lane // 16
+            f = cute.make_rmem_tensor((per,), Float32)
+            f.fill(0.0)
+            if row < self.rows:
+                i, g = row // self.group, row % self.group
+                for j in cutlass.range_constexpr(per):
+                    f[j] = Float32(mQ[b, i, kv_head * self.group + g, part * per + j]) * mSigns[part * per + j]
+            butterflies(f, per, part, 16)
+            for j in cutlass.range_constexpr(per // 2):
+                sQ[row, part * per // 2 + j] = pack_x2(f[2 * j] * Float32(d ** -0.5), f[2 * j + 1] * Float32(d ** -0.5), bf16)
+
     @cute.jit
     def _fill_table(self, mTable, sTab, bits: cutlass.Constexpr[int], tidx, bf16):
         """``byte_table(bits)`` from the float32 codebook ``mTable``, each row's two words 16 times."""
@@ -490,26 +513,37 @@ class PackedDecode:
                 sO[warp, 2 * qi + t % 2, v_dim(d, j, quad + 8 * (t // 2))] = acc[j, t]
 
     @cute.jit
-    def _epilogue(self, sO, sML, mO, mLSE, split, b, kv_head, tidx):
-        """Merge the warps' rows and write the split's output and LSE (empty split: 0, -inf)."""
-        d = self.d
-        for idx in cutlass.range(tidx, self.rows * d, 32 * WARPS, unroll=1):
-            row, col = idx // d, idx % d
+    def _epilogue(self, sO, sML, mO, mLSE, mSigns, split, b, kv_head, warp, lane):
+        """Merge the warps' rows, un-rotate them (V's R^T: the butterflies, then the signs and
+        1/sqrt(d)) and write the split's output and LSE (empty split: 0, -inf). Half a warp a row,
+        ``d/16`` consecutive dims a lane, as in ``_rotate_query``."""
+        d, per, part = self.d, self.d // 16, lane % 16
+        for rr in cutlass.range_constexpr(ROWS // (2 * WARPS)):
+            row = (warp + WARPS * rr) * 2 + lane // 16
             mx = sML[0, row, 0]
             for w in cutlass.range_constexpr(1, WARPS):
                 mx = fa_utils.fmax(mx, sML[w, row, 0])
             base = Float32(0.0) if mx == -Float32.inf else mx
-            total, o = Float32(0.0), Float32(0.0)
+            total = Float32(0.0)
+            o = cute.make_rmem_tensor((per,), Float32)
+            o.fill(0.0)
             for w in cutlass.range_constexpr(WARPS):
                 f = cute.math.exp2(sML[w, row, 0] - base, fastmath=True)
                 total += sML[w, row, 1] * f
-                o += sO[w, row, col] * f
-            i, g = row // self.group, row % self.group
-            head = kv_head * self.group + g
-            mO[split, b, i, head, col] = o / total if total > Float32(0.0) else Float32(0.0)
-            if col == 0:
-                mLSE[split, b, head, i] = ((base + cute.math.log2(total, fastmath=True)) * Float32(math.log(2.0))
-                                           if total > Float32(0.0) else -Float32.inf)
+                for j in cutlass.range_constexpr(per):
+                    o[j] += sO[w, row, part * per + j] * f
+            inv = Float32(1.0) / total if total > Float32(0.0) else Float32(0.0)
+            for j in cutlass.range_constexpr(per):
+                o[j] = o[j] * inv
+            butterflies(o, per, part, 16)
+            if row < self.rows:
+                i, g = row // self.group, row % self.group
+                head = kv_head * self.group + g
+                for j in cutlass.range_constexpr(per):
+                    mO[split, b, i, head, part * per + j] = o[j] * mSigns[part * per + j] * Float32(d ** -0.5)
+                if part == 0:
+                    mLSE[split, b, head, i] = ((base + cute.math.log2(total, fastmath=True)) * Float32(math.log(2.0))
+                                               if total > Float32(0.0) else -Float32.inf)
 
 
 # ----------------------------------------------------------------------------- memory helpers

@@ -284,29 +284,36 @@ def _packed_attention_sm100(cls, arch, q, k, v, softmax_scale, qhead_per_kvhead,
     return out, lse
 
 
-def packed_decode(q_rot: torch.Tensor, k: PackedKV, v: PackedKV, page_table: torch.Tensor, seqused_k: torch.Tensor,
+def packed_decode(q: torch.Tensor, k: PackedKV, v: PackedKV, page_table: torch.Tensor, seqused_k: torch.Tensor,
                   out_part: torch.Tensor, lse_part: torch.Tensor, *, softmax_scale: float, causal: bool) -> None:
-    """The decode kernel (``kernels/decode.py``) on paged K/V: ``q_rot [batch, seqlen_q, heads, d]``
-    (already rotated by K's R) into the float32 partials ``out_part [splits, batch, seqlen_q,
-    heads, d]`` (normalised, still rotated) and ``lse_part [splits, batch, heads, seqlen_q]``, one
-    split per entry of their first dim. Inputs are assumed validated (``fa4_tq.decode``)."""
+    """The decode kernel (``kernels/decode.py``) on paged K/V: ``q [batch, seqlen_q, heads, d]``
+    (as given: the kernel rotates it by K's R) into the float32 partials ``out_part [splits,
+    batch, seqlen_q, heads, d]`` (normalised, un-rotated by V's R) and ``lse_part [splits, batch,
+    heads, seqlen_q]``, one split per entry of their first dim. Inputs are assumed validated
+    (``fa4_tq.decode``)."""
     import cutlass.cute as cute
     from flash_attn.cute.cute_dsl_utils import to_cute_tensor
     from flash_attn.cute.testing import is_fake_mode
 
     from .decode import PackedDecode
 
-    batch, seqlen_q, heads, d = q_rot.shape
+    batch, seqlen_q, heads, d = q.shape
     group = heads // k.shape[2]
-    k_table, v_table = _codebook_tables(k.bits, v.bits, q_rot.device)
-    key = ("decode", device_arch(), q_rot.dtype, d, k.bits, v.bits, k.scales.dtype, v.scales.dtype, seqlen_q, group,
+    k_table, v_table = _codebook_tables(k.bits, v.bits, q.device)
+    if is_fake_mode():  # compile only: the sign vectors' shapes are all that matter
+        k_signs, v_signs = (torch.empty(d, dtype=torch.float32, device=q.device) for _ in range(2))
+    else:
+        k_signs, v_signs = (_signs_on(d, p.seed, q.device) for p in (k, v))
+    key = ("decode", device_arch(), q.dtype, d, k.bits, v.bits, k.scales.dtype, v.scales.dtype, seqlen_q, group,
            bool(causal))
-    args = (q_rot, k.data, v.data, k.scales, v.scales, k_table, v_table, page_table, seqused_k, out_part, lse_part)
+    args = (q, k.data, v.data, k.scales, v.scales, k_table, v_table, k_signs, v_signs, page_table, seqused_k,
+            out_part, lse_part)
     if key not in _compile_cache:
         small = dict(assumed_align=4, leading_dim=0)
-        cargs = [to_cute_tensor(q_rot), to_cute_tensor(k.data), to_cute_tensor(v.data),
+        cargs = [to_cute_tensor(q), to_cute_tensor(k.data), to_cute_tensor(v.data),
                  to_cute_tensor(k.scales, assumed_align=2), to_cute_tensor(v.scales, assumed_align=2),
                  to_cute_tensor(k_table, **small), to_cute_tensor(v_table, **small),
+                 to_cute_tensor(k_signs, assumed_align=16), to_cute_tensor(v_signs, assumed_align=16),
                  to_cute_tensor(page_table, assumed_align=4, leading_dim=1), to_cute_tensor(seqused_k, **small),
                  to_cute_tensor(out_part, assumed_align=16), to_cute_tensor(lse_part, assumed_align=4),
                  softmax_scale, cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)]
