@@ -6,7 +6,8 @@ head) tiles to occupy the GPU.
 
 Dense calls of at most 8 query rows per KV head (seqlen_q x GQA) at 2/4/8 bits and head_dim
 64/128 run the decode kernel (``kernels/decode.py``, ``decode_kernel_runs``): swap-AB
-``mma.sync`` with the codes dequantised into registers, split-KV inside the kernel, FA4's
+``mma.sync`` with the codes dequantised into registers (byte tables in shared memory), q's
+rotation and the output's un-rotation inside the kernel, split-KV inside the kernel, FA4's
 combine kernel across splits. Everything else (3-bit codes, more rows, skip-softmax) runs the
 packed-KV prefill kernel as below. Two things address the small batch there, neither of which
 changes FA4's kernel:

@@ -32,9 +32,9 @@ across splits. Per 16-key chunk a warp does:
 The kernel rotates the query rows itself (K's R: signs, then the float32 butterflies of
 ``codec.rotation``, one rounding) and un-rotates each split's output (V's R^T) before writing it:
 the rotation is linear, so the splits' combine may come after it. A decode call is then this
-kernel and FA4's combine (or one cast, unsplit). The plain PyTorch twins: ``fa4_tq.reference`` for the attention,
-``decode_pairs`` and ``byte_table`` (on ints) for the register layout, tested in
-tests/test_decode_layout.py.
+kernel and FA4's combine (or one cast, unsplit). The plain PyTorch twins: ``fa4_tq.reference``
+for the attention, ``decode_pairs`` and ``byte_table`` (on ints) for the register layout, tested
+in tests/test_decode_layout.py.
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ class PackedDecode:
         mVData: cute.Tensor,
         mKScale: cute.Tensor,  # (pages, kv_heads, page_size) fp16/fp32
         mVScale: cute.Tensor,
-        mKTable: cute.Tensor,  # (256,) float32 codebook (8-bit codes; read only then)
+        mKTable: cute.Tensor,  # (2**bits,) float32 codebook: the byte table is built from it
         mVTable: cute.Tensor,
         mKSigns: cute.Tensor,  # (d,) float32: the signs of K's R (the query's rotation)
         mVSigns: cute.Tensor,  # (d,) float32: the signs of V's R (the output's un-rotation)
@@ -235,7 +235,8 @@ class PackedDecode:
         splits, batch = mO.shape[0], mO.shape[1]
         kv_heads = mKData.shape[2]
         self.kernel(mQ, mKData, mVData, mKScale, mVScale, mKTable, mVTable, mKSigns, mVSigns, mPageTable, mSeqused,
-                    mO, mLSE, softmax_scale).launch(grid=[splits, kv_heads, batch], block=[32 * WARPS, 1, 1], stream=stream)
+                    mO, mLSE, softmax_scale).launch(grid=[splits, kv_heads, batch], block=[32 * WARPS, 1, 1],
+                                                    stream=stream)
 
     @cute.kernel
     def kernel(self, mQ, mKData, mVData, mKScale, mVScale, mKTable, mVTable, mKSigns, mVSigns, mPageTable, mSeqused,
