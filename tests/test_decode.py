@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fa4_tq import attention_reference, compress, flash_attn_func, flash_attn_with_kvcache
-from fa4_tq.decode import plan_num_splits, split_launches
+from fa4_tq.decode import plan_decode_splits, plan_num_splits, split_launches
 from helpers import ragged_paged_cache, rel_err
 
 D, H, HK = 64, 8, 2
@@ -85,6 +85,30 @@ def test_plan_num_splits_fills_the_gpu_and_stops_at_the_pages():
     assert plan_num_splits(128, 8, 8, 256, 128, 132) == 1  # 1024 tiles: no split
     assert plan_num_splits(1, 8, 8, 3, 128, 132) == 1  # 3 KV tiles: too short to split
     assert plan_num_splits(1, 1, 8, 6, 128, 132) == 6  # never more chunks than pages
+
+
+def test_decode_kernel_fits_its_shared_memory_and_its_plan_one_wave():
+    """Every decode-kernel variant fits one CTA's shared memory (227 KB), and the split plan
+    never asks for more CTAs than one wave at the residency the kernel reports."""
+    from fa4_tq.kernels.decode import SUPPORTED_BITS, PackedDecode
+
+    for d in (64, 128):
+        for kb in SUPPORTED_BITS:
+            for vb in SUPPORTED_BITS:
+                if d == 64 and vb == 2:
+                    continue  # not supported (a lane's V slice would be 2 bytes)
+                kernel = PackedDecode(d, kb, vb, 1, 8, True)
+                assert kernel.smem_bytes() <= 227 * 1024, (d, kb, vb)
+                ctas = kernel.ctas_per_sm()
+                assert 1 <= ctas <= 3
+                for batch in (1, 3, 8, 32, 256):
+                    for keys in (16, 4096, 131072):
+                        splits = plan_decode_splits(batch, 8, keys, 132, ctas)
+                        assert splits == 1 or splits * batch * 8 <= ctas * 132
+                        assert splits == 1 or keys // splits >= 512
+    # K4V4 at head_dim 128: two 32 KB-table CTAs an SM, so batch 8 takes 4 splits, not 6
+    assert PackedDecode(128, 4, 4, 1, 8, True).ctas_per_sm() == 2
+    assert plan_decode_splits(8, 8, 32768, 132, 2) == 4
 
 
 def _small():
