@@ -241,18 +241,15 @@ def plan_decode_splits(batch: int, kv_heads: int, max_keys: int, num_sms: int, c
     return max(1, min(fit, max_keys // DECODE_MIN_KEYS_PER_SPLIT, MAX_SPLITS))
 
 
-def choose_decode_splits(q: torch.Tensor, k: PackedKV, v: PackedKV, page_table: torch.Tensor,
-                         causal: bool = True) -> int:
+def choose_decode_splits(q: torch.Tensor, k: PackedKV, v: PackedKV, page_table: torch.Tensor) -> int:
     """What ``num_splits=None`` becomes for a call the decode kernel runs (``plan_decode_splits``
     with the cache's KV heads and page size, the device's SM count and the CTAs per SM that this
     kernel variant's shared memory and registers allow)."""
-    from .kernels.decode import PackedDecode
+    from .kernels.decode import resident_ctas
     from .kernels.launch import _sm_count
 
-    batch, seqlen_q, heads, d = q.shape
-    kernel = PackedDecode(d, k.bits, v.bits, seqlen_q, heads // k.shape[2], causal)
-    return plan_decode_splits(batch, k.shape[2], page_table.shape[1] * k.shape[1], _sm_count(q.device),
-                              kernel.ctas_per_sm())
+    return plan_decode_splits(q.shape[0], k.shape[2], page_table.shape[1] * k.shape[1], _sm_count(q.device),
+                              resident_ctas(q.shape[-1], k.bits, v.bits))
 
 
 def _run_decode_kernel(prob, num_splits: Optional[int], return_lse: bool):
@@ -266,7 +263,7 @@ def _run_decode_kernel(prob, num_splits: Optional[int], return_lse: bool):
     q, k, v = prob.q.contiguous(), prob.k, prob.v
     batch, seqlen_q, heads, d = q.shape
     if num_splits is None:
-        num_splits = choose_decode_splits(q, k, v, prob.page_table, prob.causal)
+        num_splits = choose_decode_splits(q, k, v, prob.page_table)
     f32 = dict(dtype=torch.float32, device=q.device)
     out_part = torch.empty(num_splits, batch, seqlen_q, heads, d, **f32)
     lse_part = torch.empty(num_splits, batch, heads, seqlen_q, **f32)

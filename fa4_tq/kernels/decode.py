@@ -39,6 +39,7 @@ in tests/test_decode_layout.py.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import cuda.bindings.driver as cuda
@@ -135,6 +136,13 @@ def v_dim(d: int, j: int, m: int) -> int:
     return (m % 8) * (d // 8) + 2 * j + m // 8
 
 
+@functools.lru_cache(maxsize=None)
+def resident_ctas(head_dim: int, k_bits: int, v_bits: int) -> int:
+    """``PackedDecode.ctas_per_sm`` of the (head_dim, K bits, V bits) variants, computed once (the
+    split planner asks on every call)."""
+    return PackedDecode(head_dim, k_bits, v_bits, 1, 1, False).ctas_per_sm()
+
+
 # ----------------------------------------------------------------------------- register ops
 @dsl_user_op
 def mma_16816(a, b, c, bf16: bool, *, loc=None, ip=None) -> tuple:
@@ -167,19 +175,18 @@ class PackedDecode:
     """Compile-time configuration: head_dim, K/V bits, query rows (seqlen_q x GQA <= 8), the GQA
     group, causal (bottom-right, for verification)."""
 
-    def __init__(self, head_dim: int, k_bits: int, v_bits: int, seqlen_q: int, group: int, causal: bool, *,
-                 stages: int = 3, chunks: int | None = None):
-        """``stages``: blocks in flight per warp (the ``cp.async`` ring); ``chunks``: 16-key chunks
-        a block (default ``chunks_per_block``). Three stages measured fastest with the tables in
-        shared memory, though they leave room for 2 CTAs per SM instead of 3 (perf/results)."""
+    # Blocks in flight per warp (the cp.async ring). Three measured fastest with the byte tables in
+    # shared memory, though they leave room for 2 CTAs per SM instead of 3 (perf/results/decode-*).
+    stages = 3
+
+    def __init__(self, head_dim: int, k_bits: int, v_bits: int, seqlen_q: int, group: int, causal: bool):
         rows = seqlen_q * group
         if not supports(head_dim, k_bits, v_bits, rows, CHUNK):
             raise ValueError(f"PackedDecode does not run head_dim {head_dim}, K{k_bits}V{v_bits}, {rows} rows")
         self.d, self.kb, self.vb = head_dim, k_bits, v_bits
         self.seqlen_q, self.group, self.rows = seqlen_q, group, rows
         self.causal = causal and seqlen_q > 1
-        self.stages = stages
-        self.chunks = chunks_per_block(k_bits, v_bits) if chunks is None else chunks
+        self.chunks = chunks_per_block(k_bits, v_bits)
         self.widths = tuple(sorted({k_bits, v_bits}))  # one byte table each
         self.block = self.chunks * CHUNK
         self.k_words = head_dim // 4 * k_bits // 32  # per key and lane
@@ -199,7 +206,8 @@ class PackedDecode:
                 + ROWS * self.d * 2)
 
     def ctas_per_sm(self) -> int:
-        """CTAs of this kernel an SM holds at once (shared memory and registers)."""
+        """CTAs of this kernel an SM holds at once (shared memory and registers); the same for
+        every query shape of a (head_dim, K bits, V bits): see ``resident_ctas``."""
         return max(1, min(REGISTER_CTAS, SMEM_PER_SM // (self.smem_bytes() + 1024)))
 
     # Shared addresses in the ring stage at ``stage``, for the copies that fill it and the loads
