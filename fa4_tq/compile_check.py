@@ -327,9 +327,10 @@ def _case_decode() -> list[str]:
 
 def decode_kernel_variants():
     """(label, kwargs) of the decode kernel (kernels/decode.py) that flash_attn_with_kvcache runs
-    for dense calls of up to 8 query rows per KV head: every K/V pair of 2/4/8 bits at head_dim
-    128 and GQA 8:1, head_dim 64, verification rows (seqlen_q 2 at GQA 4:1, causal), fp16 with
-    float32 scales; each with FA4's combine kernel over 4 splits."""
+    for dense calls of up to 32 query rows per KV head: every K/V pair of 2/4/8 bits at head_dim
+    128 and GQA 8:1, head_dim 64, verification rows (seqlen_q 2 at GQA 4:1; seqlen_q 4 at GQA 8:1,
+    two n-tiles a CTA in two row groups; causal), fp16 with float32 scales; each with FA4's
+    combine kernel over 4 splits."""
     from itertools import product
 
     out = [(f"k{kb}v{vb} d128 gqa8", dict(kb=kb, vb=vb)) for kb, vb in product((2, 4, 8), repeat=2)]
@@ -341,7 +342,12 @@ def decode_kernel_variants():
         ("k4v4 d128 verify seqlen_q 2 gqa4 causal", dict(sq=2, group=4, lse=True)),
         ("combine d128 float32 with lse", None),
         ("k4v2 d128 fp16 fp32-scales", dict(vb=2, dtype="float16", scale_dtype="float32")),
+        ("combine d128 float16 output", None),
     ]
+    # verification rows past 8 a KV head: CTAs of two 8-row n-tiles, in row groups
+    out += [(f"k{kb}v{vb} d128 verify seqlen_q 4 gqa8 causal", dict(kb=kb, vb=vb, sq=4))
+            for kb, vb in ((4, 4), (2, 2), (8, 8), (2, 8), (8, 2))]
+    out += [("k4v4 d64 verify seqlen_q 4 gqa8 causal", dict(d=64, sq=4))]
     return out
 
 

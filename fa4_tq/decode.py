@@ -4,7 +4,7 @@ A decode step reads a sequence's whole context for a handful of query rows: it i
 bytes read (and, here, by their dequantisation), and a small batch has too few (sequence, KV
 head) tiles to occupy the GPU.
 
-Dense calls of at most 8 query rows per KV head (seqlen_q x GQA) at 2/4/8 bits and head_dim
+Dense calls of at most 32 query rows per KV head (seqlen_q x GQA) at 2/4/8 bits and head_dim
 64/128 run the decode kernel (``kernels/decode.py``, ``decode_kernel_runs``): swap-AB
 ``mma.sync`` with the codes dequantised into registers (byte tables in shared memory), q's
 rotation and the output's un-rotation inside the kernel, split-KV inside the kernel, FA4's
@@ -220,7 +220,7 @@ def plan_num_splits(batch: int, kv_heads: int, rows_per_kv_head: int, max_pages:
 
 def decode_kernel_runs(prob) -> bool:
     """Whether a dense call runs the decode kernel (``kernels/decode.py``: SM90, head_dim 64/128,
-    2/4/8-bit K and V, seqlen_q x GQA <= 8 rows per KV head) rather than the packed-KV prefill
+    2/4/8-bit K and V, seqlen_q x GQA <= 32 rows per KV head) rather than the packed-KV prefill
     kernel over split launches (everything else, and skip-softmax)."""
     from .kernels import decode as decode_kernel
     from .kernels.launch import device_arch
@@ -233,23 +233,25 @@ def decode_kernel_runs(prob) -> bool:
 DECODE_MIN_KEYS_PER_SPLIT = 512  # no split gets fewer keys (four warps, four 32-key blocks each)
 
 
-def plan_decode_splits(batch: int, kv_heads: int, max_keys: int, num_sms: int, ctas_per_sm: int) -> int:
-    """KV splits of the decode kernel: one CTA per (split, KV head, sequence); as many splits as
-    fit one wave of ``ctas_per_sm`` CTAs per SM (a second, partial wave would leave most SMs idle
-    while it runs), none shorter than ``DECODE_MIN_KEYS_PER_SPLIT`` keys."""
-    fit = ctas_per_sm * num_sms // (batch * kv_heads)
+def plan_decode_splits(batch: int, kv_heads: int, max_keys: int, num_sms: int, ctas_per_sm: int,
+                       row_groups: int = 1) -> int:
+    """KV splits of the decode kernel: one CTA per (split, KV head and row group, sequence); as
+    many splits as fit one wave of ``ctas_per_sm`` CTAs per SM (a second, partial wave would leave
+    most SMs idle while it runs), none shorter than ``DECODE_MIN_KEYS_PER_SPLIT`` keys."""
+    fit = ctas_per_sm * num_sms // (batch * kv_heads * row_groups)
     return max(1, min(fit, max_keys // DECODE_MIN_KEYS_PER_SPLIT, MAX_SPLITS))
 
 
 def choose_decode_splits(q: torch.Tensor, k: PackedKV, v: PackedKV, page_table: torch.Tensor) -> int:
     """What ``num_splits=None`` becomes for a call the decode kernel runs (``plan_decode_splits``
-    with the cache's KV heads and page size, the device's SM count and the CTAs per SM that this
-    kernel variant's shared memory and registers allow)."""
-    from .kernels.decode import resident_ctas
+    with the cache's KV heads and page size, the kernel's row groups, the device's SM count and
+    the CTAs per SM that this kernel variant's shared memory and registers allow)."""
+    from .kernels.decode import ROWS, n_tiles, resident_ctas
     from .kernels.launch import _sm_count
 
+    rows = q.shape[1] * (q.shape[2] // k.shape[2])
     return plan_decode_splits(q.shape[0], k.shape[2], page_table.shape[1] * k.shape[1], _sm_count(q.device),
-                              resident_ctas(q.shape[-1], k.bits, v.bits))
+                              resident_ctas(q.shape[-1], k.bits, v.bits, rows), -(-rows // (n_tiles(rows) * ROWS)))
 
 
 def _run_decode_kernel(prob, num_splits: Optional[int], return_lse: bool):

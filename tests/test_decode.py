@@ -88,8 +88,9 @@ def test_plan_num_splits_fills_the_gpu_and_stops_at_the_pages():
 
 
 def test_decode_kernel_fits_its_shared_memory_and_its_plan_one_wave():
-    """Every decode-kernel variant fits one CTA's shared memory (227 KB), and the split plan
-    never asks for more CTAs than one wave at the residency the kernel reports."""
+    """Every decode-kernel variant fits one CTA's shared memory (227 KB), its warps' output rows
+    fit their rings for the merge, and the split plan never asks for more CTAs than one wave at
+    the residency the kernel reports."""
     from fa4_tq.kernels.decode import SUPPORTED_BITS, PackedDecode
 
     for d in (64, 128):
@@ -97,15 +98,18 @@ def test_decode_kernel_fits_its_shared_memory_and_its_plan_one_wave():
             for vb in SUPPORTED_BITS:
                 if d == 64 and vb == 2:
                     continue  # not supported (a lane's V slice would be 2 bytes)
-                kernel = PackedDecode(d, kb, vb, 1, 8, True)
-                assert kernel.smem_bytes() <= 227 * 1024, (d, kb, vb)
-                ctas = kernel.ctas_per_sm()
-                assert 1 <= ctas <= 3
-                for batch in (1, 3, 8, 32, 256):
-                    for keys in (16, 4096, 131072):
-                        splits = plan_decode_splits(batch, 8, keys, 132, ctas)
-                        assert splits == 1 or splits * batch * 8 <= ctas * 132
-                        assert splits == 1 or keys // splits >= 512
+                for seqlen_q, group, cta_rows, groups in ((1, 8, 8, 1), (2, 8, 16, 1), (3, 4, 16, 1), (4, 8, 16, 2)):
+                    kernel = PackedDecode(d, kb, vb, seqlen_q, group, True)
+                    assert (kernel.cta_rows, kernel.row_groups) == (cta_rows, groups)
+                    assert kernel.smem_bytes() <= 227 * 1024, (d, kb, vb)
+                    assert kernel.cta_rows * d * 4 <= kernel.stages * kernel.stage_bytes
+                    ctas = kernel.ctas_per_sm()
+                    assert 1 <= ctas <= 3
+                    for batch in (1, 3, 8, 32, 256):
+                        for keys in (16, 4096, 131072):
+                            splits = plan_decode_splits(batch, 8, keys, 132, ctas, groups)
+                            assert splits == 1 or splits * batch * 8 * groups <= ctas * 132
+                            assert splits == 1 or keys // splits >= 512
     # K4V4 at head_dim 128: two 32 KB-table CTAs an SM, so batch 8 takes 4 splits, not 6
     assert PackedDecode(128, 4, 4, 1, 8, True).ctas_per_sm() == 2
     assert plan_decode_splits(8, 8, 32768, 132, 2) == 4

@@ -136,7 +136,7 @@ def test_skip_softmax_stays_inside_its_bound(poisoned, lens, seqlen_q, h, h_k, d
     factor = 1.0
     out, lse, st = flash_attn_with_kvcache(q, cache, table, used, skip_softmax_threshold_scale_factor=factor,
                                            return_skip_stats=True, **kw)
-    # the dense kernel the skipping one is built on (at <= 8 rows per KV head the dense call runs
+    # the dense kernel the skipping one is built on (at <= 32 rows per KV head the dense call runs
     # the decode kernel, whose rounding differs from it by more than eps)
     from fa4_tq.decode import _run_split
     from fa4_tq.interface import _Problem
@@ -177,7 +177,8 @@ def test_skip_softmax_stays_inside_its_bound(poisoned, lens, seqlen_q, h, h_k, d
 @pytest.mark.parametrize("seqlen_q,num_splits", [(4, 1), (8, 1), (8, None)])
 def test_greedy_decisions_hold_at_the_default_threshold(poisoned, seqlen_q, num_splits):
     """Verification batches, GQA 8, at SKIP_SOFTMAX_DEFAULT_SCALE_FACTOR: every position's greedy
-    token and every accept length equal the dense kernel's (unsplit, most blocks skipped)."""
+    token and every accept length equal the dense packed-KV kernel's (unsplit, most blocks
+    skipped)."""
     from fa4_tq.decode import SKIP_SOFTMAX_DEFAULT_SCALE_FACTOR
 
     lens = [8192, 3000, 12000, 700, 5000, 4096, 16000, 2048]
@@ -185,7 +186,13 @@ def test_greedy_decisions_hold_at_the_default_threshold(poisoned, seqlen_q, num_
     out, _, st = flash_attn_with_kvcache(q, cache, table, used, return_skip_stats=True, backend="inline",
                                          num_splits=num_splits,
                                          skip_softmax_threshold_scale_factor=SKIP_SOFTMAX_DEFAULT_SCALE_FACTOR)
-    dense, _ = flash_attn_with_kvcache(q, cache, table, used, backend="inline", num_splits=num_splits)
+    # the dense kernel the skipping one is built on (at <= 32 rows per KV head a dense call runs the
+    # decode kernel, whose rounding may flip a near-tie on its own)
+    from fa4_tq.decode import _run_split
+    from fa4_tq.interface import _Problem
+
+    prob = _Problem(q, *cache, len(lens), 128 ** -0.5, True, (None, None), seqused_k=used, page_table=table)
+    dense, _ = _run_split(prob, num_splits, False)
     proj = torch.randn(32 * 128, 1000, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(DEV)
     dense_choice, _ = greedy_accept_lengths(dense, proj, torch.zeros(len(lens), seqlen_q, dtype=torch.long, device=DEV))
     drafts = dense_choice.clone()
@@ -252,6 +259,11 @@ DECODE_KERNEL_CASES = [  # (lens, seqlen_q, heads, kv_heads, d, page_size, bits,
     ([70, 2100], 8, 4, 4, 128, 64, (2, 2), True, 3),  # verification, 8 tokens, MHA
     ([70, 2100], 8, 4, 4, 128, 64, (4, 4), False, None),
     ([5000], 1, 8, 8, 128, 128, (4, 4), True, None),  # GQA 1, batch 1
+    # more than 8 rows a KV head: CTAs of two 8-row n-tiles, in row groups
+    ([70, 2100], 4, 64, 8, 128, 64, (4, 4), True, None),  # 32 rows: 2 row groups
+    ([70, 2100, 5], 4, 64, 8, 128, 16, (2, 8), True, 3),  # 32 rows, a 5-key sequence, pages of 16
+    ([33, 4100], 3, 16, 4, 64, 64, (8, 4), True, None),  # 12 rows: one group, 4 padding rows
+    ([70, 2100], 4, 16, 2, 128, 128, (8, 8), False, None),  # 32 rows, non-causal
 ]
 
 
@@ -291,7 +303,7 @@ def test_decode_kernel_against_the_reference_and_the_prefill_kernel(poisoned, le
 
 
 def test_decode_kernel_takes_only_what_it_supports():
-    """Dense calls of <= 8 rows per KV head at 2/4/8 bits and head_dim 64/128 run the decode
+    """Dense calls of <= 32 rows per KV head at 2/4/8 bits and head_dim 64/128 run the decode
     kernel; 3-bit codes, more rows and head_dim 64 with 2-bit V (2-byte lane slices) do not."""
     from fa4_tq.decode import decode_kernel_runs
     from fa4_tq.interface import _Problem
@@ -303,4 +315,5 @@ def test_decode_kernel_takes_only_what_it_supports():
         return decode_kernel_runs(_Problem(q, *cache, 1, 1.0, True, (None, None), seqused_k=used, page_table=table))
 
     assert runs(1, 16, 2, 128, 4, 4) and runs(8, 4, 4, 128, 8, 2) and runs(1, 8, 1, 64, 4, 4)
-    assert not runs(1, 16, 2, 128, 3, 4) and not runs(2, 16, 2, 128, 4, 4) and not runs(1, 8, 1, 64, 4, 2)
+    assert runs(2, 16, 2, 128, 4, 4) and runs(4, 64, 8, 128, 2, 2)  # 16 and 32 rows
+    assert not runs(1, 16, 2, 128, 3, 4) and not runs(8, 64, 8, 128, 4, 4) and not runs(1, 8, 1, 64, 4, 2)

@@ -1,15 +1,18 @@
-"""Decode kernel (CuTeDSL, SM90): up to 8 query rows of one KV head against its packed context,
+"""Decode kernel (CuTeDSL, SM90): up to 32 query rows of one KV head against its packed context,
 the codes dequantised straight into ``mma.sync`` registers.
 
 Why a kernel of its own: FA4's SM90 forward (and our subclass of it) computes 64-row wgmma tiles
 from shared memory. A decode step has 1 to 8 query rows per KV head (seqlen_q x GQA), so 7/8 of
-that tensor work is padding, and every dequantised K/V value makes a round trip through shared
-memory; measured, that kernel stays at 15-36% of copy bandwidth (perf/results/decode-*.md). Here
-the tile is transposed ("swap AB"): keys and head-dim columns are the MMA's M side (16) and the
-query rows its N side (8), so nothing is padding at GQA 8:1, and each thread turns its own packed
-bytes into the A fragments it multiplies.
+that tensor work is padding (verification of a few draft tokens, 16-32 rows: 3/4 to half of
+it), and every dequantised K/V value makes a round trip through shared memory; measured, that
+kernel stays at 15-36% of copy bandwidth (perf/results/decode-*.md). Here the tile is
+transposed ("swap AB"): keys and head-dim columns are the MMA's M side (16) and the query rows
+its N side (8), so nothing is padding at GQA 8:1, and each thread turns its own packed bytes
+into the A fragments it multiplies.
 
-One CTA = (KV split, KV head, sequence), four warps. Each warp walks its own blocks of
+One CTA = (KV split, KV head and row group, sequence), four warps, 8 query rows (one n-tile)
+or, past 8 rows, 16 (two n-tiles: each dequantised fragment feeds two MMAs), in as many row
+groups as the rows need (32 rows: two CTAs on the same keys). Each warp walks its own blocks of
 ``CHUNKS x 16`` keys (blocks ``warp, warp + 4, ...`` of the split) with its own online softmax,
 the next block's bytes loading while this one is computed; the warps merge through shared memory
 and write the split's normalised output and LSE (float32), which FA4's combine kernel merges
@@ -56,13 +59,19 @@ from .load_stage import copy_part_async, pack_x2, prmt
 from .staging import decode_four, entry_bits
 
 WARPS = 4
-ROWS = 8  # query rows per KV head: the MMA's N
+ROWS = 8  # query rows of one MMA n-tile: the MMA's N
+# Query rows per KV head (seqlen_q x GQA) the kernel takes, in CTAs of 8 or 16 rows. Past 32 the
+# packed-KV prefill kernel (64-row wgmma tiles) is faster: at 64 rows this kernel measured 1.5x
+# slower (perf/results/decode-*.md).
+MAX_ROWS = 32
 CHUNK = 16  # keys per MMA: M of K Q^T, K of V^T P^T
 SUPPORTED_BITS = (2, 4, 8)
 SUPPORTED_HEAD_DIMS = (64, 128)
 TABLE_WORDS = 256 * 32  # one width's byte table: [256 byte values][32 words]
 SMEM_PER_SM = 233472  # shared memory of an SM90 SM; each CTA also takes 1 KB of it
-REGISTER_CTAS = 3  # CTAs per SM the registers allow (ptxas: 130-155 a thread, 128 threads)
+# CTAs per SM the registers allow, by n-tiles (ptxas, 128 threads: 92-156 registers a thread at
+# one tile, 166-247 at two)
+REGISTER_CTAS = {1: 3, 2: 2}
 
 
 def chunks_per_block(k_bits: int, v_bits: int) -> int:
@@ -75,7 +84,14 @@ def supports(head_dim: int, k_bits: int, v_bits: int, rows: int, page_size: int)
     """Whether this kernel runs a decode call of ``rows`` query rows per KV head: every lane's
     share of a row must be whole 32-bit words (a V slice at head_dim 64 and 2 bits is 2 bytes)."""
     return (head_dim in SUPPORTED_HEAD_DIMS and k_bits in SUPPORTED_BITS and v_bits in SUPPORTED_BITS
-            and 1 <= rows <= ROWS and page_size % CHUNK == 0 and head_dim // 8 * v_bits % 32 == 0)
+            and 1 <= rows <= MAX_ROWS and page_size % CHUNK == 0 and head_dim // 8 * v_bits % 32 == 0)
+
+
+def n_tiles(rows: int) -> int:
+    """8-row MMA n-tiles a CTA computes for ``rows`` query rows per KV head: one up to 8 rows;
+    two above, so each dequantised K/V fragment feeds two MMAs (halving the decode work per row)
+    while the accumulators still fit the registers; more rows take more CTAs (row groups)."""
+    return 1 if rows <= ROWS else 2
 
 
 # ----------------------------------------------------------------------------- the code layout
@@ -137,10 +153,10 @@ def v_dim(d: int, j: int, m: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def resident_ctas(head_dim: int, k_bits: int, v_bits: int) -> int:
-    """``PackedDecode.ctas_per_sm`` of the (head_dim, K bits, V bits) variants, computed once (the
-    split planner asks on every call)."""
-    return PackedDecode(head_dim, k_bits, v_bits, 1, 1, False).ctas_per_sm()
+def resident_ctas(head_dim: int, k_bits: int, v_bits: int, rows: int) -> int:
+    """``PackedDecode.ctas_per_sm`` of the variants for (head_dim, K bits, V bits, n-tiles of
+    ``rows``), computed once (the split planner asks on every call)."""
+    return PackedDecode(head_dim, k_bits, v_bits, 1, n_tiles(rows) * ROWS, False).ctas_per_sm()
 
 
 # ----------------------------------------------------------------------------- register ops
@@ -172,8 +188,9 @@ def transpose_8x8(x: Uint32, *, loc=None, ip=None) -> Uint32:
 
 # ----------------------------------------------------------------------------- the kernel
 class PackedDecode:
-    """Compile-time configuration: head_dim, K/V bits, query rows (seqlen_q x GQA <= 8), the GQA
-    group, causal (bottom-right, for verification)."""
+    """Compile-time configuration: head_dim, K/V bits, query rows (seqlen_q x GQA <= 32), the GQA
+    group, causal (bottom-right, for verification). A CTA takes ``cta_rows`` (8 or 16) of the
+    rows; more rows are ``row_groups`` CTAs on the same keys."""
 
     # Blocks in flight per warp (the cp.async ring). Three measured fastest with the byte tables in
     # shared memory, though they leave room for 2 CTAs per SM instead of 3 (perf/results/decode-*).
@@ -186,6 +203,9 @@ class PackedDecode:
         self.d, self.kb, self.vb = head_dim, k_bits, v_bits
         self.seqlen_q, self.group, self.rows = seqlen_q, group, rows
         self.causal = causal and seqlen_q > 1
+        self.tiles = n_tiles(rows)
+        self.cta_rows = self.tiles * ROWS
+        self.row_groups = -(-rows // self.cta_rows)
         self.chunks = chunks_per_block(k_bits, v_bits)
         self.widths = tuple(sorted({k_bits, v_bits}))  # one byte table each
         self.block = self.chunks * CHUNK
@@ -197,18 +217,21 @@ class PackedDecode:
         self.k_piece, self.v_piece = min(16, 4 * self.k_words), min(16, 4 * self.v_words)
         self.k_bytes = self.chunks * 2 * 32 * 4 * self.k_words
         self.v_bytes = self.chunks * 4 * 32 * 4 * self.v_words
-        self.stage_bytes = self.k_bytes + self.v_bytes + self.chunks * 2 * CHUNK * 4
+        # After the loop a warp's ring holds its unnormalised output rows (float32) for the merge:
+        # a stage is padded where they would not fit (K2V8 at 16 rows).
+        self.stage_bytes = max(self.k_bytes + self.v_bytes + self.chunks * 2 * CHUNK * 4,
+                               -(-self.cta_rows * head_dim * 4 // (16 * self.stages)) * 16)
 
     def smem_bytes(self) -> int:
         """Shared memory a CTA allocates: the rings, the byte tables, the merge's row stats, the
         rotated query rows."""
-        return (WARPS * self.stages * self.stage_bytes + len(self.widths) * TABLE_WORDS * 4 + WARPS * ROWS * 2 * 4
-                + ROWS * self.d * 2)
+        return (WARPS * self.stages * self.stage_bytes + len(self.widths) * TABLE_WORDS * 4
+                + WARPS * self.cta_rows * 2 * 4 + self.cta_rows * self.d * 2)
 
     def ctas_per_sm(self) -> int:
-        """CTAs of this kernel an SM holds at once (shared memory and registers); the same for
-        every query shape of a (head_dim, K bits, V bits): see ``resident_ctas``."""
-        return max(1, min(REGISTER_CTAS, SMEM_PER_SM // (self.smem_bytes() + 1024)))
+        """CTAs of this kernel an SM holds at once (shared memory and registers); the same for every
+        query shape of a (head_dim, K bits, V bits, n-tiles): see ``resident_ctas``."""
+        return max(1, min(REGISTER_CTAS[self.tiles], SMEM_PER_SM // (self.smem_bytes() + 1024)))
 
     # Shared addresses in the ring stage at ``stage``, for the copies that fill it and the loads
     # that read it.
@@ -243,7 +266,8 @@ class PackedDecode:
         splits, batch = mO.shape[0], mO.shape[1]
         kv_heads = mKData.shape[2]
         self.kernel(mQ, mKData, mVData, mKScale, mVScale, mKTable, mVTable, mKSigns, mVSigns, mPageTable, mSeqused,
-                    mO, mLSE, softmax_scale).launch(grid=[splits, kv_heads, batch], block=[32 * WARPS, 1, 1],
+                    mO, mLSE, softmax_scale).launch(grid=[splits, kv_heads * self.row_groups, batch],
+                                                    block=[32 * WARPS, 1, 1],
                                                     stream=stream)
 
     @cute.kernel
@@ -252,7 +276,10 @@ class PackedDecode:
         d = self.d
         bf16 = const_expr(mQ.element_type == cutlass.BFloat16)
         tidx, _, _ = cute.arch.thread_idx()
-        split, kv_head, b = cute.arch.block_idx()
+        split, head_group, b = cute.arch.block_idx()
+        kv_head = head_group // self.row_groups
+        first_row = head_group % self.row_groups * self.cta_rows  # this CTA's first query row
+        NT, R = self.tiles, self.cta_rows
         splits = cute.arch.grid_dim()[0]
         warp, lane = tidx // 32, tidx % 32
         quad, qi = lane // 4, lane % 4
@@ -263,11 +290,11 @@ class PackedDecode:
         ring = smem.allocate_tensor(cutlass.Uint8, cute.make_layout((WARPS * warp_bytes,)), byte_alignment=128)
         # after the loop each warp's ring holds its unnormalised output rows for the merge
         sO = cute.make_tensor(cute.recast_ptr(ring.iterator, dtype=Float32),
-                              cute.make_layout((WARPS, ROWS, d), stride=(warp_bytes // 4, d, 1)))
-        sML = smem.allocate_tensor(Float32, cute.make_layout((WARPS, ROWS, 2), stride=(2 * ROWS, 2, 1)), byte_alignment=16)
+                              cute.make_layout((WARPS, R, d), stride=(warp_bytes // 4, d, 1)))
+        sML = smem.allocate_tensor(Float32, cute.make_layout((WARPS, R, 2), stride=(2 * R, 2, 1)), byte_alignment=16)
         # the rotated query rows, as pairs (row-major: a lane's fragment words are contiguous)
-        sQ = smem.allocate_tensor(Uint32, cute.make_layout((ROWS, d // 2), stride=(d // 2, 1)), byte_alignment=128)
-        self._rotate_query(mQ, mKSigns, sQ, b, kv_head, warp, lane, bf16)
+        sQ = smem.allocate_tensor(Uint32, cute.make_layout((R, d // 2), stride=(d // 2, 1)), byte_alignment=128)
+        self._rotate_query(mQ, mKSigns, sQ, b, kv_head, first_row, warp, lane, bf16)
         tables = {}
         for bits in self.widths:
             tab = smem.allocate_tensor(Uint32, cute.make_layout((TABLE_WORDS,)), byte_alignment=16)
@@ -286,14 +313,19 @@ class PackedDecode:
         end = cutlass.min(start + per_split, seqlen)
         nblk = (end - start + self.block - 1) // self.block if end > start else Int32(0)
 
-        # Q^T B fragments, whole kernel: row quad's slice [qi*d/4, (qi+1)*d/4) (rows >= R: zeros).
-        qw = cute.make_rmem_tensor((d // 8,), Uint32)
-        _shared_words(sQ.iterator.toint() + (quad * (d // 2) + qi * (d // 8)) * 4, qw, 0, d // 8)
+        # Q^T B fragments, whole kernel: per n-tile n, row 8n + quad's slice [qi*d/4, (qi+1)*d/4)
+        # (rows past ``rows``: zeros).
+        qw = cute.make_rmem_tensor((NT * d // 8,), Uint32)
+        for n in cutlass.range_constexpr(NT):
+            row_at = sQ.iterator.toint() + ((ROWS * n + quad) * (d // 2) + qi * (d // 8)) * 4
+            _shared_words(row_at, qw, n * d // 8, d // 8)
 
-        acc = cute.make_rmem_tensor((d // 16, 4), Float32)  # O^T m-tiles
+        acc = cute.make_rmem_tensor((d // 16, NT, 4), Float32)  # O^T m-tiles, per n-tile
         acc.fill(0.0)
-        ml = cute.make_rmem_tensor((4,), Float32)  # row max (log2 domain) and this lane's row sums
-        ml[0], ml[1], ml[2], ml[3] = -Float32.inf, -Float32.inf, Float32(0.0), Float32(0.0)
+        # rows 8n + 2qi + h: max (log2 domain) at [2n + h], this lane's row sum at [2NT + 2n + h]
+        ml = cute.make_rmem_tensor((4 * NT,), Float32)
+        for i in cutlass.range_constexpr(2 * NT):
+            ml[i], ml[2 * NT + i] = -Float32.inf, Float32(0.0)
         scale_log2 = softmax_scale * Float32(math.log2(math.e))
 
         # The ring: block warp + j*WARPS goes to stage j % S, S - 1 blocks ahead of the one
@@ -322,27 +354,28 @@ class PackedDecode:
             cute.arch.cp_async_wait_group(S - 1)
             cute.arch.sync_warp()  # the scale rows were copied by other lanes
             self._block(ring_base + j % S * self.stage_bytes, src, qw, acc, ml, tables, start + blk * self.block,
-                        end, seqlen, scale_log2, lane, quad, qi, bf16)
+                        end, seqlen, first_row, scale_log2, lane, quad, qi, bf16)
         cute.arch.cp_async_wait_group(0)
         cute.arch.sync_warp()
 
         self._merge(sO, sML, acc, ml, warp, quad, qi)
         cute.arch.sync_threads()
-        self._epilogue(sO, sML, mO, mLSE, mVSigns, split, b, kv_head, warp, lane)
+        self._epilogue(sO, sML, mO, mLSE, mVSigns, split, b, kv_head, first_row, warp, lane)
 
     # ------------------------------------------------------------------------- loads
     @cute.jit
-    def _rotate_query(self, mQ, mSigns, sQ, b, kv_head, warp, lane, bf16):
-        """This KV head's query rows times K's R into ``sQ`` as pairs of ``mQ``'s dtype: half a
-        warp a row, ``d/16`` consecutive dims a lane (``hadamard.butterflies``), so each value is
-        ``rotate(q).to(dtype)`` of the reference bit for bit. Rows past ``rows`` are zeros."""
+    def _rotate_query(self, mQ, mSigns, sQ, b, kv_head, first_row, warp, lane, bf16):
+        """This CTA's query rows of the KV head (``first_row`` on) times K's R into ``sQ`` as pairs of
+        ``mQ``'s dtype: half a warp a row, ``d/16`` consecutive dims a lane
+        (``hadamard.butterflies``), so each value is ``rotate(q).to(dtype)`` of the reference bit
+        for bit. Rows past ``rows`` are zeros."""
         d, per, part = self.d, self.d // 16, lane % 16
-        for rr in cutlass.range_constexpr(ROWS // (2 * WARPS)):
+        for rr in cutlass.range_constexpr(self.cta_rows // (2 * WARPS)):
             row = (warp + WARPS * rr) * 2 + lane // 16
             f = cute.make_rmem_tensor((per,), Float32)
             f.fill(0.0)
-            if row < self.rows:
-                i, g = row // self.group, row % self.group
+            if first_row + row < self.rows:
+                i, g = (first_row + row) // self.group, (first_row + row) % self.group
                 for j in cutlass.range_constexpr(per):
                     f[j] = Float32(mQ[b, i, kv_head * self.group + g, part * per + j]) * mSigns[part * per + j]
             butterflies(f, per, part, 16)
@@ -407,8 +440,9 @@ class PackedDecode:
                     _async_copy(g + lane % 4 * 16, self._scales_at(stage, c, side) + lane % 4 * 16, 16)
 
     @cute.jit
-    def _block(self, stage, src, qw, acc, ml, tables, key0, end, seqlen, scale_log2, lane, quad, qi, bf16):
-        d, C, kw, vw, kp, vp = self.d, self.chunks, self.k_words, self.v_words, self.k_piece, self.v_piece
+    def _block(self, stage, src, qw, acc, ml, tables, key0, end, seqlen, first_row, scale_log2, lane, quad, qi, bf16):
+        d, C, NT = self.d, self.chunks, self.tiles
+        kw, vw, kp, vp = self.k_words, self.v_words, self.k_piece, self.v_piece
         dt = "bfloat16" if bf16 else "float16"
         # this lane's bytes and its keys' scales, from its ring stage
         ck = cute.make_rmem_tensor((C * 2 * kw,), Uint32)
@@ -432,63 +466,77 @@ class PackedDecode:
         ktab = lambda byte: _table_row(tables[self.kb], byte, self.kb)
         vtab = lambda byte: _table_row(tables[self.vb], byte, self.vb)
 
-        # Scores: s[c, r, h] = key quad + 8r of chunk c, row 2qi + h, in the log2 domain.
-        s = cute.make_rmem_tensor((C * 4,), Float32)
+        # Scores: s[si(c, r, n, h)] = key quad + 8r of chunk c, row 8n + 2qi + h, in the log2 domain.
+        si = lambda c, r, n, h: ((2 * c + r) * NT + n) * 2 + h
+        s = cute.make_rmem_tensor((C * 4 * NT,), Float32)
         for c in cutlass.range_constexpr(C):
             kdec = [[], []]
             for r in cutlass.range_constexpr(2):
                 for w in cutlass.range_constexpr(kw):
                     kdec[r] += decode_pairs(ck[(2 * c + r) * kw + w], self.kb, dt, prmt, ktab)
-            sc = [Float32(0.0)] * 4
-            for kk in cutlass.range_constexpr(d // 16):
-                sc = mma_16816((kdec[0][2 * kk], kdec[1][2 * kk], kdec[0][2 * kk + 1], kdec[1][2 * kk + 1]),
-                               (qw[2 * kk], qw[2 * kk + 1]), sc, bf16)
-            for r in cutlass.range_constexpr(2):
-                f = cs[4 * c + r] * scale_log2
-                for h in cutlass.range_constexpr(2):
-                    s[4 * c + 2 * r + h] = sc[2 * r + h] * f
+            for n in cutlass.range_constexpr(NT):
+                sc = [Float32(0.0)] * 4
+                for kk in cutlass.range_constexpr(d // 16):
+                    sc = mma_16816((kdec[0][2 * kk], kdec[1][2 * kk], kdec[0][2 * kk + 1], kdec[1][2 * kk + 1]),
+                                   (qw[n * d // 8 + 2 * kk], qw[n * d // 8 + 2 * kk + 1]), sc, bf16)
+                for r in cutlass.range_constexpr(2):
+                    f = cs[4 * c + r] * scale_log2
+                    for h in cutlass.range_constexpr(2):
+                        s[si(c, r, n, h)] = sc[2 * r + h] * f
         # Masks: keys past the split (and past the sequence), and bottom-right causal rows.
         last = end - 1
         if key0 + self.block - 1 > (last - (self.seqlen_q - 1) if const_expr(self.causal) else last):
             for c in cutlass.range_constexpr(C):
                 for r in cutlass.range_constexpr(2):
                     key = key0 + c * CHUNK + quad + 8 * r
-                    for h in cutlass.range_constexpr(2):
-                        lim = last
-                        if const_expr(self.causal):
-                            lim = cutlass.min(last, seqlen - self.seqlen_q + (2 * qi + h) // self.group)
-                        if key > lim:
-                            s[4 * c + 2 * r + h] = -Float32.inf
+                    for n in cutlass.range_constexpr(NT):
+                        for h in cutlass.range_constexpr(2):
+                            lim = last
+                            if const_expr(self.causal):
+                                qrow = first_row + ROWS * n + 2 * qi + h
+                                lim = cutlass.min(last, seqlen - self.seqlen_q + qrow // self.group)
+                            if key > lim:
+                                s[si(c, r, n, h)] = -Float32.inf
 
-        # Online softmax over the block (rows 2qi, 2qi + 1; the 8 lanes of a column share them).
-        p = cute.make_rmem_tensor((C * 4,), Float32)
-        for h in cutlass.range_constexpr(2):
-            mx = ml[h]
-            for c in cutlass.range_constexpr(C):
-                for r in cutlass.range_constexpr(2):
-                    mx = fa_utils.fmax(mx, s[4 * c + 2 * r + h])
-            for off in (4, 8, 16):
-                mx = fa_utils.fmax(mx, cute.arch.shuffle_sync_bfly(mx, offset=off))
-            base = Float32(0.0) if mx == -Float32.inf else mx
-            alpha = cute.math.exp2(ml[h] - base, fastmath=True)
-            ml[h] = mx
-            total = Float32(0.0)
-            for c in cutlass.range_constexpr(C):
-                for r in cutlass.range_constexpr(2):
-                    e = cute.math.exp2(s[4 * c + 2 * r + h] - base, fastmath=True)
-                    p[4 * c + 2 * r + h] = e
-                    total += e
-            ml[2 + h] = ml[2 + h] * alpha + total
-            for j in cutlass.range_constexpr(d // 16):
-                acc[j, h] = acc[j, h] * alpha
-                acc[j, 2 + h] = acc[j, 2 + h] * alpha
+        # Online softmax over the block (rows 8n + 2qi + h; the 8 lanes of a column share them).
+        p = cute.make_rmem_tensor((C * 4 * NT,), Float32)
+        for n in cutlass.range_constexpr(NT):
+            for h in cutlass.range_constexpr(2):
+                mx = ml[2 * n + h]
+                for c in cutlass.range_constexpr(C):
+                    for r in cutlass.range_constexpr(2):
+                        mx = fa_utils.fmax(mx, s[si(c, r, n, h)])
+                for off in (4, 8, 16):
+                    mx = fa_utils.fmax(mx, cute.arch.shuffle_sync_bfly(mx, offset=off))
+                base = Float32(0.0) if mx == -Float32.inf else mx
+                alpha = cute.math.exp2(ml[2 * n + h] - base, fastmath=True)
+                ml[2 * n + h] = mx
+                total = Float32(0.0)
+                for c in cutlass.range_constexpr(C):
+                    for r in cutlass.range_constexpr(2):
+                        e = cute.math.exp2(s[si(c, r, n, h)] - base, fastmath=True)
+                        p[si(c, r, n, h)] = e
+                        total += e
+                ml[2 * NT + 2 * n + h] = ml[2 * NT + 2 * n + h] * alpha + total
+                # Two n-tiles rescale only where the max moved: 3-4% faster at 16 rows; at 8 rows
+                # the branch measured 1-2% slower than rescaling always.
+                if const_expr(NT > 1):
+                    if alpha != Float32(1.0):
+                        for j in cutlass.range_constexpr(d // 16):
+                            acc[j, n, h] = acc[j, n, h] * alpha
+                            acc[j, n, 2 + h] = acc[j, n, 2 + h] * alpha
+                else:
+                    for j in cutlass.range_constexpr(d // 16):
+                        acc[j, n, h] = acc[j, n, h] * alpha
+                        acc[j, n, 2 + h] = acc[j, n, 2 + h] * alpha
 
-        # O^T += V^T (sigma_v P)^T, per chunk.
+        # O^T += V^T (sigma_v P)^T, per chunk: each V fragment feeds the NT n-tiles' MMAs.
         for c in cutlass.range_constexpr(C):
             bfr = []
-            for r in cutlass.range_constexpr(2):
-                f = cs[4 * c + 2 + r]
-                bfr.append(transpose_8x8(pack_x2(p[4 * c + 2 * r] * f, p[4 * c + 2 * r + 1] * f, bf16)))
+            for n in cutlass.range_constexpr(NT):
+                for r in cutlass.range_constexpr(2):
+                    f = cs[4 * c + 2 + r]
+                    bfr.append(transpose_8x8(pack_x2(p[si(c, r, n, 0)] * f, p[si(c, r, n, 1)] * f, bf16)))
             vdec = [[], []]  # key pairs (2qi, 2qi+1) and (2qi+8, 2qi+9): dims 2j, 2j+1 alternate
             for pr in cutlass.range_constexpr(2):
                 for w in cutlass.range_constexpr(vw):
@@ -500,34 +548,36 @@ class PackedDecode:
                     for i in cutlass.range_constexpr(len(ev)):
                         vdec[pr] += [ev[i], od[i]]
             for j in cutlass.range_constexpr(d // 16):
-                o = mma_16816((vdec[0][2 * j], vdec[0][2 * j + 1], vdec[1][2 * j], vdec[1][2 * j + 1]),
-                              (bfr[0], bfr[1]), (acc[j, 0], acc[j, 1], acc[j, 2], acc[j, 3]), bf16)
-                for t in cutlass.range_constexpr(4):
-                    acc[j, t] = o[t]
+                for n in cutlass.range_constexpr(NT):
+                    o = mma_16816((vdec[0][2 * j], vdec[0][2 * j + 1], vdec[1][2 * j], vdec[1][2 * j + 1]),
+                                  (bfr[2 * n], bfr[2 * n + 1]), tuple(acc[j, n, t] for t in range(4)), bf16)
+                    for t in cutlass.range_constexpr(4):
+                        acc[j, n, t] = o[t]
 
     # ------------------------------------------------------------------------- merge, store
     @cute.jit
     def _merge(self, sO, sML, acc, ml, warp, quad, qi):
         """Each warp's unnormalised output, row max and row sum into shared memory."""
-        d = self.d
-        for h in cutlass.range_constexpr(2):
-            total = ml[2 + h]
-            for off in (4, 8, 16):
-                total += cute.arch.shuffle_sync_bfly(total, offset=off)
-            if quad == 0:
-                sML[warp, 2 * qi + h, 0] = ml[h]
-                sML[warp, 2 * qi + h, 1] = total
-        for j in cutlass.range_constexpr(d // 16):
-            for t in cutlass.range_constexpr(4):
-                sO[warp, 2 * qi + t % 2, v_dim(d, j, quad + 8 * (t // 2))] = acc[j, t]
+        d, NT = self.d, self.tiles
+        for n in cutlass.range_constexpr(NT):
+            for h in cutlass.range_constexpr(2):
+                total = ml[2 * NT + 2 * n + h]
+                for off in (4, 8, 16):
+                    total += cute.arch.shuffle_sync_bfly(total, offset=off)
+                if quad == 0:
+                    sML[warp, ROWS * n + 2 * qi + h, 0] = ml[2 * n + h]
+                    sML[warp, ROWS * n + 2 * qi + h, 1] = total
+            for j in cutlass.range_constexpr(d // 16):
+                for t in cutlass.range_constexpr(4):
+                    sO[warp, ROWS * n + 2 * qi + t % 2, v_dim(d, j, quad + 8 * (t // 2))] = acc[j, n, t]
 
     @cute.jit
-    def _epilogue(self, sO, sML, mO, mLSE, mSigns, split, b, kv_head, warp, lane):
+    def _epilogue(self, sO, sML, mO, mLSE, mSigns, split, b, kv_head, first_row, warp, lane):
         """Merge the warps' rows, un-rotate them (V's R^T: the butterflies, then the signs and
         1/sqrt(d)) and write the split's output and LSE (empty split: 0, -inf). Half a warp a row,
         ``d/16`` consecutive dims a lane, as in ``_rotate_query``."""
         d, per, part = self.d, self.d // 16, lane % 16
-        for rr in cutlass.range_constexpr(ROWS // (2 * WARPS)):
+        for rr in cutlass.range_constexpr(self.cta_rows // (2 * WARPS)):
             row = (warp + WARPS * rr) * 2 + lane // 16
             mx = sML[0, row, 0]
             for w in cutlass.range_constexpr(1, WARPS):
@@ -545,8 +595,8 @@ class PackedDecode:
             for j in cutlass.range_constexpr(per):
                 o[j] = o[j] * inv
             butterflies(o, per, part, 16)
-            if row < self.rows:
-                i, g = row // self.group, row % self.group
+            if first_row + row < self.rows:
+                i, g = (first_row + row) // self.group, (first_row + row) % self.group
                 head = kv_head * self.group + g
                 for j in cutlass.range_constexpr(per):
                     mO[split, b, i, head, part * per + j] = o[j] * mSigns[part * per + j] * Float32(d ** -0.5)
