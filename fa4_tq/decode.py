@@ -246,12 +246,12 @@ def choose_decode_splits(q: torch.Tensor, k: PackedKV, v: PackedKV, page_table: 
     """What ``num_splits=None`` becomes for a call the decode kernel runs (``plan_decode_splits``
     with the cache's KV heads and page size, the kernel's row groups, the device's SM count and
     the CTAs per SM that this kernel variant's shared memory and registers allow)."""
-    from .kernels.decode import ROWS, n_tiles, resident_ctas
+    from .kernels.decode import n_tiles, resident_ctas, row_groups
     from .kernels.launch import _sm_count
 
     rows = q.shape[1] * (q.shape[2] // k.shape[2])
     return plan_decode_splits(q.shape[0], k.shape[2], page_table.shape[1] * k.shape[1], _sm_count(q.device),
-                              resident_ctas(q.shape[-1], k.bits, v.bits, rows), -(-rows // (n_tiles(rows) * ROWS)))
+                              resident_ctas(q.shape[-1], k.bits, v.bits, n_tiles(rows)), row_groups(rows))
 
 
 def _run_decode_kernel(prob, num_splits: Optional[int], return_lse: bool):

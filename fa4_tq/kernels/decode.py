@@ -94,6 +94,11 @@ def n_tiles(rows: int) -> int:
     return 1 if rows <= ROWS else 2
 
 
+def row_groups(rows: int) -> int:
+    """CTAs per (split, KV head, sequence): ``rows`` query rows in CTAs of ``n_tiles(rows)`` n-tiles."""
+    return -(-rows // (n_tiles(rows) * ROWS))
+
+
 # ----------------------------------------------------------------------------- the code layout
 def interleave_codes(x, y, bits: int):
     """Two words of ``bits``-bit codes (codes ``x_0, x_1, ...`` and ``y_0, y_1, ...``) -> the
@@ -153,10 +158,10 @@ def v_dim(d: int, j: int, m: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def resident_ctas(head_dim: int, k_bits: int, v_bits: int, rows: int) -> int:
-    """``PackedDecode.ctas_per_sm`` of the variants for (head_dim, K bits, V bits, n-tiles of
-    ``rows``), computed once (the split planner asks on every call)."""
-    return PackedDecode(head_dim, k_bits, v_bits, 1, n_tiles(rows) * ROWS, False).ctas_per_sm()
+def resident_ctas(head_dim: int, k_bits: int, v_bits: int, tiles: int) -> int:
+    """``PackedDecode.ctas_per_sm`` of the (head_dim, K bits, V bits, n-tiles) variants, computed
+    once (the split planner asks on every call)."""
+    return PackedDecode(head_dim, k_bits, v_bits, 1, tiles * ROWS, False).ctas_per_sm()
 
 
 # ----------------------------------------------------------------------------- register ops
@@ -205,7 +210,7 @@ class PackedDecode:
         self.causal = causal and seqlen_q > 1
         self.tiles = n_tiles(rows)
         self.cta_rows = self.tiles * ROWS
-        self.row_groups = -(-rows // self.cta_rows)
+        self.row_groups = row_groups(rows)
         self.chunks = chunks_per_block(k_bits, v_bits)
         self.widths = tuple(sorted({k_bits, v_bits}))  # one byte table each
         self.block = self.chunks * CHUNK
@@ -522,13 +527,9 @@ class PackedDecode:
                 # the branch measured 1-2% slower than rescaling always.
                 if const_expr(NT > 1):
                     if alpha != Float32(1.0):
-                        for j in cutlass.range_constexpr(d // 16):
-                            acc[j, n, h] = acc[j, n, h] * alpha
-                            acc[j, n, 2 + h] = acc[j, n, 2 + h] * alpha
+                        _rescale_row(acc, n, h, alpha, d)
                 else:
-                    for j in cutlass.range_constexpr(d // 16):
-                        acc[j, n, h] = acc[j, n, h] * alpha
-                        acc[j, n, 2 + h] = acc[j, n, 2 + h] * alpha
+                    _rescale_row(acc, n, h, alpha, d)
 
         # O^T += V^T (sigma_v P)^T, per chunk: each V fragment feeds the NT n-tiles' MMAs.
         for c in cutlass.range_constexpr(C):
@@ -603,6 +604,14 @@ class PackedDecode:
                 if part == 0:
                     mLSE[split, b, head, i] = ((base + cute.math.log2(total, fastmath=True)) * Float32(math.log(2.0))
                                                if total > Float32(0.0) else -Float32.inf)
+
+
+@cute.jit
+def _rescale_row(acc, n: cutlass.Constexpr[int], h: cutlass.Constexpr[int], alpha, d: cutlass.Constexpr[int]):
+    """The O^T accumulators of row ``8n + 2qi + h`` (both of its m-tile halves) times ``alpha``."""
+    for j in cutlass.range_constexpr(d // 16):
+        acc[j, n, h] = acc[j, n, h] * alpha
+        acc[j, n, 2 + h] = acc[j, n, 2 + h] * alpha
 
 
 # ----------------------------------------------------------------------------- memory helpers
