@@ -230,7 +230,7 @@ def decode_kernel_runs(prob) -> bool:
     return device_arch() // 10 == 9 and decode_kernel.supports(q.shape[-1], k.bits, v.bits, rows, k.shape[1])
 
 
-DECODE_MIN_KEYS_PER_SPLIT = 512  # no split gets fewer keys (four warps, four 32-key blocks each)
+DECODE_MIN_KEYS_PER_SPLIT = 512  # no split gets fewer keys: 16 blocks of 32, one or more a warp
 
 
 def plan_decode_splits(batch: int, kv_heads: int, max_keys: int, num_sms: int, ctas_per_sm: int,

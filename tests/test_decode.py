@@ -91,7 +91,7 @@ def test_decode_kernel_fits_its_shared_memory_and_its_plan_one_wave():
     """Every decode-kernel variant fits one CTA's shared memory (227 KB), its warps' output rows
     fit their rings for the merge, and the split plan never asks for more CTAs than one wave at
     the residency the kernel reports."""
-    from fa4_tq.kernels.decode import SUPPORTED_BITS, PackedDecode
+    from fa4_tq.kernels.decode import REGISTER_WARPS, SUPPORTED_BITS, PackedDecode
 
     for d in (64, 128):
         for kb in SUPPORTED_BITS:
@@ -105,14 +105,17 @@ def test_decode_kernel_fits_its_shared_memory_and_its_plan_one_wave():
                     assert kernel.cta_rows * d * 4 <= kernel.stages * kernel.stage_bytes
                     ctas = kernel.ctas_per_sm()
                     assert 1 <= ctas <= 3
+                    assert ctas * kernel.warps <= REGISTER_WARPS[kernel.tiles]
                     for batch in (1, 3, 8, 32, 256):
                         for keys in (16, 4096, 131072):
                             splits = plan_decode_splits(batch, 8, keys, 132, ctas, groups)
                             assert splits == 1 or splits * batch * 8 * groups <= ctas * 132
                             assert splits == 1 or keys // splits >= 512
-    # K4V4 at head_dim 128: two 32 KB-table CTAs an SM, so batch 8 takes 4 splits, not 6
-    assert PackedDecode(128, 4, 4, 1, 8, True).ctas_per_sm() == 2
-    assert plan_decode_splits(8, 8, 32768, 132, 2) == 4
+    # K4V4 at head_dim 128, 8 rows: one CTA of 12 warps an SM, so batch 8 takes 2 splits; 16 rows:
+    # two CTAs of 4 warps (registers)
+    assert (PackedDecode(128, 4, 4, 1, 8, True).ctas_per_sm(), PackedDecode(128, 4, 4, 1, 8, True).warps) == (1, 12)
+    assert (PackedDecode(128, 4, 4, 2, 8, True).ctas_per_sm(), PackedDecode(128, 4, 4, 2, 8, True).warps) == (2, 4)
+    assert plan_decode_splits(8, 8, 32768, 132, 1) == 2
 
 
 def _small():

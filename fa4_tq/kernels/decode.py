@@ -10,10 +10,11 @@ transposed ("swap AB"): keys and head-dim columns are the MMA's M side (16) and 
 its N side (8), so nothing is padding at GQA 8:1, and each thread turns its own packed bytes
 into the A fragments it multiplies.
 
-One CTA = (KV split, KV head and row group, sequence), four warps, 8 query rows (one n-tile)
-or, past 8 rows, 16 (two n-tiles: each dequantised fragment feeds two MMAs), in as many row
-groups as the rows need (32 rows: two CTAs on the same keys). Each warp walks its own blocks of
-``CHUNKS x 16`` keys (blocks ``warp, warp + 4, ...`` of the split) with its own online softmax,
+One CTA = (KV split, KV head and row group, sequence): 12 warps and 8 query rows (one n-tile)
+or, past 8 rows, 4 warps and 16 rows (two n-tiles: each dequantised fragment feeds two MMAs), in
+as many row groups as the rows need (32 rows: two CTAs on the same keys). Each warp walks its own
+blocks of ``CHUNKS x 16`` keys (blocks ``warp, warp + W, ...`` of the split, W warps) with its
+own online softmax,
 the next block's bytes loading while this one is computed; the warps merge through shared memory
 and write the split's normalised output and LSE (float32), which FA4's combine kernel merges
 across splits. Per 16-key chunk a warp does:
@@ -58,7 +59,6 @@ from .hadamard import butterflies
 from .load_stage import copy_part_async, pack_x2, prmt
 from .staging import decode_four, entry_bits
 
-WARPS = 4
 ROWS = 8  # query rows of one MMA n-tile: the MMA's N
 # Query rows per KV head (seqlen_q x GQA) the kernel takes, in CTAs of 8 or 16 rows. Past 32 the
 # packed-KV prefill kernel (64-row wgmma tiles) is faster: at 64 rows this kernel measured 1.5x
@@ -69,9 +69,9 @@ SUPPORTED_BITS = (2, 4, 8)
 SUPPORTED_HEAD_DIMS = (64, 128)
 TABLE_WORDS = 256 * 32  # one width's byte table: [256 byte values][32 words]
 SMEM_PER_SM = 233472  # shared memory of an SM90 SM; each CTA also takes 1 KB of it
-# CTAs per SM the registers allow, by n-tiles (ptxas, 128 threads: 92-156 registers a thread at
-# one tile, 166-247 at two)
-REGISTER_CTAS = {1: 3, 2: 2}
+# Warps per SM the registers allow, by n-tiles (ptxas: 92-156 registers a thread at one tile,
+# 166-247 at two)
+REGISTER_WARPS = {1: 12, 2: 8}
 
 
 def chunks_per_block(k_bits: int, v_bits: int) -> int:
@@ -200,6 +200,12 @@ class PackedDecode:
     # Blocks in flight per warp (the cp.async ring). Three measured fastest with the byte tables in
     # shared memory, though they leave room for 2 CTAs per SM instead of 3 (perf/results/decode-*).
     stages = 3
+    # Warps per CTA, by n-tiles; each walks its own blocks of the split. One tile: 12 warps, one
+    # CTA an SM: the byte tables are shared by 12 warps, where two CTAs of 4 (shared memory
+    # allows no third) kept 8 warps an SM; measured 1.03-1.16x at K4V4 and K2V4, K8V8 0.98x
+    # (perf/results/decode-*.md). Two tiles: the registers allow 8 warps an SM, and one CTA of 8
+    # measured no faster than two of 4.
+    warps_by_tiles = {1: 12, 2: 4}
 
     def __init__(self, head_dim: int, k_bits: int, v_bits: int, seqlen_q: int, group: int, causal: bool):
         rows = seqlen_q * group
@@ -209,6 +215,7 @@ class PackedDecode:
         self.seqlen_q, self.group, self.rows = seqlen_q, group, rows
         self.causal = causal and seqlen_q > 1
         self.tiles = n_tiles(rows)
+        self.warps = self.warps_by_tiles[self.tiles]
         self.cta_rows = self.tiles * ROWS
         self.row_groups = row_groups(rows)
         self.chunks = chunks_per_block(k_bits, v_bits)
@@ -230,13 +237,13 @@ class PackedDecode:
     def smem_bytes(self) -> int:
         """Shared memory a CTA allocates: the rings, the byte tables, the merge's row stats, the
         rotated query rows."""
-        return (WARPS * self.stages * self.stage_bytes + len(self.widths) * TABLE_WORDS * 4
-                + WARPS * self.cta_rows * 2 * 4 + self.cta_rows * self.d * 2)
+        return (self.warps * self.stages * self.stage_bytes + len(self.widths) * TABLE_WORDS * 4
+                + self.warps * self.cta_rows * 2 * 4 + self.cta_rows * self.d * 2)
 
     def ctas_per_sm(self) -> int:
         """CTAs of this kernel an SM holds at once (shared memory and registers); the same for every
         query shape of a (head_dim, K bits, V bits, n-tiles): see ``resident_ctas``."""
-        return max(1, min(REGISTER_CTAS[self.tiles], SMEM_PER_SM // (self.smem_bytes() + 1024)))
+        return max(1, min(REGISTER_WARPS[self.tiles] // self.warps, SMEM_PER_SM // (self.smem_bytes() + 1024)))
 
     # Shared addresses in the ring stage at ``stage``, for the copies that fill it and the loads
     # that read it.
@@ -272,7 +279,7 @@ class PackedDecode:
         kv_heads = mKData.shape[2]
         self.kernel(mQ, mKData, mVData, mKScale, mVScale, mKTable, mVTable, mKSigns, mVSigns, mPageTable, mSeqused,
                     mO, mLSE, softmax_scale).launch(grid=[splits, kv_heads * self.row_groups, batch],
-                                                    block=[32 * WARPS, 1, 1],
+                                                    block=[32 * self.warps, 1, 1],
                                                     stream=stream)
 
     @cute.kernel
@@ -284,7 +291,7 @@ class PackedDecode:
         split, head_group, b = cute.arch.block_idx()
         kv_head = head_group // self.row_groups
         first_row = head_group % self.row_groups * self.cta_rows  # this CTA's first query row
-        NT, R = self.tiles, self.cta_rows
+        NT, R, W = self.tiles, self.cta_rows, self.warps
         splits = cute.arch.grid_dim()[0]
         warp, lane = tidx // 32, tidx % 32
         quad, qi = lane // 4, lane % 4
@@ -292,11 +299,11 @@ class PackedDecode:
         smem = cutlass.utils.SmemAllocator()
         S, C = self.stages, self.chunks
         warp_bytes = S * self.stage_bytes
-        ring = smem.allocate_tensor(cutlass.Uint8, cute.make_layout((WARPS * warp_bytes,)), byte_alignment=128)
+        ring = smem.allocate_tensor(cutlass.Uint8, cute.make_layout((W * warp_bytes,)), byte_alignment=128)
         # after the loop each warp's ring holds its unnormalised output rows for the merge
         sO = cute.make_tensor(cute.recast_ptr(ring.iterator, dtype=Float32),
-                              cute.make_layout((WARPS, R, d), stride=(warp_bytes // 4, d, 1)))
-        sML = smem.allocate_tensor(Float32, cute.make_layout((WARPS, R, 2), stride=(2 * R, 2, 1)), byte_alignment=16)
+                              cute.make_layout((W, R, d), stride=(warp_bytes // 4, d, 1)))
+        sML = smem.allocate_tensor(Float32, cute.make_layout((W, R, 2), stride=(2 * R, 2, 1)), byte_alignment=16)
         # the rotated query rows, as pairs (row-major: a lane's fragment words are contiguous)
         sQ = smem.allocate_tensor(Uint32, cute.make_layout((R, d // 2), stride=(d // 2, 1)), byte_alignment=128)
         self._rotate_query(mQ, mKSigns, sQ, b, kv_head, first_row, warp, lane, bf16)
@@ -333,28 +340,28 @@ class PackedDecode:
             ml[i], ml[2 * NT + i] = -Float32.inf, Float32(0.0)
         scale_log2 = softmax_scale * Float32(math.log2(math.e))
 
-        # The ring: block warp + j*WARPS goes to stage j % S, S - 1 blocks ahead of the one
+        # The ring: block warp + j*W goes to stage j % S, S - 1 blocks ahead of the one
         # computed; page ids are read one block before their bytes are requested.
         ring_base = ring.iterator.toint() + warp * warp_bytes
         src = (mKData, mVData, mKScale, mVScale)
         pages = cute.make_rmem_tensor((2 * C,), Int32)  # page ids, then slots of each chunk's first key
         for j in cutlass.range_constexpr(S - 1):
-            if warp + j * WARPS < nblk:
-                key0 = start + (warp + j * WARPS) * self.block
+            if warp + j * W < nblk:
+                key0 = start + (warp + j * W) * self.block
                 self._pages(mPageTable, b, key0, end, page_size, pages)
                 self._issue(ring_base + j * self.stage_bytes, src, kv_head, key0, end, pages, lane, quad, qi)
             cute.arch.cp_async_commit_group()
-        if warp + (S - 1) * WARPS < nblk:
-            self._pages(mPageTable, b, start + (warp + (S - 1) * WARPS) * self.block, end, page_size, pages)
-        for blk in cutlass.range(warp, nblk, WARPS, unroll=1):
-            j = (blk - warp) // WARPS
+        if warp + (S - 1) * W < nblk:
+            self._pages(mPageTable, b, start + (warp + (S - 1) * W) * self.block, end, page_size, pages)
+        for blk in cutlass.range(warp, nblk, W, unroll=1):
+            j = (blk - warp) // W
             cute.arch.sync_warp()  # every lane is done reading the stage refilled next
-            ahead = blk + (S - 1) * WARPS
+            ahead = blk + (S - 1) * W
             if ahead < nblk:
                 self._issue(ring_base + (j + S - 1) % S * self.stage_bytes, src, kv_head, start + ahead * self.block,
                             end, pages, lane, quad, qi)
-                if ahead + WARPS < nblk:
-                    self._pages(mPageTable, b, start + (ahead + WARPS) * self.block, end, page_size, pages)
+                if ahead + W < nblk:
+                    self._pages(mPageTable, b, start + (ahead + W) * self.block, end, page_size, pages)
             cute.arch.cp_async_commit_group()
             cute.arch.cp_async_wait_group(S - 1)
             cute.arch.sync_warp()  # the scale rows were copied by other lanes
@@ -374,34 +381,39 @@ class PackedDecode:
         ``mQ``'s dtype: half a warp a row, ``d/16`` consecutive dims a lane
         (``hadamard.butterflies``), so each value is ``rotate(q).to(dtype)`` of the reference bit
         for bit. Rows past ``rows`` are zeros."""
-        d, per, part = self.d, self.d // 16, lane % 16
-        for rr in cutlass.range_constexpr(self.cta_rows // (2 * WARPS)):
-            row = (warp + WARPS * rr) * 2 + lane // 16
-            f = cute.make_rmem_tensor((per,), Float32)
-            f.fill(0.0)
-            if first_row + row < self.rows:
-                i, g = (first_row + row) // self.group, (first_row + row) % self.group
-                for j in cutlass.range_constexpr(per):
-                    f[j] = Float32(mQ[b, i, kv_head * self.group + g, part * per + j]) * mSigns[part * per + j]
-            butterflies(f, per, part, 16)
-            for j in cutlass.range_constexpr(per // 2):
-                sQ[row, part * per // 2 + j] = pack_x2(f[2 * j] * Float32(d ** -0.5), f[2 * j + 1] * Float32(d ** -0.5), bf16)
+        d, per, part, W = self.d, self.d // 16, lane % 16, self.warps
+        for rr in cutlass.range_constexpr(-(-self.cta_rows // (2 * W))):
+            row = (warp + W * rr) * 2 + lane // 16
+            if row < self.cta_rows:  # both halves of a warp alike: the butterflies shuffle
+                f = cute.make_rmem_tensor((per,), Float32)
+                f.fill(0.0)
+                if first_row + row < self.rows:
+                    i, g = (first_row + row) // self.group, (first_row + row) % self.group
+                    for j in cutlass.range_constexpr(per):
+                        f[j] = Float32(mQ[b, i, kv_head * self.group + g, part * per + j]) * mSigns[part * per + j]
+                butterflies(f, per, part, 16)
+                for j in cutlass.range_constexpr(per // 2):
+                    sQ[row, part * per // 2 + j] = pack_x2(f[2 * j] * Float32(d ** -0.5),
+                                                           f[2 * j + 1] * Float32(d ** -0.5), bf16)
 
     @cute.jit
     def _fill_table(self, mTable, sTab, bits: cutlass.Constexpr[int], tidx, bf16):
         """``byte_table(bits)`` from the float32 codebook ``mTable``, each row's two words 16 times."""
-        for half in cutlass.range_constexpr(256 // (32 * WARPS)):
-            e = tidx + 32 * WARPS * half
-            if const_expr(bits == 2):
-                w = (pack_x2(mTable[e % 4], mTable[e // 4 % 4], bf16), pack_x2(mTable[e // 16 % 4], mTable[e // 64], bf16))
-            elif const_expr(bits == 4):
-                w = (pack_x2(mTable[e % 16], mTable[e // 16], bf16),) * 2
-            else:
-                w = (pack_x2(mTable[e], Float32(0.0), bf16),) * 2
-            for i in cutlass.range_constexpr(16):
-                pos = (tidx + i) % 16 * 2  # threads of a warp start in different banks
-                sTab[e * 32 + pos] = w[0]
-                sTab[e * 32 + pos + 1] = w[1]
+        threads = 32 * self.warps
+        for half in cutlass.range_constexpr(-(-256 // threads)):
+            e = tidx + threads * half
+            if e < 256:
+                if const_expr(bits == 2):
+                    w = (pack_x2(mTable[e % 4], mTable[e // 4 % 4], bf16),
+                         pack_x2(mTable[e // 16 % 4], mTable[e // 64], bf16))
+                elif const_expr(bits == 4):
+                    w = (pack_x2(mTable[e % 16], mTable[e // 16], bf16),) * 2
+                else:
+                    w = (pack_x2(mTable[e], Float32(0.0), bf16),) * 2
+                for i in cutlass.range_constexpr(16):
+                    pos = (tidx + i) % 16 * 2  # threads of a warp start in different banks
+                    sTab[e * 32 + pos] = w[0]
+                    sTab[e * 32 + pos + 1] = w[1]
 
     @cute.jit
     def _pages(self, mPageTable, b, key0, end, page_size, pages):
@@ -577,33 +589,34 @@ class PackedDecode:
         """Merge the warps' rows, un-rotate them (V's R^T: the butterflies, then the signs and
         1/sqrt(d)) and write the split's output and LSE (empty split: 0, -inf). Half a warp a row,
         ``d/16`` consecutive dims a lane, as in ``_rotate_query``."""
-        d, per, part = self.d, self.d // 16, lane % 16
-        for rr in cutlass.range_constexpr(self.cta_rows // (2 * WARPS)):
-            row = (warp + WARPS * rr) * 2 + lane // 16
-            mx = sML[0, row, 0]
-            for w in cutlass.range_constexpr(1, WARPS):
-                mx = fa_utils.fmax(mx, sML[w, row, 0])
-            base = Float32(0.0) if mx == -Float32.inf else mx
-            total = Float32(0.0)
-            o = cute.make_rmem_tensor((per,), Float32)
-            o.fill(0.0)
-            for w in cutlass.range_constexpr(WARPS):
-                f = cute.math.exp2(sML[w, row, 0] - base, fastmath=True)
-                total += sML[w, row, 1] * f
+        d, per, part, W = self.d, self.d // 16, lane % 16, self.warps
+        for rr in cutlass.range_constexpr(-(-self.cta_rows // (2 * W))):
+            row = (warp + W * rr) * 2 + lane // 16
+            if row < self.cta_rows:  # both halves of a warp alike: the butterflies shuffle
+                mx = sML[0, row, 0]
+                for w in cutlass.range_constexpr(1, W):
+                    mx = fa_utils.fmax(mx, sML[w, row, 0])
+                base = Float32(0.0) if mx == -Float32.inf else mx
+                total = Float32(0.0)
+                o = cute.make_rmem_tensor((per,), Float32)
+                o.fill(0.0)
+                for w in cutlass.range_constexpr(W):
+                    f = cute.math.exp2(sML[w, row, 0] - base, fastmath=True)
+                    total += sML[w, row, 1] * f
+                    for j in cutlass.range_constexpr(per):
+                        o[j] += sO[w, row, part * per + j] * f
+                inv = Float32(1.0) / total if total > Float32(0.0) else Float32(0.0)
                 for j in cutlass.range_constexpr(per):
-                    o[j] += sO[w, row, part * per + j] * f
-            inv = Float32(1.0) / total if total > Float32(0.0) else Float32(0.0)
-            for j in cutlass.range_constexpr(per):
-                o[j] = o[j] * inv
-            butterflies(o, per, part, 16)
-            if first_row + row < self.rows:
-                i, g = (first_row + row) // self.group, (first_row + row) % self.group
-                head = kv_head * self.group + g
-                for j in cutlass.range_constexpr(per):
-                    mO[split, b, i, head, part * per + j] = o[j] * mSigns[part * per + j] * Float32(d ** -0.5)
-                if part == 0:
-                    mLSE[split, b, head, i] = ((base + cute.math.log2(total, fastmath=True)) * Float32(math.log(2.0))
-                                               if total > Float32(0.0) else -Float32.inf)
+                    o[j] = o[j] * inv
+                butterflies(o, per, part, 16)
+                if first_row + row < self.rows:
+                    i, g = (first_row + row) // self.group, (first_row + row) % self.group
+                    head = kv_head * self.group + g
+                    for j in cutlass.range_constexpr(per):
+                        mO[split, b, i, head, part * per + j] = o[j] * mSigns[part * per + j] * Float32(d ** -0.5)
+                    if part == 0:
+                        mLSE[split, b, head, i] = ((base + cute.math.log2(total, fastmath=True)) * Float32(math.log(2.0))
+                                                   if total > Float32(0.0) else -Float32.inf)
 
 
 @cute.jit
