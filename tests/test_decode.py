@@ -111,10 +111,11 @@ def test_decode_kernel_fits_its_shared_memory_and_its_plan_one_wave():
                             splits = plan_decode_splits(batch, 8, keys, 132, ctas, groups)
                             assert splits == 1 or splits * batch * 8 * groups <= ctas * 132
                             assert splits == 1 or keys // splits >= 512
-    # K4V4 at head_dim 128, 8 rows: one CTA of 12 warps an SM, so batch 8 takes 2 splits; 16 rows:
-    # two CTAs of 4 warps (registers)
-    assert (PackedDecode(128, 4, 4, 1, 8, True).ctas_per_sm(), PackedDecode(128, 4, 4, 1, 8, True).warps) == (1, 12)
-    assert (PackedDecode(128, 4, 4, 2, 8, True).ctas_per_sm(), PackedDecode(128, 4, 4, 2, 8, True).warps) == (2, 4)
+    # K4V4 at head_dim 128: one CTA an SM, of 12 warps at 8 rows, of 8 at 16 (registers); so batch
+    # 8 takes 2 splits
+    for seqlen_q, warps in ((1, 12), (2, 8)):
+        kernel = PackedDecode(128, 4, 4, seqlen_q, 8, True)
+        assert (kernel.ctas_per_sm(), kernel.warps) == (1, warps)
     assert plan_decode_splits(8, 8, 32768, 132, 1) == 2
 
 

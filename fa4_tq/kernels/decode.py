@@ -11,7 +11,7 @@ its N side (8), so nothing is padding at GQA 8:1, and each thread turns its own 
 into the A fragments it multiplies.
 
 One CTA = (KV split, KV head and row group, sequence): 12 warps and 8 query rows (one n-tile)
-or, past 8 rows, 4 warps and 16 rows (two n-tiles: each dequantised fragment feeds two MMAs), in
+or, past 8 rows, 8 warps and 16 rows (two n-tiles: each dequantised fragment feeds two MMAs), in
 as many row groups as the rows need (32 rows: two CTAs on the same keys). Each warp walks its own
 blocks of ``CHUNKS x 16`` keys (blocks ``warp, warp + W, ...`` of the split, W warps) with its
 own online softmax,
@@ -24,8 +24,8 @@ across splits. Per 16-key chunk a warp does:
   MMA's k positions are a permutation of the head dims, the same for K and for Q (held in
   registers for the whole kernel), so the dot products are unchanged (``k_dim`` below).
 - the codes are looked up in the unscaled codebook a byte at a time, in a shared-memory table
-  with one copy per lane (``byte_table``: no bank conflicts, one load per byte and ~1 integer
-  instruction to address it, where the ``prmt`` register lookup of prefill takes ~6 a byte), and
+  with one copy per lane (``byte_table``: no bank conflicts, one load per byte and one ``prmt``
+  to address it, ``table_offset``, where the register lookup of prefill takes ~6 a byte), and
   the key's scale multiplies its score instead (``s = sigma_k * q.g``): no per-element multiply.
 - ``O^T += V^T P^T``: the scores' 8x8 halves are transposed in registers (``movmatrix``) into the
   B fragments; P is multiplied by the value's scale ``sigma_v`` first. Lane ``(quad, qi)`` owns
@@ -67,7 +67,11 @@ MAX_ROWS = 32
 CHUNK = 16  # keys per MMA: M of K Q^T, K of V^T P^T
 SUPPORTED_BITS = (2, 4, 8)
 SUPPORTED_HEAD_DIMS = (64, 128)
-TABLE_WORDS = 256 * 32  # one width's byte table: [256 byte values][32 words]
+# The byte tables: row ``e`` (a byte value) is 256 bytes, K's width in the first 128 (one word a
+# lane; 2-bit: two words a lane pair), a second width's in the other 128. 256, not 128, so that one
+# ``prmt`` makes a lookup's offset (``table_offset``).
+TABLE_ROW_BYTES = 256
+TABLE_BYTES = 256 * TABLE_ROW_BYTES
 SMEM_PER_SM = 233472  # shared memory of an SM90 SM; each CTA also takes 1 KB of it
 # Warps per SM the registers allow, by n-tiles (ptxas: 92-156 registers a thread at one tile,
 # 166-247 at two)
@@ -124,23 +128,70 @@ def byte_table(bits: int, dtype: str) -> tuple[tuple[int, int], ...]:
     return tuple((v[e],) * 2 for e in range(256))
 
 
+def lane_offset(half: int, bits: int, lane):
+    """Where a lane's words sit in a table row (bytes): in the row's half ``half`` (K's width 0, a
+    second width 1), word ``lane``; 2-bit entries are two words, one copy per lane pair (a warp
+    loads 64-bit words half a warp at a time, so 16 copies are conflict-free). Always < 256."""
+    return half * (TABLE_ROW_BYTES // 2) + (8 * (lane % 16) if bits == 2 else 4 * lane)
+
+
+def table_offset(codes, i: int, lane_off, prmt_op):
+    """Byte offset, in the tables, of the lane's words of the row that byte ``i`` of the word
+    ``codes`` names: ``byte * 256 + lane_off``, one ``prmt`` (byte 0 from ``lane_off``, byte 1 the
+    code byte, bytes 2-3 zero)."""
+    return prmt_op(codes, lane_off, 0x7604 | i << 4)
+
+
 def decode_pairs(w, bits: int, dtype: str, prmt_op, byte_lookup=None) -> list:
     """One word of a code stream -> ``16 // bits`` words, word ``i`` holding the codebook values
     of codes ``2i`` (low half) and ``2i + 1`` in ``dtype``.
 
-    With ``byte_lookup`` (the kernel: its shared table; tests: ``byte_table``), each byte of ``w``
-    is looked up: 2-bit bytes give two words, 4-bit bytes one, 8-bit bytes one value, paired with
-    the next byte's by a ``prmt``. Without, 2/4-bit codes go through ``decode_four`` (the prefill
+    With ``byte_lookup(w, i)`` (the words byte ``i`` of ``w`` names; the kernel: its shared
+    table; tests: ``byte_table`` behind ``table_offset``), each byte of ``w`` is looked up: 2-bit
+    bytes give two words, 4-bit bytes one, 8-bit bytes one value, paired with the next byte's by
+    a ``prmt``. Without, 2/4-bit codes go through ``decode_four`` (the prefill
     kernel's register lookup), which the tests hold the table path to."""
     if byte_lookup is None:
         out = []
         for p in range(8 // bits):
             out += list(decode_four(w >> (4 * bits * p), bits, dtype, prmt_op))
         return out
-    words = [byte_lookup((w >> (8 * i)) & 0xFF) for i in range(4)]
+    words = [byte_lookup(w, i) for i in range(4)]
     if bits == 8:
         return [prmt_op(words[2 * i][0], words[2 * i + 1][0], 0x5410) for i in range(2)]
     return [x for ws in words for x in ws[:4 // bits]]
+
+
+def v_slot(quad, qi, v_words: int):
+    """Where lane ``(quad, qi)``'s V slice of a key sits among the 32 slices of the ring's row of
+    that key index ``t`` (in slices): the ``g = 4 / v_words`` quads of one 16-byte piece of a V row
+    side by side (so one 16-byte ``cp.async`` fills them: an 8- or 4-byte one would go through L1),
+    the pieces of the four ``qi`` interleaved so that no two lanes of a half warp share a bank."""
+    if v_words >= 4:
+        return quad * 4 + qi
+    g = 4 // v_words
+    return quad // g * 4 * g + qi * g + quad % g
+
+
+def k_piece(u, k_words: int):
+    """The 16-byte piece ``u`` (0 to ``16 k_words - 1``) of a chunk's K rows, when a lane's slice is
+    4 or 8 bytes (``k_words`` 1 or 2; a row is ``k_words`` pieces): (the chunk key, the piece of
+    its row, the slice slot of the ring's row ``key // 8`` where it goes). The ring keeps a slice
+    of lane ``(quad, qi)`` at slot ``4 quad + qi``, so a piece's ``4 / k_words`` slices, of one
+    key and consecutive ``qi``, are side by side and one 16-byte ``cp.async`` copies them (an 8-
+    or 4-byte one would go through L1)."""
+    key, m = u // k_words, u % k_words
+    return key, m, key % 8 * 4 + m * (4 // k_words)
+
+
+def v_piece(u, v_words: int):
+    """The 16-byte piece ``u`` (0 to ``32 v_words - 1``) of a chunk's V rows, when a lane's slice is
+    4 or 8 bytes (``v_words`` 1 or 2; a row is ``2 v_words`` pieces): (the key index ``t`` of the
+    lanes that read it, the chunk key, the piece of its row, its slot in the ring's row ``t``:
+    ``v_slot`` of its first quad). Consecutive pieces are consecutive bytes of a row."""
+    tq, m = u // (2 * v_words), u % (2 * v_words)
+    t, qi = tq // 4, tq % 4
+    return t, 2 * qi + t % 2 + 8 * (t // 2), m, v_slot(m * (4 // v_words), qi, v_words)
 
 
 def k_dim(d: int, kk: int, pos: int, qi: int) -> int:
@@ -200,12 +251,12 @@ class PackedDecode:
     # Blocks in flight per warp (the cp.async ring). Three measured fastest with the byte tables in
     # shared memory, though they leave room for 2 CTAs per SM instead of 3 (perf/results/decode-*).
     stages = 3
-    # Warps per CTA, by n-tiles; each walks its own blocks of the split. One tile: 12 warps, one
-    # CTA an SM: the byte tables are shared by 12 warps, where two CTAs of 4 (shared memory
-    # allows no third) kept 8 warps an SM; measured 1.03-1.16x at K4V4 and K2V4, K8V8 0.98x
-    # (perf/results/decode-*.md). Two tiles: the registers allow 8 warps an SM, and one CTA of 8
-    # measured no faster than two of 4.
-    warps_by_tiles = {1: 12, 2: 4}
+    # Warps per CTA, by n-tiles; each walks its own blocks of the split. One CTA an SM, so that
+    # all its warps share one copy of the byte tables (64 KB): 12 warps at one tile, where two CTAs
+    # of 4 kept 8 warps an SM and measured 1.03-1.16x slower at K4V4 and K2V4 (K2V2 level, K8V8
+    # 1.02x faster); 8 at two tiles, all the registers allow, which measured level with two CTAs
+    # of 4 (perf/results/decode-*.md).
+    warps_by_tiles = {1: 12, 2: 8}
 
     def __init__(self, head_dim: int, k_bits: int, v_bits: int, seqlen_q: int, group: int, causal: bool):
         rows = seqlen_q * group
@@ -237,7 +288,7 @@ class PackedDecode:
     def smem_bytes(self) -> int:
         """Shared memory a CTA allocates: the rings, the byte tables, the merge's row stats, the
         rotated query rows."""
-        return (self.warps * self.stages * self.stage_bytes + len(self.widths) * TABLE_WORDS * 4
+        return (self.warps * self.stages * self.stage_bytes + TABLE_BYTES
                 + self.warps * self.cta_rows * 2 * 4 + self.cta_rows * self.d * 2)
 
     def ctas_per_sm(self) -> int:
@@ -278,7 +329,7 @@ class PackedDecode:
         splits, batch = mO.shape[0], mO.shape[1]
         kv_heads = mKData.shape[2]
         self.kernel(mQ, mKData, mVData, mKScale, mVScale, mKTable, mVTable, mKSigns, mVSigns, mPageTable, mSeqused,
-                    mO, mLSE, softmax_scale).launch(grid=[splits, kv_heads * self.row_groups, batch],
+                    mO, mLSE, softmax_scale).launch(grid=[kv_heads * self.row_groups, splits, batch],
                                                     block=[32 * self.warps, 1, 1],
                                                     stream=stream)
 
@@ -288,11 +339,14 @@ class PackedDecode:
         d = self.d
         bf16 = const_expr(mQ.element_type == cutlass.BFloat16)
         tidx, _, _ = cute.arch.thread_idx()
-        split, head_group, b = cute.arch.block_idx()
+        # KV heads innermost: CTAs launched together read neighbouring heads' rows, which share
+        # 128-byte L2 lines (ptxas's cp.async fetch size); with the splits innermost the same
+        # kernel read 1.3x the bytes from DRAM at 2 splits (perf/results/decode-*.md).
+        head_group, split, b = cute.arch.block_idx()
         kv_head = head_group // self.row_groups
         first_row = head_group % self.row_groups * self.cta_rows  # this CTA's first query row
         NT, R, W = self.tiles, self.cta_rows, self.warps
-        splits = cute.arch.grid_dim()[0]
+        splits = cute.arch.grid_dim()[1]
         warp, lane = tidx // 32, tidx % 32
         quad, qi = lane // 4, lane % 4
 
@@ -307,13 +361,11 @@ class PackedDecode:
         # the rotated query rows, as pairs (row-major: a lane's fragment words are contiguous)
         sQ = smem.allocate_tensor(Uint32, cute.make_layout((R, d // 2), stride=(d // 2, 1)), byte_alignment=128)
         self._rotate_query(mQ, mKSigns, sQ, b, kv_head, first_row, warp, lane, bf16)
-        tables = {}
-        for bits in self.widths:
-            tab = smem.allocate_tensor(Uint32, cute.make_layout((TABLE_WORDS,)), byte_alignment=16)
-            self._fill_table(mKTable if bits == self.kb else mVTable, tab, bits, tidx, bf16)
-            # this lane's copy of each row: word ``lane`` (2-bit: words ``2 (lane % 16)`` and +1,
-            # one 64-bit load, which a warp does half at a time, so 16 copies are conflict-free)
-            tables[bits] = tab.iterator.toint() + (8 * (lane % 16) if bits == 2 else 4 * lane)
+        tab = smem.allocate_tensor(Uint32, cute.make_layout((TABLE_BYTES // 4,)), byte_alignment=16)
+        tables = {}  # bits -> (the table's shared address, this lane's offset in a row)
+        for half, bits in enumerate(self.widths):
+            self._fill_table(mKTable if bits == self.kb else mVTable, tab, half, bits, tidx, bf16)
+            tables[bits] = (tab.iterator.toint(), lane_offset(half, bits, lane))
         cute.arch.sync_threads()
 
         # This split's keys: splits cut the longest table into equal runs of whole blocks.
@@ -397,11 +449,12 @@ class PackedDecode:
                                                            f[2 * j + 1] * Float32(d ** -0.5), bf16)
 
     @cute.jit
-    def _fill_table(self, mTable, sTab, bits: cutlass.Constexpr[int], tidx, bf16):
-        """``byte_table(bits)`` from the float32 codebook ``mTable``, each row's two words 16 times."""
+    def _fill_table(self, mTable, sTab, half: cutlass.Constexpr[int], bits: cutlass.Constexpr[int], tidx, bf16):
+        """``byte_table(bits)`` from the float32 codebook ``mTable`` into half ``half`` of each row of
+        ``sTab``, the row's two words 16 times."""
         threads = 32 * self.warps
-        for half in cutlass.range_constexpr(-(-256 // threads)):
-            e = tidx + threads * half
+        for it in cutlass.range_constexpr(-(-256 // threads)):
+            e = tidx + threads * it
             if e < 256:
                 if const_expr(bits == 2):
                     w = (pack_x2(mTable[e % 4], mTable[e // 4 % 4], bf16),
@@ -412,8 +465,8 @@ class PackedDecode:
                     w = (pack_x2(mTable[e], Float32(0.0), bf16),) * 2
                 for i in cutlass.range_constexpr(16):
                     pos = (tidx + i) % 16 * 2  # threads of a warp start in different banks
-                    sTab[e * 32 + pos] = w[0]
-                    sTab[e * 32 + pos + 1] = w[1]
+                    sTab[e * (TABLE_ROW_BYTES // 4) + half * 32 + pos] = w[0]
+                    sTab[e * (TABLE_ROW_BYTES // 4) + half * 32 + pos + 1] = w[1]
 
     @cute.jit
     def _pages(self, mPageTable, b, key0, end, page_size, pages):
@@ -428,9 +481,11 @@ class PackedDecode:
 
     @cute.jit
     def _issue(self, stage, src, kv_head, key0, end, pages, lane, quad, qi):
-        """cp.async of this lane's bytes of the block at ``key0`` into the ring stage at shared
-        address ``stage``: per chunk the K slices of keys ``quad``, ``quad + 8`` and the V slices
-        of keys ``2qi, 2qi+1, 2qi+8, 2qi+9``; lanes 0-7 copy the chunk's two rows of 16 scales.
+        """cp.async of the block at ``key0`` into the ring stage at shared address ``stage``: per
+        chunk the K slices of keys ``quad``, ``quad + 8`` and the V slices of keys ``2qi, 2qi+1,
+        2qi+8, 2qi+9`` that lane ``(quad, qi)`` reads (each copied by that lane where slices are 16
+        bytes or more, else as 16-byte pieces of rows: ``k_piece``, ``v_piece``); lanes 0-7 copy
+        the chunk's two rows of 16 scales.
         Keys past ``end`` read the last key (their scores are masked, their scales finite)."""
         mKData, mVData, mKScale, mVScale = src
         kw, vw, kp, vp = self.k_words, self.v_words, self.k_piece, self.v_piece
@@ -438,23 +493,39 @@ class PackedDecode:
             base = key0 + c * CHUNK
             page, first = pages[c], cutlass.min(base, end - 1)
             slot0 = pages[self.chunks + c] - first  # + a key of this chunk = its slot
-            for r in cutlass.range_constexpr(2):
-                slot = slot0 + cutlass.min(base + quad + 8 * r, end - 1)
-                g = cute.domain_offset((page, slot, kv_head, qi * kw * 4), mKData).iterator.toint()
-                for pc in cutlass.range_constexpr(4 * kw // kp):
-                    _async_copy(g + pc * kp, self._k_at(stage, c, r, pc, lane), kp)
-            for t in cutlass.range_constexpr(4):
-                slot = slot0 + cutlass.min(base + 2 * qi + t % 2 + 8 * (t // 2), end - 1)
-                g = cute.domain_offset((page, slot, kv_head, quad * vw * 4), mVData).iterator.toint()
-                for pc in cutlass.range_constexpr(4 * vw // vp):
-                    _async_copy(g + pc * vp, self._v_at(stage, c, t, pc, lane), vp)
+            if const_expr(kp == 16):
+                for r in cutlass.range_constexpr(2):
+                    slot = slot0 + cutlass.min(base + quad + 8 * r, end - 1)
+                    g = cute.domain_offset((page, slot, kv_head, qi * kw * 4), mKData).iterator.toint()
+                    for pc in cutlass.range_constexpr(4 * kw // kp):
+                        _async_copy(g + pc * kp, self._k_at(stage, c, r, pc, lane))
+            else:  # a lane's slices are 4 or 8 bytes: 16-byte pieces of the rows (``k_piece``)
+                for j in cutlass.range_constexpr(-(-CHUNK * kw // 32)):
+                    u = lane + 32 * j
+                    if u < CHUNK * kw:
+                        key, m, at = k_piece(u, kw)
+                        slot = slot0 + cutlass.min(base + key, end - 1)
+                        g = cute.domain_offset((page, slot, kv_head, m * 16), mKData).iterator.toint()
+                        _async_copy(g, self._k_at(stage, c, key // 8, 0, at))
+            if const_expr(vp == 16):
+                for t in cutlass.range_constexpr(4):
+                    slot = slot0 + cutlass.min(base + 2 * qi + t % 2 + 8 * (t // 2), end - 1)
+                    g = cute.domain_offset((page, slot, kv_head, quad * vw * 4), mVData).iterator.toint()
+                    for pc in cutlass.range_constexpr(4 * vw // vp):
+                        _async_copy(g + pc * vp, self._v_at(stage, c, t, pc, lane))
+            else:  # 16-byte pieces of the rows (``v_piece``)
+                for j in cutlass.range_constexpr(vw):
+                    t, key, m, at = v_piece(lane + 32 * j, vw)
+                    slot = slot0 + cutlass.min(base + key, end - 1)
+                    g = cute.domain_offset((page, slot, kv_head, m * 16), mVData).iterator.toint()
+                    _async_copy(g, self._v_at(stage, c, t, 0, at))
             row = slot0 + _scale_row_key(base, end)
             for side in cutlass.range_constexpr(2):
                 mS = (mKScale, mVScale)[side]
                 pieces = mS.element_type.width // 8  # 16 scales: 2 or 4 pieces of 16 bytes
                 if lane // 4 == side and lane % 4 < pieces:
                     g = cute.domain_offset((page, kv_head, row), mS).iterator.toint()
-                    _async_copy(g + lane % 4 * 16, self._scales_at(stage, c, side) + lane % 4 * 16, 16)
+                    _async_copy(g + lane % 4 * 16, self._scales_at(stage, c, side) + lane % 4 * 16)
 
     @cute.jit
     def _block(self, stage, src, qw, acc, ml, tables, key0, end, seqlen, first_row, scale_log2, lane, quad, qi, bf16):
@@ -471,7 +542,8 @@ class PackedDecode:
                     _shared_words(self._k_at(stage, c, r, pc, lane), ck, (2 * c + r) * kw + pc * kp // 4, kp // 4)
             for t in cutlass.range_constexpr(4):
                 for pc in cutlass.range_constexpr(4 * vw // vp):
-                    _shared_words(self._v_at(stage, c, t, pc, lane), cv, (4 * c + t) * vw + pc * vp // 4, vp // 4)
+                    _shared_words(self._v_at(stage, c, t, pc, v_slot(quad, qi, vw)), cv, (4 * c + t) * vw + pc * vp // 4,
+                                  vp // 4)
             base = key0 + c * CHUNK
             row0 = _scale_row_key(base, end)
             for side in cutlass.range_constexpr(2):
@@ -480,8 +552,8 @@ class PackedDecode:
                                                      assumed_align=16), cute.make_layout((CHUNK,)))
                 for r in cutlass.range_constexpr(2):
                     cs[4 * c + 2 * side + r] = Float32(row[cutlass.min(base + quad + 8 * r, end - 1) - row0])
-        ktab = lambda byte: _table_row(tables[self.kb], byte, self.kb)
-        vtab = lambda byte: _table_row(tables[self.vb], byte, self.vb)
+        ktab = lambda w, i: _table_row(*tables[self.kb], w, i, self.kb)
+        vtab = lambda w, i: _table_row(*tables[self.vb], w, i, self.vb)
 
         # Scores: s[si(c, r, n, h)] = key quad + 8r of chunk c, row 8n + 2qi + h, in the log2 domain.
         si = lambda c, r, n, h: ((2 * c + r) * NT + n) * 2 + h
@@ -629,12 +701,14 @@ def _rescale_row(acc, n: cutlass.Constexpr[int], h: cutlass.Constexpr[int], alph
 
 # ----------------------------------------------------------------------------- memory helpers
 @cute.jit
-def _table_row(lane_row0, byte, bits: cutlass.Constexpr[int]):
-    """This lane's words of row ``byte`` of a byte table (``lane_row0``: their shared address in
-    row 0): two words at 2 bits (one 64-bit load), one otherwise."""
+def _table_row(table, lane_off, codes, i: cutlass.Constexpr[int], bits: cutlass.Constexpr[int]):
+    """This lane's words of the table row that byte ``i`` of ``codes`` names (``table``: the
+    tables' shared address, warp-uniform; ``lane_off``: ``lane_offset``): two words at 2 bits (one
+    64-bit load), one otherwise. One ``prmt`` and the load (ptxas adds a uniform base in the
+    load), where a shift, a mask and an add made the offset of a 128-byte row."""
     w = cute.make_rmem_tensor((2,), Uint32)
     n = 2 if bits == 2 else 1
-    _shared_words(lane_row0 + Int32(byte) * 128, w, 0, n)
+    _shared_words(table + Int32(table_offset(codes, i, lane_off, prmt)), w, 0, n)
     return (w[0], w[1]) if const_expr(n == 2) else (w[0],)
 
 
@@ -645,11 +719,12 @@ def _scale_row_key(base, end):
 
 
 @cute.jit
-def _async_copy(gaddr, saddr, nbytes: cutlass.Constexpr[int]):
-    """cp.async of ``nbytes`` (4, 8 or 16, aligned so) from global to shared memory, by address."""
-    src = cute.make_ptr(cutlass.Uint8, gaddr, cute.AddressSpace.gmem, assumed_align=nbytes)
-    dst = cute.make_ptr(cutlass.Uint8, saddr, cute.AddressSpace.smem, assumed_align=nbytes)
-    copy_part_async(src, cute.make_tensor(dst, cute.make_layout((nbytes,))), nbytes, nbytes)
+def _async_copy(gaddr, saddr):
+    """cp.async of 16 bytes from global to shared memory, by address: a 16-byte copy bypasses L1
+    (``cp.async.cg``), where an 8- or 4-byte one would allocate there."""
+    src = cute.make_ptr(cutlass.Uint8, gaddr, cute.AddressSpace.gmem, assumed_align=16)
+    dst = cute.make_ptr(cutlass.Uint8, saddr, cute.AddressSpace.smem, assumed_align=16)
+    copy_part_async(src, cute.make_tensor(dst, cute.make_layout((16,))), 16, 16)
 
 
 @cute.jit
