@@ -249,13 +249,13 @@ class PackedDecode:
     rows; more rows are ``row_groups`` CTAs on the same keys."""
 
     # Blocks in flight per warp (the cp.async ring). Three measured fastest with the byte tables in
-    # shared memory, though they leave room for 2 CTAs per SM instead of 3 (perf/results/decode-*).
+    # shared memory (perf/results/decode-*); 12 warps of three stages and the tables take 225 KB at
+    # K4V4, four would not fit.
     stages = 3
     # Warps per CTA, by n-tiles; each walks its own blocks of the split. One CTA an SM, so that
-    # all its warps share one copy of the byte tables (64 KB): 12 warps at one tile, where two CTAs
-    # of 4 kept 8 warps an SM and measured 1.03-1.16x slower at K4V4 and K2V4 (K2V2 level, K8V8
-    # 1.02x faster); 8 at two tiles, all the registers allow, which measured level with two CTAs
-    # of 4 (perf/results/decode-*.md).
+    # all its warps share one copy of the byte tables (64 KB): 12 warps at one tile (two CTAs of 4
+    # measured 1.04-1.09x slower at K4V4, 1.17x at K2V4, level at K2V2, 1.02x faster at K8V8);
+    # 8 at two tiles, all the registers allow, level with two CTAs of 4 (perf/results/decode-*.md).
     warps_by_tiles = {1: 12, 2: 8}
 
     def __init__(self, head_dim: int, k_bits: int, v_bits: int, seqlen_q: int, group: int, causal: bool):
