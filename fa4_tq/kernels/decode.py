@@ -14,10 +14,9 @@ One CTA = (KV split, KV head and row group, sequence): 12 warps and 8 query rows
 or, past 8 rows, 8 warps and 16 rows (two n-tiles: each dequantised fragment feeds two MMAs), in
 as many row groups as the rows need (32 rows: two CTAs on the same keys). Each warp walks its own
 blocks of ``CHUNKS x 16`` keys (blocks ``warp, warp + W, ...`` of the split, W warps) with its
-own online softmax,
-the next block's bytes loading while this one is computed; the warps merge through shared memory
-and write the split's normalised output and LSE (float32), which FA4's combine kernel merges
-across splits. Per 16-key chunk a warp does:
+own online softmax, the next block's bytes loading while this one is computed; the warps merge
+through shared memory and write the split's normalised output and LSE (float32), which FA4's
+combine kernel merges across splits. Per 16-key chunk a warp does:
 
 - ``S^T = K Q^T``: ``d/16`` m16n8k16 MMAs; lane ``(quad, qi)`` owns keys ``quad`` and
   ``quad + 8`` and the head-dim slice ``[qi*d/4, (qi+1)*d/4)``: one contiguous load per key. The
@@ -149,8 +148,8 @@ def decode_pairs(w, bits: int, dtype: str, prmt_op, byte_lookup=None) -> list:
     With ``byte_lookup(w, i)`` (the words byte ``i`` of ``w`` names; the kernel: its shared
     table; tests: ``byte_table`` behind ``table_offset``), each byte of ``w`` is looked up: 2-bit
     bytes give two words, 4-bit bytes one, 8-bit bytes one value, paired with the next byte's by
-    a ``prmt``. Without, 2/4-bit codes go through ``decode_four`` (the prefill
-    kernel's register lookup), which the tests hold the table path to."""
+    a ``prmt``. Without, 2/4-bit codes go through ``decode_four`` (the prefill kernel's register
+    lookup), which the tests hold the table path to."""
     if byte_lookup is None:
         out = []
         for p in range(8 // bits):
