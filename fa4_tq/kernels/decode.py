@@ -72,8 +72,8 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 TABLE_ROW_BYTES = 256
 TABLE_BYTES = 256 * TABLE_ROW_BYTES
 SMEM_PER_SM = 233472  # shared memory of an SM90 SM; each CTA also takes 1 KB of it
-# Warps per SM the registers allow, by n-tiles (ptxas: 92-156 registers a thread at one tile,
-# 166-247 at two)
+# Warps per SM the registers allow, by n-tiles (ptxas, `compile_check decode-kernel --ptxas`:
+# 74-151 registers a thread at one tile, 128-237 at two; 64K registers an SM)
 REGISTER_WARPS = {1: 12, 2: 8}
 
 
