@@ -277,6 +277,10 @@ class PackedDecode:
         # [chunk][key t][piece][lane] (16-byte pieces at most, lanes adjacent: conflict-free
         # shared loads), then the scale rows [chunk][K/V][16 keys] (float32 room, either dtype).
         self.k_piece, self.v_piece = min(16, 4 * self.k_words), min(16, 4 * self.v_words)
+        # Each lane copies its own 4- or 8-byte V slices where the other side is 8 bits (one
+        # chunk a block): K8V4 measured 1.15x faster so (197.8 vs 228.0 us at b8 32K), where K4V4
+        # and K2V4 are 1.04-1.06x faster with the 16-byte pieces (perf/results/decode-*.md).
+        self.v_lane_copies = self.v_piece == 16 or self.chunks == 1
         self.k_bytes = self.chunks * 2 * 32 * 4 * self.k_words
         self.v_bytes = self.chunks * 4 * 32 * 4 * self.v_words
         # After the loop a warp's ring holds its unnormalised output rows (float32) for the merge:
@@ -302,6 +306,11 @@ class PackedDecode:
 
     def _v_at(self, stage, c, t, piece, lane):
         return stage + self.k_bytes + (((4 * c + t) * (4 * self.v_words // self.v_piece) + piece) * 32 + lane) * self.v_piece
+
+    def _v_reader_slot(self, lane, quad, qi):
+        """The slot of lane ``(quad, qi)``'s V slices in a ring row: its own lane where it copied
+        them itself (``v_lane_copies``), else where the 16-byte pieces put them (``v_slot``)."""
+        return lane if self.v_lane_copies else v_slot(quad, qi, self.v_words)
 
     def _scales_at(self, stage, c, side):
         return stage + self.k_bytes + self.v_bytes + (2 * c + side) * CHUNK * 4
@@ -483,8 +492,9 @@ class PackedDecode:
         """cp.async of the block at ``key0`` into the ring stage at shared address ``stage``: per
         chunk the K slices of keys ``quad``, ``quad + 8`` and the V slices of keys ``2qi, 2qi+1,
         2qi+8, 2qi+9`` that lane ``(quad, qi)`` reads (each copied by that lane where slices are 16
-        bytes or more, else as 16-byte pieces of rows: ``k_piece``, ``v_piece``); lanes 0-7 copy
-        the chunk's two rows of 16 scales.
+        bytes or more, and V's also at 4-8 bytes where a block is one chunk (``v_lane_copies``);
+        else as 16-byte pieces of rows: ``k_piece``, ``v_piece``); lanes 0-7 copy the chunk's two
+        rows of 16 scales.
         Keys past ``end`` read the last key (their scores are masked, their scales finite)."""
         mKData, mVData, mKScale, mVScale = src
         kw, vw, kp, vp = self.k_words, self.v_words, self.k_piece, self.v_piece
@@ -506,12 +516,12 @@ class PackedDecode:
                         slot = slot0 + cutlass.min(base + key, end - 1)
                         g = cute.domain_offset((page, slot, kv_head, m * 16), mKData).iterator.toint()
                         _async_copy(g, self._k_at(stage, c, key // 8, 0, at))
-            if const_expr(vp == 16):
+            if const_expr(self.v_lane_copies):  # 16-byte slices, or one chunk a block
                 for t in cutlass.range_constexpr(4):
                     slot = slot0 + cutlass.min(base + 2 * qi + t % 2 + 8 * (t // 2), end - 1)
                     g = cute.domain_offset((page, slot, kv_head, quad * vw * 4), mVData).iterator.toint()
                     for pc in cutlass.range_constexpr(4 * vw // vp):
-                        _async_copy(g + pc * vp, self._v_at(stage, c, t, pc, lane))
+                        _async_copy(g + pc * vp, self._v_at(stage, c, t, pc, lane), vp)
             else:  # 16-byte pieces of the rows (``v_piece``)
                 for j in cutlass.range_constexpr(vw):
                     t, key, m, at = v_piece(lane + 32 * j, vw)
@@ -541,7 +551,7 @@ class PackedDecode:
                     _shared_words(self._k_at(stage, c, r, pc, lane), ck, (2 * c + r) * kw + pc * kp // 4, kp // 4)
             for t in cutlass.range_constexpr(4):
                 for pc in cutlass.range_constexpr(4 * vw // vp):
-                    _shared_words(self._v_at(stage, c, t, pc, v_slot(quad, qi, vw)), cv, (4 * c + t) * vw + pc * vp // 4,
+                    _shared_words(self._v_at(stage, c, t, pc, self._v_reader_slot(lane, quad, qi)), cv, (4 * c + t) * vw + pc * vp // 4,
                                   vp // 4)
             base = key0 + c * CHUNK
             row0 = _scale_row_key(base, end)
@@ -718,12 +728,12 @@ def _scale_row_key(base, end):
 
 
 @cute.jit
-def _async_copy(gaddr, saddr):
-    """cp.async of 16 bytes from global to shared memory, by address: a 16-byte copy bypasses L1
-    (``cp.async.cg``), where an 8- or 4-byte one would allocate there."""
-    src = cute.make_ptr(cutlass.Uint8, gaddr, cute.AddressSpace.gmem, assumed_align=16)
-    dst = cute.make_ptr(cutlass.Uint8, saddr, cute.AddressSpace.smem, assumed_align=16)
-    copy_part_async(src, cute.make_tensor(dst, cute.make_layout((16,))), 16, 16)
+def _async_copy(gaddr, saddr, nbytes: cutlass.Constexpr[int] = 16):
+    """cp.async of ``nbytes`` (16, 8 or 4) from global to shared memory, by address: a 16-byte
+    copy bypasses L1 (``cp.async.cg``), an 8- or 4-byte one allocates there."""
+    src = cute.make_ptr(cutlass.Uint8, gaddr, cute.AddressSpace.gmem, assumed_align=nbytes)
+    dst = cute.make_ptr(cutlass.Uint8, saddr, cute.AddressSpace.smem, assumed_align=nbytes)
+    copy_part_async(src, cute.make_tensor(dst, cute.make_layout((nbytes,))), nbytes, nbytes)
 
 
 @cute.jit
