@@ -551,8 +551,8 @@ class PackedDecode:
                     _shared_words(self._k_at(stage, c, r, pc, lane), ck, (2 * c + r) * kw + pc * kp // 4, kp // 4)
             for t in cutlass.range_constexpr(4):
                 for pc in cutlass.range_constexpr(4 * vw // vp):
-                    _shared_words(self._v_at(stage, c, t, pc, self._v_reader_slot(lane, quad, qi)), cv, (4 * c + t) * vw + pc * vp // 4,
-                                  vp // 4)
+                    _shared_words(self._v_at(stage, c, t, pc, self._v_reader_slot(lane, quad, qi)), cv,
+                                  (4 * c + t) * vw + pc * vp // 4, vp // 4)
             base = key0 + c * CHUNK
             row0 = _scale_row_key(base, end)
             for side in cutlass.range_constexpr(2):
