@@ -16,12 +16,15 @@ Per row, as ``fa4_tq.compress`` (the reference) computes it:
    reference's in its last bit or two, so a value within that of a decision boundary can take
    the neighbouring code. The tests count those ties.
 3. The code: the number of boundaries strictly below ``u`` (``torch.bucketize``: a value on a
-   boundary takes the lower code). It comes from one shared-memory bucket: ``u * S + C`` (``S``
-   a power of two so that a bucket holds at most one boundary, ``C`` the buckets below zero,
-   ``search_table``) names the bucket, which stores how many boundaries lie below it, its one
-   candidate boundary and the squared centroids of the two possible codes; one float compare
-   finishes the search, for every width (8 bits included) and both signs (zeros take the
-   middle boundary's lower code, ``m - 1``).
+   boundary takes the lower code). It comes from one 4-byte shared-memory bucket: ``u * S + C``
+   (``S`` a power of two so that a bucket holds at most one boundary, ``C`` the buckets below
+   zero, ``search_table``) names the bucket, whose word is its one candidate boundary (float32;
+   every boundary has at least 13 zero low bits) with the count of boundaries below it in the
+   low 8 bits; one float compare finishes the search, for every width (8 bits included) and both
+   signs (zeros take the middle boundary's lower code, ``m - 1``). The squared centroid for the
+   scale is a second lookup, in a table of ``2**b`` words after the buckets. Two 4-byte lookups
+   and not one 16-byte row: the kernel is bound by shared-memory wavefronts, and a warp's
+   16-byte lookups of random buckets took 7.3 wavefronts each (``perf/results/compress-*.md``).
 4. ``sigma = ||y|| / ||g[idx]||`` rounded to the scale dtype; codes packed little-endian.
 
 Rows whose slot is -1 (padding) are computed and not written; a zero vector gets codes
@@ -38,7 +41,8 @@ import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, Uint32, const_expr
-from cutlass._mlir.dialects import arith, llvm
+from cutlass._mlir import ir
+from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
 from ..codec.codebook import centroid_values
@@ -46,6 +50,14 @@ from .hadamard import butterflies
 
 THREADS = 128
 PER_LANE = 32  # values per thread (see the module docstring)
+# CTAs (of THREADS) per SM: 6 measured up to 1.07x faster than 4 on the H100 at 16K-64K tokens
+# (8-bit level) and faster than 8 (perf/results/compress-*.md); 6 resident need <= 80 registers
+CTAS_PER_SM = 6
+# independent partial sums per norm: a single running sum is a 32-deep chain of dependent adds
+ACCUMULATORS = 4
+# -4 * 0x4B000000 mod 2**32: added once to the table's address (``_search``)
+TABLE_BIAS = (-4 * 0x4B000000) % (1 << 32)
+CODE_MASK = 0xFF  # the low bits of a bucket word that hold its code
 
 
 def lanes_per_row(head_dim: int, per_lane: int | None = None) -> tuple[int, int]:
@@ -97,29 +109,29 @@ def bucket_range(bits: int, head_dim: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def search_rows(bits: int, head_dim: int) -> tuple[tuple[int, int, int, int], ...]:
-    """The bucket table as uint32 rows ``(below, candidate, c2[below], c2[below + 1])``: how many
-    boundaries lie below the bucket (the code of a value at or under its candidate), the
-    float32 bits of the one boundary inside it (+inf if none), and the squared centroids
-    (float32 bits) of the two possible codes."""
+def search_words(bits: int, head_dim: int) -> tuple[int, ...]:
+    """The search table as uint32 words: the ``n`` buckets, each the float32 bits of the one
+    boundary inside it (+inf if none) or'ed with how many boundaries lie below it (the code of
+    a value at or under the boundary); then ``c2``, the ``2**bits`` squared centroids (float32
+    bits); zeros up to a multiple of 4 words (the kernel stages 16-byte pieces)."""
     b, s = signed_boundaries(bits), bucket_scale(bits)
+    if any(_f32_bits(x) & CODE_MASK for x in b):
+        raise AssertionError(f"a {bits}-bit boundary uses the low bits that carry the code")
     offset, n = bucket_range(bits, head_dim)
-    c2 = [_f32_bits(_f32(v * v)) for v in centroid_values(bits)]
-    rows = []
+    words = []
     for q in range(-offset, n - offset):
         below = sum(1 for x in b if math.floor(x * s) < q)
         inside = [x for x in b if math.floor(x * s) == q]
-        cand = _f32_bits(inside[0]) if inside else 0x7F800000
-        rows.append((below, cand, c2[below], c2[min(below + 1, len(c2) - 1)]))
-    return tuple(rows)
+        words.append((_f32_bits(inside[0]) if inside else 0x7F800000) | below)
+    words += [_f32_bits(_f32(v * v)) for v in centroid_values(bits)]
+    return tuple(words + [0] * (-len(words) % 4))
 
 
 def search_table(bits: int, head_dim: int):
-    """``search_rows`` as an int32 tensor [n, 4] (the bits of the uint32 rows), for the kernel."""
+    """``search_words`` as an int32 tensor (the bits of the uint32 words), for the kernel."""
     import torch
 
-    rows = [[v - (1 << 32) if v >= 1 << 31 else v for v in r] for r in search_rows(bits, head_dim)]
-    return torch.tensor(rows, dtype=torch.int32)
+    return torch.tensor([v - (1 << 32) if v >= 1 << 31 else v for v in search_words(bits, head_dim)], dtype=torch.int32)
 
 
 def code_of(u: float, bits: int, head_dim: int) -> tuple[int, int]:
@@ -128,24 +140,29 @@ def code_of(u: float, bits: int, head_dim: int) -> tuple[int, int]:
     offset, n = bucket_range(bits, head_dim)
     q = math.floor(_f32(u) * bucket_scale(bits)) + offset
     assert bits == 8 or 0 <= q < n, "bucket past the table: |u| > sqrt(d)"
-    below, cand, lo, hi = search_rows(bits, head_dim)[min(max(q, 0), n - 1)]
-    above = struct.unpack("<f", struct.pack("<I", cand))[0] < u
-    return below + above, (hi if above else lo)
+    words = search_words(bits, head_dim)
+    word = words[min(max(q, 0), n - 1)]
+    cand = word & ~CODE_MASK
+    code = word - cand + (struct.unpack("<f", struct.pack("<I", cand))[0] < u)
+    return code, words[n + code]
 
 
 class CacheWrite:
     """Compile-time configuration of one cache-write kernel: head_dim, K/V bits (``v_bits=None``
-    writes one side only, for ``compress_into``) and how many CTAs to launch at most (they loop
-    over the row blocks, so the constants are staged once per CTA)."""
+    writes one side only, for ``compress_into``) and the grid: ``ctas_per_sm`` CTAs on each of
+    ``sms`` SMs at most (they loop over the row blocks, so the constants are staged once per CTA),
+    all resident at once (ptxas is told to fit that many, capping the registers)."""
 
-    def __init__(self, head_dim: int, k_bits: int, v_bits: int | None, max_ctas: int, per_lane: int | None = None):
+    def __init__(self, head_dim: int, k_bits: int, v_bits: int | None, sms: int, ctas_per_sm: int = CTAS_PER_SM,
+                 per_lane: int | None = None):
         self.head_dim = head_dim
         self.bits = (k_bits, v_bits)
         self.sides = 1 if v_bits is None else 2
-        self.max_ctas = max_ctas
+        self.ctas_per_sm = ctas_per_sm
+        self.max_ctas = sms * ctas_per_sm
         self.lanes, self.per_lane = lanes_per_row(head_dim, per_lane)
         self.rows_per_cta = THREADS // self.lanes
-        self.table_rows = max(bucket_range(b, head_dim)[1] for b in self.bits if b is not None)
+        self.table_words = max(len(search_words(b, head_dim)) for b in self.bits if b is not None)
 
     @cute.jit
     def __call__(
@@ -165,29 +182,48 @@ class CacheWrite:
     ):
         blocks = (mK.shape[0] * mK.shape[1] + self.rows_per_cta - 1) // self.rows_per_cta
         grid_x = cutlass.min(blocks, self.max_ctas // self.sides)
-        self.kernel(mK, mV, mSlots, mKData, mVData, mKScale, mVScale, mKSigns, mVSigns, mKTable, mVTable).launch(
-            grid=[cutlass.max(grid_x, 1), self.sides, 1], block=[THREADS, 1, 1], stream=stream
+        # multiply-high divisions: a general 32-bit division by a runtime value is ~25 instructions
+        heads = cute.FastDivmodDivisorV2(mK.shape[1])
+        pages = [cute.FastDivmodDivisorV2(m.shape[1]) for m in (mKData, mVData)]
+        self.kernel(mK, mV, mSlots, mKData, mVData, mKScale, mVScale, mKSigns, mVSigns, mKTable, mVTable,
+                    heads, *pages).launch(
+            grid=[cutlass.max(grid_x, 1), self.sides, 1], block=[THREADS, 1, 1], stream=stream,
+            # the carveout (-1: the driver's default) given so that compiling needs no device query
+            min_blocks_per_mp=self.ctas_per_sm, preferred_smem_carveout=-1,
         )
 
     @cute.kernel
-    def kernel(self, mK, mV, mSlots, mKData, mVData, mKScale, mVScale, mKSigns, mVSigns, mKTable, mVTable):
+    def kernel(self, mK, mV, mSlots, mKData, mVData, mKScale, mVScale, mKSigns, mVSigns, mKTable, mVTable,
+               heads: cute.FastDivmodDivisorV2, k_pages: cute.FastDivmodDivisorV2, v_pages: cute.FastDivmodDivisorV2):
         smem = cutlass.utils.SmemAllocator()
-        sTable = smem.allocate_tensor(Uint32, cute.make_layout((self.table_rows, 4), stride=(4, 1)), byte_alignment=16)
+        sTable = smem.allocate_tensor(Uint32, cute.make_layout((self.table_words,)), byte_alignment=16)
         sSignMask = smem.allocate_tensor(Uint32, cute.make_layout((self.head_dim // 2,)), byte_alignment=16)
         if cute.arch.block_idx()[1] == 0:
-            self._side(mK, mSlots, mKData, mKScale, mKSigns, mKTable, sTable, sSignMask, self.bits[0])
+            self._side(mK, mSlots, mKData, mKScale, mKSigns, mKTable, sTable, sSignMask, heads, k_pages, self.bits[0])
         elif const_expr(self.sides == 2):
-            self._side(mV, mSlots, mVData, mVScale, mVSigns, mVTable, sTable, sSignMask, self.bits[1])
+            self._side(mV, mSlots, mVData, mVScale, mVSigns, mVTable, sTable, sSignMask, heads, v_pages, self.bits[1])
 
     @cute.jit
-    def _side(self, mX, mSlots, mData, mScale, mSigns, mTable, sTable, sSignMask, bits: cutlass.Constexpr[int]):
+    def _side(self, mX, mSlots, mData, mScale, mSigns, mTable, sTable, sSignMask, heads, pages,
+              bits: cutlass.Constexpr[int]):
         """Stage this side's constants in shared memory, then loop over blocks of rows."""
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
         grid_x, _, _ = cute.arch.grid_dim()
-        n = bucket_range(bits, self.head_dim)[1]
-        for i in cutlass.range(tidx, n * 4, THREADS, unroll=1):
-            sTable[i // 4, i % 4] = Uint32(mTable[i // 4, i % 4])
+        # every 16-byte piece's load in flight at once (a loop of 4-byte loads cost a dependent
+        # round trip per 128 words: ~2 us of an 8-bit launch before any row was computed)
+        pieces = len(search_words(bits, self.head_dim)) // 4
+        rounds = (pieces + THREADS - 1) // THREADS
+        staged = cute.make_rmem_tensor((rounds * 4,), Int32)
+        for r in cutlass.range_constexpr(rounds):
+            if tidx + r * THREADS < pieces:
+                src = cute.domain_offset((4 * (tidx + r * THREADS),), mTable).iterator.toint()
+                src = cute.make_ptr(Int32, src, cute.AddressSpace.gmem, assumed_align=16)
+                cute.autovec_copy(cute.make_tensor(src, cute.make_layout((4,))), cute.local_tile(staged, (4,), (r,)))
+        for r in cutlass.range_constexpr(rounds):
+            if tidx + r * THREADS < pieces:
+                for c in cutlass.range_constexpr(4):
+                    sTable[4 * (tidx + r * THREADS) + c] = Uint32(staged[4 * r + c])
         # sign bits of the bf16/fp16 pairs (bit 15 and bit 31): x * s is one xor on the input
         for i in cutlass.range(tidx, self.head_dim // 2, THREADS, unroll=1):
             lo = Uint32(0x8000) if mSigns[2 * i] < Float32(0.0) else Uint32(0)
@@ -200,49 +236,52 @@ class CacheWrite:
         # Software pipelining: the next block's row is loaded while this one is computed, so
         # every thread keeps a load in flight through its arithmetic.
         nxt = cute.make_rmem_tensor((self.per_lane // 2,), Uint32)
-        slot_nxt = self._load(mX, mSlots, bidx * self.rows_per_cta + tidx // self.lanes, rows, lane, nxt)
+        slot_nxt = self._load(mX, mSlots, bidx * self.rows_per_cta + tidx // self.lanes, rows, lane, nxt, heads)
         cur = cute.make_rmem_tensor((self.per_lane // 2,), Uint32)
         for blk in cutlass.range(bidx, blocks, grid_x, unroll=1):
             for i in cutlass.range_constexpr(self.per_lane // 2):
                 cur[i] = nxt[i]
             slot = slot_nxt
-            slot_nxt = self._load(mX, mSlots, (blk + grid_x) * self.rows_per_cta + tidx // self.lanes, rows, lane, nxt)
-            row = blk * self.rows_per_cta + tidx // self.lanes
-            self._row(mX, mData, mScale, sTable, sSignMask, bits, row, slot, lane, cur)
+            slot_nxt = self._load(mX, mSlots, (blk + grid_x) * self.rows_per_cta + tidx // self.lanes, rows, lane, nxt,
+                                  heads)
+            head = (blk * self.rows_per_cta + tidx // self.lanes) % heads
+            self._row(mData, mScale, sTable, sSignMask, pages, bits, mX.element_type, head, slot, lane, cur)
 
     @cute.jit
-    def _load(self, mX, mSlots, row, rows, lane, xw) -> Int32:
+    def _load(self, mX, mSlots, row, rows, lane, xw, heads) -> Int32:
         """This lane's ``E`` values of ``row`` into ``xw`` (16-byte loads) and the row's slot;
         zeros and slot -1 past the last row."""
-        E, H = self.per_lane, mX.shape[1]
+        E = self.per_lane
         slot = Int32(-1)
         xw.fill(0)
         if row < rows:
-            tok = row // H
+            tok, head = divmod(row, heads)
             slot = Int32(mSlots[tok])
-            src = cute.domain_offset((tok, row % H, lane * E), mX)
+            src = cute.domain_offset((tok, head, lane * E), mX)
             ptr = cute.make_ptr(Uint32, src.iterator.toint(), cute.AddressSpace.gmem, assumed_align=16)
             cute.autovec_copy(cute.make_tensor(ptr, cute.make_layout((E // 2,))), xw)
         return slot
 
     @cute.jit
-    def _row(self, mX, mData, mScale, sTable, sSignMask, bits: cutlass.Constexpr[int], row, slot, lane, xw):
+    def _row(self, mData, mScale, sTable, sSignMask, pages, bits: cutlass.Constexpr[int], dtype: cutlass.Constexpr,
+             head, slot, lane, xw):
         d, L, E = self.head_dim, self.lanes, self.per_lane
-        head = row % mX.shape[1]
 
         # 1. the signs on the input bits, the butterflies
         mask = cute.make_rmem_tensor((E // 2,), Uint32)
         cute.autovec_copy(cute.local_tile(sSignMask, (E // 2,), (lane,)), mask)
         for i in cutlass.range_constexpr(E // 2):
             xw[i] = xw[i] ^ mask[i]
-        xs = cute.recast_tensor(xw, mX.element_type)
+        xs = cute.recast_tensor(xw, dtype)
         f = cute.make_rmem_tensor((E,), Float32)
         for j in cutlass.range_constexpr(E):
             f[j] = Float32(xs[j])
         butterflies(f, E, lane, L)
-        sq = Float32(0.0)
+        sqs = cute.make_rmem_tensor((ACCUMULATORS,), Float32)
+        sqs.fill(0.0)
         for j in cutlass.range_constexpr(E):
-            sq += f[j] * f[j]
+            sqs[j % ACCUMULATORS] += f[j] * f[j]
+        sq = _tree_sum(sqs)
         if const_expr(L > 1):
             sq = cute.arch.warp_reduction(sq, lambda x, y: x + y, threads_in_group=L)
         h_norm = cute.math.sqrt(sq)
@@ -250,32 +289,30 @@ class CacheWrite:
 
         # 2. codes (bucket search), the norm of the quantised row, packing
         offset, n = bucket_range(bits, d)
-        scale = Float32(bucket_scale(bits))
+        # + TABLE_BIAS (see _search), written as an or (shared addresses are below 2**28, where
+        # the bias has no bits): as an add, ptxas split it back out of the per-value address
+        table = Uint32(sTable.iterator.toint()) | Uint32(TABLE_BIAS)
+        c2 = Uint32(sTable.iterator.toint()) + Uint32(4 * n)
         words = cute.make_rmem_tensor((E * bits // 32,), Uint32)
         words.fill(0)
-        gsq = Float32(0.0)
+        gsq = cute.make_rmem_tensor((ACCUMULATORS,), Float32)
+        gsq.fill(0.0)
         for j in cutlass.range_constexpr(E):
-            u = f[j] * to_unit
-            q = _floor_index(u, scale, offset)
-            if const_expr(bits == 8):  # values past the outermost boundaries share the end buckets
-                q = cutlass.max(cutlass.min(q, Int32(n - 1)), Int32(0))
-            entry = cute.make_rmem_tensor((4,), Uint32)
-            cute.autovec_copy(sTable[q, None], entry)
-            above = _as_f32(entry[1]) < u
-            gsq += _as_f32(entry[3] if above else entry[2])
-            code = entry[0] + (Uint32(1) if above else Uint32(0))
             w, sh = (bits * j) // 32, (bits * j) % 32
-            words[w] = words[w] | (code << sh)
+            a = j % ACCUMULATORS
             if const_expr(sh + bits > 32):  # a 3-bit code straddling two words
+                words[w], gsq[a], code = _search(f[j] * to_unit, table, c2, words[w], gsq[a], bits, offset, n, sh, True)
                 words[w + 1] = words[w + 1] | (code >> (32 - sh))
+            else:
+                words[w], gsq[a], _ = _search(f[j] * to_unit, table, c2, words[w], gsq[a], bits, offset, n, sh, False)
+        gsq = _tree_sum(gsq)
         if const_expr(L > 1):
             gsq = cute.arch.warp_reduction(gsq, lambda x, y: x + y, threads_in_group=L)
         sigma = h_norm * Float32(1.0 / math.sqrt(d)) / cute.math.sqrt(gsq)
 
         # 3. store where the slot says
         if slot >= 0:
-            page_size = mData.shape[1]
-            page, pos_in_page = slot // page_size, slot % page_size
+            page, pos_in_page = divmod(slot, pages)
             nbytes = E * bits // 8
             dst = cute.domain_offset((page, pos_in_page, head, lane * nbytes), mData)
             align = math.gcd(16, nbytes, d * bits // 8)
@@ -285,21 +322,53 @@ class CacheWrite:
                 mScale[page, head, pos_in_page] = mScale.element_type(sigma)
 
 
+@cute.jit
+def _tree_sum(parts: cute.Tensor) -> Float32:
+    """``parts[0] + parts[1] + ...`` pairwise (``parts`` a power-of-two-long rmem tensor)."""
+    n = cute.size(parts)
+    while const_expr(n > 1):
+        n //= 2
+        for i in cutlass.range_constexpr(n):
+            parts[i] = parts[i] + parts[i + n]
+    return parts[0]
+
+
 @dsl_user_op
-def _floor_index(u: Float32, scale: Float32, offset: int, *, loc=None, ip=None) -> Int32:
-    """``floor(u * scale) + offset`` without a conversion instruction (quarter rate):
-    ``u * scale + offset + 2**23`` rounded toward zero has it in its low mantissa bits while
-    ``0 <= u * scale + offset < 2**23``; below 0 (8-bit tables only) the bits stay monotonic and
-    the kernel's clamp to bucket 0 is still exact. The subtraction is left to the compiler, which
-    folds it into the table address."""
-    bits = llvm.inline_asm(
-        T.i32(), [Float32(u).ir_value(loc=loc, ip=ip), Float32(scale).ir_value(loc=loc, ip=ip)],
-        f"{{ .reg .f32 t;\n fma.rz.f32 t, $1, $2, 0f{_f32_bits(2.0**23 + offset):08X};\n mov.b32 $0, t; }}",
-        "=r,f,f", has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT,
+def _search(u: Float32, table: Uint32, c2: Uint32, word: Uint32, gsq: Float32, bits: int, offset: int, n: int,
+            shift: int, want_code: bool, *, loc=None, ip=None) -> tuple:
+    """One value's code and squared centroid from the search table (``search_words``):
+    ``(word + (code << shift), gsq + c2[code], code if want_code)``; ``table`` is the table's
+    shared address plus ``TABLE_BIAS``, ``c2`` the address of its squared centroids.
+
+    The bucket ``floor(u * S) + C`` needs no conversion instruction (quarter rate):
+    ``u * S + C + 2**23`` rounded toward zero holds it in its low mantissa bits while
+    ``0 <= u * S + C < 2**23``, so its bits are ``0x4B000000 + bucket`` and the bucket's address
+    is ``4 * bits + table``, one multiply-add. Below 0 (8-bit tables only) the bits stay
+    monotonic and the clamp to bucket 0 is still exact. The block is declared free of side
+    effects although it reads shared memory: the table is written only before the CTA's
+    barrier, and ``u`` depends on loads issued after it. One PTX block because the compiler,
+    given the same steps in the DSL, kept the subtraction of ``0x4B000000`` and selected the
+    code in two instructions."""
+    scale, add = _f32_bits(float(bucket_scale(bits))), _f32_bits(2.0**23 + offset)
+    clamp = ""
+    if bits == 8:  # values past the outermost boundaries share the end buckets
+        clamp = f" max.s32 a, a, {0x4B000000};\n min.s32 a, a, {0x4B000000 + n - 1};\n"
+    res = llvm.inline_asm(
+        ir.Type.parse("!llvm.struct<(i32, f32, i32)>"),
+        [Float32(u).ir_value(loc=loc, ip=ip), Uint32(table).ir_value(loc=loc, ip=ip),
+         Uint32(c2).ir_value(loc=loc, ip=ip), Uint32(word).ir_value(loc=loc, ip=ip),
+         Float32(gsq).ir_value(loc=loc, ip=ip)],
+        "{ .reg .pred p; .reg .f32 t; .reg .b32 a, e, cand, g2;\n"
+        f" fma.rz.f32 t, $3, 0f{scale:08X}, 0f{add:08X};\n mov.b32 a, t;\n{clamp}"
+        " mad.lo.u32 a, a, 4, $4;\n ld.shared.b32 e, [a];\n"
+        f" and.b32 cand, e, {~CODE_MASK & 0xFFFFFFFF};\n setp.lt.f32 p, cand, $3;\n"
+        " sub.u32 $2, e, cand;\n @p add.u32 $2, $2, 1;\n"
+        " mad.lo.u32 a, $2, 4, $5;\n ld.shared.b32 g2, [a];\n add.f32 $1, $7, g2;\n"
+        f" mad.lo.u32 $0, $2, {1 << shift}, $6;\n}}",
+        "=r,=f,=r,f,r,r,r,f", has_side_effects=False, is_align_stack=False,
+        asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip,
     )
-    return Int32(bits) - Int32(0x4B000000)
-
-
-@dsl_user_op
-def _as_f32(x: Uint32, *, loc=None, ip=None) -> Float32:
-    return Float32(arith.bitcast(T.f32(), Uint32(x).ir_value(loc=loc, ip=ip), loc=loc, ip=ip))
+    word_out = Uint32(llvm.extractvalue(T.i32(), res, [0], loc=loc, ip=ip))
+    gsq_out = Float32(llvm.extractvalue(T.f32(), res, [1], loc=loc, ip=ip))
+    code = Uint32(llvm.extractvalue(T.i32(), res, [2], loc=loc, ip=ip)) if want_code else None
+    return word_out, gsq_out, code

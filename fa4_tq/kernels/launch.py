@@ -341,7 +341,7 @@ def _search_table_on(bits: int, d: int, device: torch.device) -> torch.Tensor:
 
 
 def write_packed(k: torch.Tensor, v: Optional[torch.Tensor], slot_mapping: torch.Tensor, k_dst: PackedKV,
-                 v_dst: Optional[PackedKV] = None, *, per_lane: Optional[int] = None, ctas_per_sm: int = 4):
+                 v_dst: Optional[PackedKV] = None, *, per_lane: Optional[int] = None, ctas_per_sm: Optional[int] = None):
     """Compress ``k, v[T, H, d]`` into the paged ``k_dst``/``v_dst`` (data ``[P, S, H, nb]``,
     scales ``[P, H, S]``) at ``slot_mapping[T]`` (-1 skips), one kernel launch for both;
     ``v=None`` writes ``k`` alone (``compress_into``).
@@ -353,7 +353,9 @@ def write_packed(k: torch.Tensor, v: Optional[torch.Tensor], slot_mapping: torch
     from flash_attn.cute.cute_dsl_utils import to_cute_tensor
     from flash_attn.cute.testing import is_fake_mode
 
-    from .cache_write import CacheWrite, bucket_range
+    from .cache_write import CTAS_PER_SM, CacheWrite, search_words
+
+    ctas_per_sm = ctas_per_sm or CTAS_PER_SM
 
     sides = [(k, k_dst)] + ([] if v is None else [(v, v_dst)])
     d = k.shape[-1]
@@ -364,7 +366,7 @@ def write_packed(k: torch.Tensor, v: Optional[torch.Tensor], slot_mapping: torch
     for x, dst in sides:
         if is_fake_mode():
             consts.append((torch.empty(d, dtype=torch.float32, device=k.device),
-                           torch.empty(bucket_range(dst.bits, d)[1], 4, dtype=torch.int32, device=k.device)))
+                           torch.empty(len(search_words(dst.bits, d)), dtype=torch.int32, device=k.device)))
         else:
             consts.append((_signs_on(d, dst.seed, k.device), _search_table_on(dst.bits, d, k.device)))
     if not is_fake_mode():
@@ -383,7 +385,7 @@ def write_packed(k: torch.Tensor, v: Optional[torch.Tensor], slot_mapping: torch
         cargs += [to_cute_tensor(t, assumed_align=16, leading_dim=0) for t in (ks, vs)]
         cargs += [to_cute_tensor(t, assumed_align=16) for t in (kt, vt)]
         cargs.append(cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        kernel = CacheWrite(d, k_dst.bits, None if len(sides) == 1 else v_dst.bits, sms * ctas_per_sm, per_lane)
+        kernel = CacheWrite(d, k_dst.bits, None if len(sides) == 1 else v_dst.bits, sms, ctas_per_sm, per_lane)
         _compile_cache[key] = cute.compile(kernel, *cargs, options="--enable-tvm-ffi")
     if not is_fake_mode() and k.shape[0]:
         _compile_cache[key](*args)
