@@ -53,7 +53,8 @@ PER_LANE = 32  # values per thread (see the module docstring)
 # CTAs (of THREADS) per SM: 6 measured up to 1.07x faster than 4 on the H100 at 16K-64K tokens
 # (8-bit level) and faster than 8 (perf/results/compress-*.md); 6 resident need <= 80 registers
 CTAS_PER_SM = 6
-# independent partial sums per norm: a single running sum is a 32-deep chain of dependent adds
+# independent partial sums per norm, where one running sum is a 32-deep chain of dependent adds
+# (measured level with one sum on the shared-memory-bound kernel of 2026-11-24)
 ACCUMULATORS = 4
 # -4 * 0x4B000000 mod 2**32: added once to the table's address (``_search``)
 TABLE_BIAS = (-4 * 0x4B000000) % (1 << 32)
@@ -95,7 +96,7 @@ def bucket_scale(bits: int) -> int:
 
 
 def bucket_range(bits: int, head_dim: int) -> tuple[int, int]:
-    """(offset C, bucket count n): row ``q + C`` of the table is bucket ``q``. Up to 4 bits the
+    """(offset C, bucket count n): word ``q + C`` of the search table is bucket ``q``. Up to 4 bits the
     rows cover every ``|u| <= sqrt(d)`` (a unit-norm-times-sqrt(d) vector has no larger
     coordinate), so the kernel needs no clamp; 8-bit tables run from the lowest boundary's bucket
     to one boundary-free bucket above the highest, and the kernel clamps every value beyond them
@@ -230,6 +231,11 @@ class CacheWrite:
             hi = Uint32(0x80000000) if mSigns[2 * i + 1] < Float32(0.0) else Uint32(0)
             sSignMask[i] = lo | hi
         cute.arch.sync_threads()
+        # the buckets' address + TABLE_BIAS (see _search), written as an or (shared addresses are
+        # below 2**28, where the bias has no bits): as an add, ptxas split it back out of the
+        # per-value address; then the squared centroids' address
+        n = bucket_range(bits, self.head_dim)[1]
+        tables = (Uint32(sTable.iterator.toint()) | Uint32(TABLE_BIAS), Uint32(sTable.iterator.toint()) + Uint32(4 * n))
         rows = mX.shape[0] * mX.shape[1]
         blocks = (rows + self.rows_per_cta - 1) // self.rows_per_cta
         lane = tidx % self.lanes
@@ -245,7 +251,7 @@ class CacheWrite:
             slot_nxt = self._load(mX, mSlots, (blk + grid_x) * self.rows_per_cta + tidx // self.lanes, rows, lane, nxt,
                                   heads)
             head = (blk * self.rows_per_cta + tidx // self.lanes) % heads
-            self._row(mData, mScale, sTable, sSignMask, pages, bits, mX.element_type, head, slot, lane, cur)
+            self._row(mData, mScale, tables, sSignMask, pages, bits, mX.element_type, head, slot, lane, cur)
 
     @cute.jit
     def _load(self, mX, mSlots, row, rows, lane, xw, heads) -> Int32:
@@ -263,7 +269,7 @@ class CacheWrite:
         return slot
 
     @cute.jit
-    def _row(self, mData, mScale, sTable, sSignMask, pages, bits: cutlass.Constexpr[int], dtype: cutlass.Constexpr,
+    def _row(self, mData, mScale, tables, sSignMask, pages, bits: cutlass.Constexpr[int], dtype: cutlass.Constexpr,
              head, slot, lane, xw):
         d, L, E = self.head_dim, self.lanes, self.per_lane
 
@@ -289,10 +295,6 @@ class CacheWrite:
 
         # 2. codes (bucket search), the norm of the quantised row, packing
         offset, n = bucket_range(bits, d)
-        # + TABLE_BIAS (see _search), written as an or (shared addresses are below 2**28, where
-        # the bias has no bits): as an add, ptxas split it back out of the per-value address
-        table = Uint32(sTable.iterator.toint()) | Uint32(TABLE_BIAS)
-        c2 = Uint32(sTable.iterator.toint()) + Uint32(4 * n)
         words = cute.make_rmem_tensor((E * bits // 32,), Uint32)
         words.fill(0)
         gsq = cute.make_rmem_tensor((ACCUMULATORS,), Float32)
@@ -300,11 +302,9 @@ class CacheWrite:
         for j in cutlass.range_constexpr(E):
             w, sh = (bits * j) // 32, (bits * j) % 32
             a = j % ACCUMULATORS
+            words[w], gsq[a], code = _search(f[j] * to_unit, *tables, words[w], gsq[a], bits, offset, n, sh)
             if const_expr(sh + bits > 32):  # a 3-bit code straddling two words
-                words[w], gsq[a], code = _search(f[j] * to_unit, table, c2, words[w], gsq[a], bits, offset, n, sh, True)
                 words[w + 1] = words[w + 1] | (code >> (32 - sh))
-            else:
-                words[w], gsq[a], _ = _search(f[j] * to_unit, table, c2, words[w], gsq[a], bits, offset, n, sh, False)
         gsq = _tree_sum(gsq)
         if const_expr(L > 1):
             gsq = cute.arch.warp_reduction(gsq, lambda x, y: x + y, threads_in_group=L)
@@ -335,9 +335,9 @@ def _tree_sum(parts: cute.Tensor) -> Float32:
 
 @dsl_user_op
 def _search(u: Float32, table: Uint32, c2: Uint32, word: Uint32, gsq: Float32, bits: int, offset: int, n: int,
-            shift: int, want_code: bool, *, loc=None, ip=None) -> tuple:
+            shift: int, *, loc=None, ip=None) -> tuple:
     """One value's code and squared centroid from the search table (``search_words``):
-    ``(word + (code << shift), gsq + c2[code], code if want_code)``; ``table`` is the table's
+    ``(word + (code << shift), gsq + c2[code], code)``; ``table`` is the table's
     shared address plus ``TABLE_BIAS``, ``c2`` the address of its squared centroids.
 
     The bucket ``floor(u * S) + C`` needs no conversion instruction (quarter rate):
@@ -370,5 +370,5 @@ def _search(u: Float32, table: Uint32, c2: Uint32, word: Uint32, gsq: Float32, b
     )
     word_out = Uint32(llvm.extractvalue(T.i32(), res, [0], loc=loc, ip=ip))
     gsq_out = Float32(llvm.extractvalue(T.f32(), res, [1], loc=loc, ip=ip))
-    code = Uint32(llvm.extractvalue(T.i32(), res, [2], loc=loc, ip=ip)) if want_code else None
+    code = Uint32(llvm.extractvalue(T.i32(), res, [2], loc=loc, ip=ip))
     return word_out, gsq_out, code

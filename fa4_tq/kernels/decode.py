@@ -183,6 +183,12 @@ def k_piece(u, k_words: int):
     return key, m, key % 8 * 4 + m * (4 // k_words)
 
 
+def v_key(qi, t: int):
+    """The chunk key whose V slices lanes ``(*, qi)`` read as their key index ``t`` (0-3): the
+    keys ``2qi, 2qi+1, 2qi+8, 2qi+9`` of the B fragment of ``V^T P^T``."""
+    return 2 * qi + t % 2 + 8 * (t // 2)
+
+
 def v_piece(u, v_words: int):
     """The 16-byte piece ``u`` (0 to ``32 v_words - 1``) of a chunk's V rows, when a lane's slice is
     4 or 8 bytes (``v_words`` 1 or 2; a row is ``2 v_words`` pieces): (the key index ``t`` of the
@@ -190,7 +196,7 @@ def v_piece(u, v_words: int):
     ``v_slot`` of its first quad). Consecutive pieces are consecutive bytes of a row."""
     tq, m = u // (2 * v_words), u % (2 * v_words)
     t, qi = tq // 4, tq % 4
-    return t, 2 * qi + t % 2 + 8 * (t // 2), m, v_slot(m * (4 // v_words), qi, v_words)
+    return t, v_key(qi, t), m, v_slot(m * (4 // v_words), qi, v_words)
 
 
 def k_dim(d: int, kk: int, pos: int, qi: int) -> int:
@@ -518,7 +524,7 @@ class PackedDecode:
                         _async_copy(g, self._k_at(stage, c, key // 8, 0, at))
             if const_expr(self.v_lane_copies):  # 16-byte slices, or one chunk a block
                 for t in cutlass.range_constexpr(4):
-                    slot = slot0 + cutlass.min(base + 2 * qi + t % 2 + 8 * (t // 2), end - 1)
+                    slot = slot0 + cutlass.min(base + v_key(qi, t), end - 1)
                     g = cute.domain_offset((page, slot, kv_head, quad * vw * 4), mVData).iterator.toint()
                     for pc in cutlass.range_constexpr(4 * vw // vp):
                         _async_copy(g + pc * vp, self._v_at(stage, c, t, pc, lane), vp)
