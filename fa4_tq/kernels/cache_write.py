@@ -7,10 +7,12 @@ hold more registers and keep fewer rows in flight; ``perf/bench_compress.py --sw
 loop over blocks of rows, loading the next row while they compute one; blockIdx.y picks K or V.
 Per row, as ``fa4_tq.compress`` (the reference) computes it:
 
-1. ``f = x * s`` (the sign flipped on the input bits, exact), the Walsh-Hadamard butterflies in
-   the reference's stage order (strides 1, 2, 4, ...: within a lane, then across lanes by
-   ``shfl.bfly``): the same float32 operations in the same order as the reference, so ``h = H f``
-   is bit-identical.
+1. ``f = x * s`` (the sign flipped on the input bits, exact), then ``h = H f``: at head_dim 128
+   (4 lanes a row) on the tensor cores, eight ``mma.sync`` a warp and three butterfly stages in
+   each lane (``hadamard.rotate_128_mma``: 1.09-1.12x faster from 4K tokens on the H100, the
+   same bytes written in that run; ``h`` agrees with the reference's to float32 rounding);
+   at other shapes the Walsh-Hadamard butterflies in the reference's stage order (strides 1, 2,
+   4, ...: within a lane, then across lanes by ``shfl.bfly``), bit-identical to the reference.
 2. ``u = h * sqrt(d) / ||h||`` (the reference's ``y = h / sqrt(d)``, ``u = y * sqrt(d) / ||y||``
    in one product per value, and a running sum for the norm): ``u`` can differ from the
    reference's in its last bit or two, so a value within that of a decision boundary can take
@@ -23,8 +25,8 @@ Per row, as ``fa4_tq.compress`` (the reference) computes it:
    low 8 bits; one float compare finishes the search, for every width (8 bits included) and both
    signs (zeros take the middle boundary's lower code, ``m - 1``). The squared centroid for the
    scale is a second lookup, in a table of ``2**b`` words after the buckets. Two 4-byte lookups
-   and not one 16-byte row: the kernel is bound by shared-memory wavefronts, and a warp's
-   16-byte lookups of random buckets took 7.3 wavefronts each (``perf/results/compress-*.md``).
+   and not one 16-byte row: with 16-byte rows the kernel was bound by shared-memory wavefronts,
+   a warp's lookups of random buckets taking 7.3 each (``perf/results/compress-*.md``).
 4. ``sigma = ||y|| / ||g[idx]||`` rounded to the scale dtype; codes packed little-endian.
 
 Rows whose slot is -1 (padding) are computed and not written; a zero vector gets codes
@@ -46,7 +48,7 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
 from ..codec.codebook import centroid_values
-from .hadamard import butterflies
+from .hadamard import butterflies, h16_fragments, rotate_128_mma
 
 THREADS = 128
 PER_LANE = 32  # values per thread (see the module docstring)
@@ -163,6 +165,9 @@ class CacheWrite:
         self.max_ctas = sms * ctas_per_sm
         self.lanes, self.per_lane = lanes_per_row(head_dim, per_lane)
         self.rows_per_cta = THREADS // self.lanes
+        # head_dim 128 at 4 lanes a row is the layout of ``hadamard.rotate_128_mma``: the rotation
+        # on the tensor cores (other shapes: the butterflies)
+        self.mma_rotation = head_dim == 128 and self.per_lane == 32
         self.table_words = max(len(search_words(b, head_dim)) for b in self.bits if b is not None)
 
     @cute.jit
@@ -239,6 +244,8 @@ class CacheWrite:
         rows = mX.shape[0] * mX.shape[1]
         blocks = (rows + self.rows_per_cta - 1) // self.rows_per_cta
         lane = tidx % self.lanes
+        bf16 = const_expr(mX.element_type == cutlass.BFloat16)
+        hb = h16_fragments(tidx % 32 // 4, lane, bf16) if const_expr(self.mma_rotation) else None
         # Software pipelining: the next block's row is loaded while this one is computed, so
         # every thread keeps a load in flight through its arithmetic.
         nxt = cute.make_rmem_tensor((self.per_lane // 2,), Uint32)
@@ -251,7 +258,7 @@ class CacheWrite:
             slot_nxt = self._load(mX, mSlots, (blk + grid_x) * self.rows_per_cta + tidx // self.lanes, rows, lane, nxt,
                                   heads)
             head = (blk * self.rows_per_cta + tidx // self.lanes) % heads
-            self._row(mData, mScale, tables, sSignMask, pages, bits, mX.element_type, head, slot, lane, cur)
+            self._row(mData, mScale, tables, sSignMask, hb, pages, bits, mX.element_type, head, slot, lane, cur)
 
     @cute.jit
     def _load(self, mX, mSlots, row, rows, lane, xw, heads) -> Int32:
@@ -269,20 +276,25 @@ class CacheWrite:
         return slot
 
     @cute.jit
-    def _row(self, mData, mScale, tables, sSignMask, pages, bits: cutlass.Constexpr[int], dtype: cutlass.Constexpr,
+    def _row(self, mData, mScale, tables, sSignMask, hb, pages, bits: cutlass.Constexpr[int], dtype: cutlass.Constexpr,
              head, slot, lane, xw):
         d, L, E = self.head_dim, self.lanes, self.per_lane
 
-        # 1. the signs on the input bits, the butterflies
-        mask = cute.make_rmem_tensor((E // 2,), Uint32)
-        cute.autovec_copy(cute.local_tile(sSignMask, (E // 2,), (lane,)), mask)
-        for i in cutlass.range_constexpr(E // 2):
-            xw[i] = xw[i] ^ mask[i]
-        xs = cute.recast_tensor(xw, dtype)
+        # 1. the signs on the input bits, the Hadamard transform. The masks are loaded per row
+        # (``_masks``): hoisted out of the loop, their 16 registers spilled at 80 a thread.
+        mask_at = sSignMask.iterator.toint() + lane * (2 * E)
+        for i in cutlass.range_constexpr(E // 8):
+            mask = _masks(mask_at + 16 * i)
+            for w in cutlass.range_constexpr(4):
+                xw[4 * i + w] = xw[4 * i + w] ^ mask[w]
         f = cute.make_rmem_tensor((E,), Float32)
-        for j in cutlass.range_constexpr(E):
-            f[j] = Float32(xs[j])
-        butterflies(f, E, lane, L)
+        if const_expr(self.mma_rotation):
+            rotate_128_mma(xw, f, hb, dtype == cutlass.BFloat16)
+        else:
+            xs = cute.recast_tensor(xw, dtype)
+            for j in cutlass.range_constexpr(E):
+                f[j] = Float32(xs[j])
+            butterflies(f, E, lane, L)
         sqs = cute.make_rmem_tensor((ACCUMULATORS,), Float32)
         sqs.fill(0.0)
         for j in cutlass.range_constexpr(E):
@@ -331,6 +343,19 @@ def _tree_sum(parts: cute.Tensor) -> Float32:
         for i in cutlass.range_constexpr(n):
             parts[i] = parts[i] + parts[i + n]
     return parts[0]
+
+
+@dsl_user_op
+def _masks(addr, *, loc=None, ip=None) -> tuple:
+    """Four sign-mask words from shared address ``addr`` (16-byte aligned), one ``ld.shared.v4``
+    declared with side effects so that the compiler keeps it in the loop (the masks are the same
+    every row, and hoisted they take 16 registers)."""
+    res = llvm.inline_asm(
+        ir.Type.parse("!llvm.struct<(i32, i32, i32, i32)>"), [Uint32(addr).ir_value(loc=loc, ip=ip)],
+        "ld.shared.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,r", has_side_effects=True, is_align_stack=False,
+        asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip,
+    )
+    return tuple(Uint32(llvm.extractvalue(T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4))
 
 
 @dsl_user_op

@@ -49,13 +49,12 @@ import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, Uint32, const_expr
-from cutlass._mlir import ir
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 from flash_attn.cute import utils as fa_utils
 
 from .hadamard import butterflies
-from .load_stage import copy_part_async, pack_x2, prmt
+from .load_stage import copy_part_async, mma_16816, pack_x2, prmt
 from .staging import decode_four, entry_bits
 
 ROWS = 8  # query rows of one MMA n-tile: the MMA's N
@@ -221,22 +220,6 @@ def resident_ctas(head_dim: int, k_bits: int, v_bits: int, tiles: int) -> int:
 
 
 # ----------------------------------------------------------------------------- register ops
-@dsl_user_op
-def mma_16816(a, b, c, bf16: bool, *, loc=None, ip=None) -> tuple:
-    """``c + A B`` for one m16n8k16 MMA (float32 accumulators): ``a`` 4 words, ``b`` 2, ``c`` 4
-    floats in the PTX fragment layouts."""
-    t = "bf16" if bf16 else "f16"
-    res = llvm.inline_asm(
-        ir.Type.parse("!llvm.struct<(f32, f32, f32, f32)>"),
-        [Uint32(x).ir_value(loc=loc, ip=ip) for x in (*a, *b)] + [Float32(x).ir_value(loc=loc, ip=ip) for x in c],
-        f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32 {{$0, $1, $2, $3}}, {{$4, $5, $6, $7}}, "
-        "{$8, $9}, {$10, $11, $12, $13};",
-        "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", has_side_effects=False, is_align_stack=False,
-        asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip,
-    )
-    return tuple(Float32(llvm.extractvalue(T.f32(), res, [i], loc=loc, ip=ip)) for i in range(4))
-
-
 @dsl_user_op
 def transpose_8x8(x: Uint32, *, loc=None, ip=None) -> Uint32:
     """The warp's 8x8 matrix of 16-bit values (lane ``l`` holds row ``l/4``, columns ``2(l%4)``

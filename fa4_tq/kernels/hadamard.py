@@ -1,29 +1,48 @@
-"""Walsh-Hadamard butterflies on values held in registers (CuTeDSL), shared by the cache-write
-kernel (rotating new K/V rows) and the fused query rotation.
+"""Walsh-Hadamard transforms on values held in registers (CuTeDSL), shared by the cache-write
+kernel (rotating new K/V rows), the decode kernel and the fused query rotation.
 
-A row of ``per * lanes`` values is split over ``lanes`` adjacent lanes, ``per`` consecutive
-values each. The stages run in the order of the reference (``codec.rotation._fwht``: strides 1,
-2, 4, ...), first those inside a lane, then those across lanes by ``shfl.bfly``, each one the
-same float32 add or subtract: the result is bit-identical to the reference's.
+``butterflies``: a row of ``per * lanes`` values is split over ``lanes`` adjacent lanes, ``per``
+consecutive values each. The stages run in the order of the reference (``codec.rotation._fwht``:
+strides 1, 2, 4, ...), first those inside a lane, then those across lanes by ``shfl.bfly``, each
+one the same float32 add or subtract: the result is bit-identical to the reference's.
+
+``rotate_128_mma``: the same transform of 128-value rows on the tensor cores, for the cache
+write's layout (lane ``(g, q) = (lane / 4, lane % 4)`` of a warp holds values ``32q .. 32q+31``
+of row ``g``). ``H_128`` is a Kronecker product of one ``H_2`` per bit of the index, so it splits
+along any grouping of the bits. Write a column as ``32q + 4B + e`` (``e`` < 4, ``B`` < 8): one
+``mma.sync.m16n8k16`` per (``B`` pair, half of the outputs) applies the 16x16 factor over the
+bits of ``e`` and ``q`` (0, 1, 5, 6), with M = the 8 rows x 2 values of ``B``, so that every A
+fragment is a word the lane already holds and every output lands where the lane needs it; then
+the factor over the bits of ``B`` (2, 3, 4) is three butterfly stages inside the lane. 8 MMAs and
+96 adds replace 224 adds and 64 shuffles (and the 32 conversions to float32) per 32 values; the
+sums are rounded in another order, so ``h`` agrees with the reference's to float32 rounding, not
+bit for bit. The plain PyTorch model of the fragments is in tests/test_hadamard_mma.py.
 """
 
 from __future__ import annotations
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Float32, Int32, const_expr
+from cutlass import Float32, Int32, Uint32, const_expr
+
+from .load_stage import mma_16816
+
+ONE_BITS = {True: 0x3F80, False: 0x3C00}  # 1.0 in bf16 (True) and fp16; -1.0 adds the sign bit
 
 
 @cute.jit
-def butterflies(f: cute.Tensor, per: cutlass.Constexpr[int], lane: Int32, lanes: cutlass.Constexpr[int]):
+def butterflies(f: cute.Tensor, per: cutlass.Constexpr[int], lane: Int32, lanes: cutlass.Constexpr[int],
+                first: cutlass.Constexpr[int] = 1):
     """``f`` (float32 rmem, ``per`` values) <- this lane's part of ``H_{per*lanes} row``, unscaled;
-    ``lane`` = 0..lanes-1 within the row."""
+    ``lane`` = 0..lanes-1 within the row. ``first`` > 1 skips the stages of smaller stride
+    inside a lane (``rotate_128_mma`` has done them)."""
     for s in cutlass.range_constexpr(per.bit_length() - 1):  # strides 1, 2, .. per/2 inside a lane
         h = 1 << s
-        for j in cutlass.range_constexpr(per):
-            if const_expr(j & h == 0):
-                a, b = f[j], f[j + h]
-                f[j], f[j + h] = a + b, a - b
+        if const_expr(h >= first):
+            for j in cutlass.range_constexpr(per):
+                if const_expr(j & h == 0):
+                    a, b = f[j], f[j + h]
+                    f[j], f[j + h] = a + b, a - b
     for s in cutlass.range_constexpr(lanes.bit_length() - 1):  # strides per, 2 per, ..: across lanes
         off = 1 << s
         # lower lane: f + other; upper lane: other - f (a product by +-1 is exact: one rounding)
@@ -31,3 +50,62 @@ def butterflies(f: cute.Tensor, per: cutlass.Constexpr[int], lane: Int32, lanes:
         for j in cutlass.range_constexpr(per):
             other = cute.arch.shuffle_sync_bfly(f[j], offset=off)
             f[j] = f[j] * sgn + other
+
+
+# ----------------------------------------------------------------------------- on the tensor cores
+def mma_a_words(t: int) -> tuple[int, int, int, int]:
+    """The lane's words (pairs of values ``2w, 2w+1`` of its 32) that form the A fragment of
+    m-tile ``t``: M rows ``g`` / ``g + 8`` are ``B = 2t`` / ``2t + 1``, k positions ``2q, 2q+1`` /
+    ``2q+8, 2q+9`` are ``e = 0, 1`` / ``2, 3`` (PTX order a0-a3: (g, lo k), (g+8, lo k), (g, hi k),
+    (g+8, hi k))."""
+    return 4 * t, 4 * t + 2, 4 * t + 1, 4 * t + 3
+
+
+def mma_c_values(t: int, j: int) -> tuple[int, int, int, int]:
+    """Where the four accumulators of m-tile ``t``, n-tile ``j`` go among the lane's 32 outputs
+    (``4B + e``): columns ``2q, 2q+1`` of n-tile ``j`` are ``e = 2j, 2j + 1``; rows ``g``, ``g + 8``
+    are ``B = 2t, 2t + 1``."""
+    return 8 * t + 2 * j, 8 * t + 2 * j + 1, 8 * t + 4 + 2 * j, 8 * t + 5 + 2 * j
+
+
+def h16_fragment(j: int, g, q, one: int) -> list:
+    """Lane ``(g, q)``'s two B-fragment words of n-tile ``j`` of the +-1 factor over the bits of
+    ``e`` and ``q``: word ``h`` holds the entries (k = input ``e = 2h``, ``2h + 1`` of lane ``q``;
+    n = output ``e = 2j + (g & 1)`` of lane ``g >> 1``), each ``(-1)^popcount`` of the bits the two
+    share, as ``one`` with or without the sign bit. Plain operators: Python ints in the tests,
+    DSL integers (``g``, ``q``) in the kernel."""
+    e_out = (g & 1) + 2 * j
+    x = q & (g >> 1)
+    sign_q = (x ^ (x >> 1)) & 1
+    words = []
+    for h in range(2):
+        lo, hi = 2 * h & e_out, (2 * h + 1) & e_out
+        s_lo = sign_q ^ ((lo ^ (lo >> 1)) & 1)
+        s_hi = sign_q ^ ((hi ^ (hi >> 1)) & 1)
+        words.append((one | (s_lo << 15)) | ((one | (s_hi << 15)) << 16))
+    return words
+
+
+@cute.jit
+def h16_fragments(g: Int32, q: Int32, bf16: cutlass.Constexpr[bool]) -> cute.Tensor:
+    """``h16_fragment`` of both n-tiles as a 4-word rmem tensor (computed once per thread)."""
+    hb = cute.make_rmem_tensor((4,), Uint32)
+    for j in cutlass.range_constexpr(2):
+        w = h16_fragment(j, g, q, ONE_BITS[bf16])
+        hb[2 * j], hb[2 * j + 1] = Uint32(w[0]), Uint32(w[1])
+    return hb
+
+
+@cute.jit
+def rotate_128_mma(xw: cute.Tensor, f: cute.Tensor, hb: cute.Tensor, bf16: cutlass.Constexpr[bool]):
+    """``f`` (32 float32) <- the lane's 32 values of ``H_128 row``, unscaled, from ``xw`` (its 16
+    words of bf16/fp16 pairs, signs applied) and ``hb`` (``h16_fragments``). The warp's 32 lanes
+    must all call it (``mma.sync``)."""
+    zero = Float32(0.0)
+    for t in cutlass.range_constexpr(4):
+        a = tuple(xw[w] for w in mma_a_words(t))
+        for j in cutlass.range_constexpr(2):
+            c = mma_16816(a, (hb[2 * j], hb[2 * j + 1]), (zero, zero, zero, zero), bf16)
+            for i, at in enumerate(mma_c_values(t, j)):
+                f[at] = c[i]
+    butterflies(f, 32, Int32(0), 1, first=4)

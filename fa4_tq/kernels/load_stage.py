@@ -4,7 +4,8 @@
 ``copy_part_async`` (global packed bytes -> this thread's staging slice) and ``dequant_part``
 (staging slice, or global bytes -> ``dtype`` columns of one row of the swizzled tile);
 ``packed_shape_carrier`` is the SM100 subclasses' way of handing FA4 packed K/V. The plain PyTorch twin of
-``dequant_part`` is ``PackedKV.decompress_rotated``.
+``dequant_part`` is ``PackedKV.decompress_rotated``. The register ops below them (``prmt``, packed
+bf16x2/f16x2 arithmetic, one ``mma.sync``) are shared with the decode and cache-write kernels.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Optional
 import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, Uint32, const_expr
+from cutlass._mlir import ir
 from cutlass._mlir.dialects import llvm
 from cutlass.cute.nvgpu import cpasync
 from cutlass.cutlass_dsl import T, dsl_user_op
@@ -99,6 +101,22 @@ def scale_residual_x2(sigma: Float32, bf16: bool, *, loc=None, ip=None) -> Uint3
         ptx = ("{ .reg .b16 h; .reg .f32 hf, r;\n cvt.rn.f16.f32 h, $1;\n cvt.f32.f16 hf, h;\n"
                " sub.f32 r, $1, hf;\n cvt.rn.f16x2.f32 $0, r, r; }")
     return _asm(ptx, "=r,f", Float32(sigma), loc=loc, ip=ip)
+
+
+@dsl_user_op
+def mma_16816(a, b, c, bf16: bool, *, loc=None, ip=None) -> tuple:
+    """``c + A B`` for one m16n8k16 MMA (float32 accumulators): ``a`` 4 words, ``b`` 2, ``c`` 4
+    floats in the PTX fragment layouts."""
+    t = "bf16" if bf16 else "f16"
+    res = llvm.inline_asm(
+        ir.Type.parse("!llvm.struct<(f32, f32, f32, f32)>"),
+        [Uint32(x).ir_value(loc=loc, ip=ip) for x in (*a, *b)] + [Float32(x).ir_value(loc=loc, ip=ip) for x in c],
+        f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32 {{$0, $1, $2, $3}}, {{$4, $5, $6, $7}}, "
+        "{$8, $9}, {$10, $11, $12, $13};",
+        "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", has_side_effects=False, is_align_stack=False,
+        asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip,
+    )
+    return tuple(Float32(llvm.extractvalue(T.f32(), res, [i], loc=loc, ip=ip)) for i in range(4))
 
 
 # ----------------------------------------------------------------------------- dequantisation
