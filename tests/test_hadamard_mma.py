@@ -5,7 +5,7 @@ multiplied, then the in-lane butterfly stages, give ``x @ H_128`` exactly (small
 import torch
 
 from fa4_tq.codec.rotation import _fwht
-from fa4_tq.kernels.hadamard import ONE_BITS, h16_fragment, mma_a_words, mma_c_values
+from fa4_tq.kernels.hadamard import ONE_BITS, gram_diagonal_lane, h16_fragment, mma_a_words, mma_c_values
 
 
 def _half(word: int, h: int, one: int) -> float:
@@ -75,3 +75,34 @@ def test_h16_fragments_are_the_factor_over_bits_0_1_5_6():
                     for half in range(2):
                         e_in, e_out, q_out = 2 * h_word + half, (g & 1) + 2 * j, g >> 1
                         assert _half(word, half, one) == h[32 * q + e_in, 32 * q_out + e_out]
+
+
+def test_gram_diagonal_is_the_row_norm():
+    """``row_norm_sq_mma``: the products A (a0, a2)^T and A (a1, a3)^T of every m-tile, summed;
+    row g's squared norm is read from ``gram_diagonal_lane(g)``."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(-8, 9, (8, 128), generator=gen).double()
+    words = {(g, q): [(x[g, 32 * q + 2 * w].item(), x[g, 32 * q + 2 * w + 1].item()) for w in range(16)]
+             for g in range(8) for q in range(4)}
+    lo, hi = torch.zeros(16, 8, dtype=torch.float64), torch.zeros(16, 8, dtype=torch.float64)
+    for t in range(4):
+        a = torch.zeros(16, 16, dtype=torch.float64)
+        frags = {}
+        for (g, q), w in words.items():
+            regs = [w[i] for i in mma_a_words(t)]
+            frags[g, q] = regs
+            for r, (row, k) in enumerate(((g, 2 * q), (g + 8, 2 * q), (g, 2 * q + 8), (g + 8, 2 * q + 8))):
+                a[row, k], a[row, k + 1] = regs[r]
+        for acc, (r0, r1) in ((lo, (0, 2)), (hi, (1, 3))):
+            b = torch.zeros(16, 8, dtype=torch.float64)  # b0 (k 2q, 2q+1; n g), b1 (k 2q+8, 2q+9; n g)
+            for (g, q), regs in frags.items():
+                b[2 * q:2 * q + 2, g] = torch.tensor(regs[r0], dtype=torch.float64)
+                b[2 * q + 8:2 * q + 10, g] = torch.tensor(regs[r1], dtype=torch.float64)
+            acc += a @ b
+    for g in range(8):
+        lane, odd = gram_diagonal_lane(g)
+        q = lane % 4
+        assert lane // 4 == g
+        # lane (g, q) holds lo/hi at (row g, cols 2q, 2q+1) as c0, c1 and (row g+8, ..) as c2, c3
+        got = lo[g, 2 * q + odd] + hi[g + 8, 2 * q + odd]
+        assert got == (x[g] ** 2).sum()

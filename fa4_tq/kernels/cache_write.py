@@ -14,7 +14,8 @@ Per row, as ``fa4_tq.compress`` (the reference) computes it:
    at other shapes the Walsh-Hadamard butterflies in the reference's stage order (strides 1, 2,
    4, ...: within a lane, then across lanes by ``shfl.bfly``), bit-identical to the reference.
 2. ``u = h * sqrt(d) / ||h||`` (the reference's ``y = h / sqrt(d)``, ``u = y * sqrt(d) / ||y||``
-   in one product per value, and a running sum for the norm): ``u`` can differ from the
+   in one product per value; the norm a running sum, or at head_dim 128 ``d ||x||^2`` from the
+   Gram diagonal of the same MMA fragments, ``hadamard.row_norm_sq_mma``): ``u`` can differ from the
    reference's in its last bit or two, so a value within that of a decision boundary can take
    the neighbouring code. The tests count those ties.
 3. The code: the number of boundaries strictly below ``u`` (``torch.bucketize``: a value on a
@@ -48,7 +49,7 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
 from ..codec.codebook import centroid_values
-from .hadamard import butterflies, h16_fragments, rotate_128_mma
+from .hadamard import butterflies, h16_fragments, rotate_128_mma, row_norm_sq_mma
 
 THREADS = 128
 PER_LANE = 32  # values per thread (see the module docstring)
@@ -289,19 +290,21 @@ class CacheWrite:
                 xw[4 * i + w] = xw[4 * i + w] ^ mask[w]
         f = cute.make_rmem_tensor((E,), Float32)
         if const_expr(self.mma_rotation):
+            # ||h||^2 = d ||x||^2 (H H^T = d I): the input's norm, also on the tensor cores
+            sq = row_norm_sq_mma(xw, dtype == cutlass.BFloat16) * Float32(d)
             rotate_128_mma(xw, f, hb, dtype == cutlass.BFloat16)
         else:
             xs = cute.recast_tensor(xw, dtype)
             for j in cutlass.range_constexpr(E):
                 f[j] = Float32(xs[j])
             butterflies(f, E, lane, L)
-        sqs = cute.make_rmem_tensor((ACCUMULATORS,), Float32)
-        sqs.fill(0.0)
-        for j in cutlass.range_constexpr(E):
-            sqs[j % ACCUMULATORS] += f[j] * f[j]
-        sq = _tree_sum(sqs)
-        if const_expr(L > 1):
-            sq = cute.arch.warp_reduction(sq, lambda x, y: x + y, threads_in_group=L)
+            sqs = cute.make_rmem_tensor((ACCUMULATORS,), Float32)
+            sqs.fill(0.0)
+            for j in cutlass.range_constexpr(E):
+                sqs[j % ACCUMULATORS] += f[j] * f[j]
+            sq = _tree_sum(sqs)
+            if const_expr(L > 1):
+                sq = cute.arch.warp_reduction(sq, lambda x, y: x + y, threads_in_group=L)
         h_norm = cute.math.sqrt(sq)
         to_unit = Float32(math.sqrt(d)) / (h_norm if h_norm > Float32(0.0) else Float32(1.0))
 

@@ -109,3 +109,31 @@ def rotate_128_mma(xw: cute.Tensor, f: cute.Tensor, hb: cute.Tensor, bf16: cutla
             for i, at in enumerate(mma_c_values(t, j)):
                 f[at] = c[i]
     butterflies(f, 32, Int32(0), 1, first=4)
+
+
+def gram_diagonal_lane(g: int) -> tuple[int, int]:
+    """Where row ``g``'s squared norm is after ``row_norm_sq_mma``'s products: in lane
+    ``(g, g >> 1)``, accumulator ``c0`` (``g`` even) or ``c1`` of the first product and ``c2`` or
+    ``c3`` of the second (the diagonal entries ``(g, g)`` and ``(g + 8, g + 8)`` of ``A A^T``)."""
+    return 4 * g + (g >> 1), g & 1
+
+
+@cute.jit
+def row_norm_sq_mma(xw: cute.Tensor, bf16: cutlass.Constexpr[bool]) -> Float32:
+    """``||x||^2`` of the lane's row (its 4 lanes' 128 values; ``||H x||^2`` is 128 times it),
+    from the diagonal of ``A A^T`` of ``rotate_128_mma``'s A fragments: the B fragment of
+    ``A^T``'s first 8 columns is the lane's own ``(a0, a2)``, of the other 8 ``(a1, a3)``. Eight
+    MMAs and a shuffle, where the products and sums of the 32 values and two shuffles took 37
+    instructions. Squares of bf16/fp16 values are exact in float32; the sum rounds as the tensor
+    core's does. All 32 lanes must call it."""
+    zero = Float32(0.0)
+    lo = (zero, zero, zero, zero)
+    hi = (zero, zero, zero, zero)
+    for t in cutlass.range_constexpr(4):
+        a = tuple(xw[w] for w in mma_a_words(t))
+        lo = mma_16816(a, (a[0], a[2]), lo, bf16)
+        hi = mma_16816(a, (a[1], a[3]), hi, bf16)
+    src, odd = gram_diagonal_lane(cute.arch.lane_idx() // 4)
+    mine = lo[1] + hi[3] if odd != 0 else lo[0] + hi[2]
+    return cute.arch.shuffle_sync(mine, src)
+
