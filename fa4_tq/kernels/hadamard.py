@@ -16,7 +16,8 @@ fragment is a word the lane already holds and every output lands where the lane 
 the factor over the bits of ``B`` (2, 3, 4) is three butterfly stages inside the lane. 8 MMAs and
 96 adds replace 224 adds and 64 shuffles (and the 32 conversions to float32) per 32 values; the
 sums are rounded in another order, so ``h`` agrees with the reference's to float32 rounding, not
-bit for bit. The plain PyTorch model of the fragments is in tests/test_hadamard_mma.py.
+bit for bit. ``row_norm_sq_mma`` takes the rows' squared norms from the same fragments (the
+diagonal of ``A A^T``). The plain PyTorch model of the fragments is in tests/test_hadamard_mma.py.
 """
 
 from __future__ import annotations
