@@ -137,4 +137,3 @@ def row_norm_sq_mma(xw: cute.Tensor, bf16: cutlass.Constexpr[bool]) -> Float32:
     src, odd = gram_diagonal_lane(cute.arch.lane_idx() // 4)
     mine = lo[1] + hi[3] if odd != 0 else lo[0] + hi[2]
     return cute.arch.shuffle_sync(mine, src)
-
