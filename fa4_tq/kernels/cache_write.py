@@ -183,7 +183,7 @@ class CacheWrite:
         mVScale: cute.Tensor,
         mKSigns: cute.Tensor,  # (d,) float32 +-1
         mVSigns: cute.Tensor,
-        mKTable: cute.Tensor,  # (n, 4) int32, search_table(k_bits, d)
+        mKTable: cute.Tensor,  # (words,) int32, search_table(k_bits, d)
         mVTable: cute.Tensor,
         stream: cuda.CUstream = None,
     ):
@@ -280,6 +280,7 @@ class CacheWrite:
     def _row(self, mData, mScale, tables, sSignMask, hb, pages, bits: cutlass.Constexpr[int], dtype: cutlass.Constexpr,
              head, slot, lane, xw):
         d, L, E = self.head_dim, self.lanes, self.per_lane
+        bf16 = const_expr(dtype == cutlass.BFloat16)
 
         # 1. the signs on the input bits, the Hadamard transform. The masks are loaded per row
         # (``_masks``): hoisted out of the loop, their 16 registers spilled at 80 a thread.
@@ -291,8 +292,8 @@ class CacheWrite:
         f = cute.make_rmem_tensor((E,), Float32)
         if const_expr(self.mma_rotation):
             # ||h||^2 = d ||x||^2 (H H^T = d I): the input's norm, also on the tensor cores
-            sq = row_norm_sq_mma(xw, dtype == cutlass.BFloat16) * Float32(d)
-            rotate_128_mma(xw, f, hb, dtype == cutlass.BFloat16)
+            sq = row_norm_sq_mma(xw, bf16) * Float32(d)
+            rotate_128_mma(xw, f, hb, bf16)
         else:
             xs = cute.recast_tensor(xw, dtype)
             for j in cutlass.range_constexpr(E):
