@@ -15,30 +15,45 @@ def _half(word: int, h: int, one: int) -> float:
     return -1.0 if bits >> 15 else 1.0
 
 
+def _lane_words(x: torch.Tensor) -> dict:
+    """Lane (g, q)'s 16 words of ``x`` (8 rows x 128, one warp): pairs (2w, 2w+1) of its values
+    32q .. 32q+31 of row g."""
+    return {(g, q): [(x[g, 32 * q + 2 * w].item(), x[g, 32 * q + 2 * w + 1].item()) for w in range(16)]
+            for g in range(8) for q in range(4)}
+
+
+def _a_tile(words: dict, t: int) -> torch.Tensor:
+    """The A operand (16 x 16, row-major) of m-tile ``t`` as the lanes' registers lay it out:
+    a0 (row g, k 2q..), a1 (row g+8, k 2q..), a2 (row g, k 2q+8..), a3 (row g+8, k 2q+8..)."""
+    a = torch.zeros(16, 16, dtype=torch.float64)
+    for (g, q), w in words.items():
+        regs = [w[i] for i in mma_a_words(t)]
+        for r, (row, k) in enumerate(((g, 2 * q), (g + 8, 2 * q), (g, 2 * q + 8), (g + 8, 2 * q + 8))):
+            a[row, k], a[row, k + 1] = regs[r]
+    return a
+
+
+def _b_tile(pairs: dict) -> torch.Tensor:
+    """The B operand (16 x 8, "col") from each lane (g, q)'s two registers as value pairs:
+    b0 (k 2q, 2q+1; n g), b1 (k 2q+8, 2q+9; n g)."""
+    b = torch.zeros(16, 8, dtype=torch.float64)
+    for (g, q), (b0, b1) in pairs.items():
+        b[2 * q:2 * q + 2, g] = torch.tensor(b0, dtype=torch.float64)
+        b[2 * q + 8:2 * q + 10, g] = torch.tensor(b1, dtype=torch.float64)
+    return b
+
+
 def _rotate_like_the_kernel(x: torch.Tensor, one: int) -> torch.Tensor:
     """``x`` (8 rows x 128, one warp) through the kernel's steps; returns what each lane holds,
     laid out as rows x columns (lane (g, q) holds row g, columns 32q .. 32q+31)."""
-    # lane (g, q)'s 16 words: pairs (2w, 2w+1) of its values 32q .. 32q+31
-    words = {(g, q): [(x[g, 32 * q + 2 * w].item(), x[g, 32 * q + 2 * w + 1].item()) for w in range(16)]
-             for g in range(8) for q in range(4)}
+    words = _lane_words(x)
     out = torch.zeros(8, 128, dtype=torch.float64)
     f = {lane: [0.0] * 32 for lane in words}
     for t in range(4):
-        # A (16 x 16, row-major): a0 (row g, k 2q..), a1 (row g+8, k 2q..), a2 (row g, k 2q+8..), a3 (row g+8, ..)
-        a = torch.zeros(16, 16, dtype=torch.float64)
-        for (g, q), w in words.items():
-            regs = [w[i] for i in mma_a_words(t)]
-            for r, (row, k) in enumerate(((g, 2 * q), (g + 8, 2 * q), (g, 2 * q + 8), (g + 8, 2 * q + 8))):
-                a[row, k], a[row, k + 1] = regs[r]
+        a = _a_tile(words, t)
         for j in range(2):
-            # B (16 x 8, "col"): b0 (k 2q, 2q+1; n g), b1 (k 2q+8, 2q+9; n g)
-            b = torch.zeros(16, 8, dtype=torch.float64)
-            for g in range(8):
-                for q in range(4):
-                    b0, b1 = h16_fragment(j, g, q, one)
-                    for h in range(2):
-                        b[2 * q + h, g] = _half(b0, h, one)
-                        b[2 * q + 8 + h, g] = _half(b1, h, one)
+            b = _b_tile({(g, q): [(_half(w, 0, one), _half(w, 1, one)) for w in h16_fragment(j, g, q, one)]
+                         for g in range(8) for q in range(4)})
             c = a @ b
             # C (16 x 8): c0 (row g, col 2q), c1 (row g, col 2q+1), c2 (row g+8, col 2q), c3 (row g+8, col 2q+1)
             for g in range(8):
@@ -82,23 +97,13 @@ def test_gram_diagonal_is_the_row_norm():
     row g's squared norm is read from ``gram_diagonal_lane(g)``."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randint(-8, 9, (8, 128), generator=gen).double()
-    words = {(g, q): [(x[g, 32 * q + 2 * w].item(), x[g, 32 * q + 2 * w + 1].item()) for w in range(16)]
-             for g in range(8) for q in range(4)}
+    words = _lane_words(x)
     lo, hi = torch.zeros(16, 8, dtype=torch.float64), torch.zeros(16, 8, dtype=torch.float64)
     for t in range(4):
-        a = torch.zeros(16, 16, dtype=torch.float64)
-        frags = {}
-        for (g, q), w in words.items():
-            regs = [w[i] for i in mma_a_words(t)]
-            frags[g, q] = regs
-            for r, (row, k) in enumerate(((g, 2 * q), (g + 8, 2 * q), (g, 2 * q + 8), (g + 8, 2 * q + 8))):
-                a[row, k], a[row, k + 1] = regs[r]
+        a = _a_tile(words, t)
+        regs = {lane: [w[i] for i in mma_a_words(t)] for lane, w in words.items()}
         for acc, (r0, r1) in ((lo, (0, 2)), (hi, (1, 3))):
-            b = torch.zeros(16, 8, dtype=torch.float64)  # b0 (k 2q, 2q+1; n g), b1 (k 2q+8, 2q+9; n g)
-            for (g, q), regs in frags.items():
-                b[2 * q:2 * q + 2, g] = torch.tensor(regs[r0], dtype=torch.float64)
-                b[2 * q + 8:2 * q + 10, g] = torch.tensor(regs[r1], dtype=torch.float64)
-            acc += a @ b
+            acc += a @ _b_tile({lane: (r[r0], r[r1]) for lane, r in regs.items()})
     for g in range(8):
         lane, odd = gram_diagonal_lane(g)
         q = lane % 4
