@@ -9,7 +9,7 @@ Per row, as ``fa4_tq.compress`` (the reference) computes it:
 
 1. ``f = x * s`` (the sign flipped on the input bits, exact), then ``h = H f``: at head_dim 128
    (4 lanes a row) on the tensor cores, eight ``mma.sync`` a warp and three butterfly stages in
-   each lane (``hadamard.rotate_128_mma``: 1.09-1.12x faster from 4K tokens on the H100, the
+   each lane (``hadamard.rotate_mma``: 1.09-1.12x faster from 4K tokens on the H100, the
    same bytes written in that run; ``h`` agrees with the reference's to float32 rounding);
    at other shapes the Walsh-Hadamard butterflies in the reference's stage order (strides 1, 2,
    4, ...: within a lane, then across lanes by ``shfl.bfly``), bit-identical to the reference.
@@ -49,7 +49,7 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
 from ..codec.codebook import centroid_values
-from .hadamard import butterflies, h16_fragments, rotate_128_mma, row_norm_sq_mma
+from .hadamard import butterflies, h16_fragments, rotate_mma, row_norm_sq_mma
 
 THREADS = 128
 PER_LANE = 32  # values per thread (see the module docstring)
@@ -166,7 +166,7 @@ class CacheWrite:
         self.max_ctas = sms * ctas_per_sm
         self.lanes, self.per_lane = lanes_per_row(head_dim, per_lane)
         self.rows_per_cta = THREADS // self.lanes
-        # head_dim 128 at 4 lanes a row is the layout of ``hadamard.rotate_128_mma``: the rotation
+        # head_dim 128 at 4 lanes a row is the layout of ``hadamard.rotate_mma``: the rotation
         # on the tensor cores (other shapes: the butterflies)
         self.mma_rotation = head_dim == 128 and self.per_lane == 32
         self.table_words = max(len(search_words(b, head_dim)) for b in self.bits if b is not None)
@@ -293,7 +293,7 @@ class CacheWrite:
         if const_expr(self.mma_rotation):
             # ||h||^2 = d ||x||^2 (H H^T = d I): the input's norm, also on the tensor cores
             sq = row_norm_sq_mma(xw, bf16) * Float32(d)
-            rotate_128_mma(xw, f, hb, bf16)
+            rotate_mma(xw, f, hb, bf16)
         else:
             xs = cute.recast_tensor(xw, dtype)
             for j in cutlass.range_constexpr(E):

@@ -49,6 +49,7 @@ from quack import copy_utils, layout_utils
 from quack.cute_dsl_utils import ParamsBase
 
 from .fused_rotation import rotate_q_rows, unrotate_acc
+from .hadamard import scale_split
 from .load_stage import copy_part_async, dequant_part
 from .skip_softmax import SkipOperands, SkippingSoftmax, SkipState
 from .staging import StagingPlan, choose_staging, table_floats, uses_shared_table
@@ -200,6 +201,9 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
     ):
         self._tq_host = TQOperands(mK, mV, mKScale, mVScale, mKTable, mVTable, mKSigns, mVSigns)
         self._skip_host = SkipOperands(mSkipLog2Threshold, mSkipStats) if const_expr(self.skip_softmax) else None
+        if const_expr(self.fuse_rotation):
+            # the fused rotation leaves Q scaled by 1/rest (rotate_q_rows): the scores take it back
+            softmax_scale = softmax_scale * Float32(scale_split(self.head_dim)[1])
         FlashAttentionForwardSm90.__call__(
             self,
             mQ,
@@ -350,7 +354,7 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
                  m_block, head_idx, batch_idx):
         """Un-rotate the normalised output in registers, then FA4's epilogue."""
         if const_expr(self.fuse_rotation):
-            unrotate_acc(acc_O, tiled_mma, tidx, self._tq.v_signs, (self.tile_m, self.tile_hdimv))
+            unrotate_acc(acc_O, tiled_mma, self._tq.v_signs, (self.tile_m, self.tile_hdimv))
         if const_expr(self.skip_softmax):
             self._write_skip_stats(tidx, m_block, head_idx, batch_idx)
         FlashAttentionForwardSm90.epilogue(self, acc_O, lse, mO, mLSE, sO, seqlen, gmem_tiled_copy_O, tma_atom_O,
