@@ -127,9 +127,9 @@ def test_gram_diagonal_is_the_row_norm():
         assert got == (x[g] ** 2).sum()
 
 
-def _unrotate_like_the_kernel(x: torch.Tensor, s: torch.Tensor, b_scale: float = 1.0) -> torch.Tensor:
+def _unrotate_like_the_kernel(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """``x`` (16 rows x d, one warp's accumulator: lane (g, t) holds rows g, g+8 and columns
-    8j + 2t + e) through ``unrotate_acc``'s steps, unscaled but for ``b_scale`` in B."""
+    8j + 2t + e) through ``unrotate_acc``'s steps, unscaled."""
     d = x.shape[1]
     x = _butterfly_stages(x, range(3, d.bit_length() - 1))  # 1. the bits of j, in each lane
     out = torch.zeros_like(x)
@@ -142,8 +142,8 @@ def _unrotate_like_the_kernel(x: torch.Tensor, s: torch.Tensor, b_scale: float =
                 regs = [x[rows(g)[r], 8 * j + 2 * t + e] for r, e in tf32_a_values()]
                 a[g, t], a[g + 8, t], a[g, t + 4], a[g + 8, t + 4] = regs
                 sg = s[8 * j + g]
-                b[t, g] = (-1.0 if h8_sign_bit(2 * t, g) else 1.0) * sg * b_scale
-                b[t + 4, g] = (-1.0 if h8_sign_bit(2 * t + 1, g) else 1.0) * sg * b_scale
+                b[t, g] = (-1.0 if h8_sign_bit(2 * t, g) else 1.0) * sg
+                b[t + 4, g] = (-1.0 if h8_sign_bit(2 * t + 1, g) else 1.0) * sg
         c = a @ b  # c0 (g, 2t), c1 (g, 2t+1), c2 (g+8, 2t), c3 (g+8, 2t+1)
         for g in range(8):
             for t in range(4):

@@ -39,12 +39,12 @@ from cutlass.cutlass_dsl import T, dsl_user_op
 
 from .load_stage import mma_16816
 
-ONE_BITS = {True: 0x3F80, False: 0x3C00}  # 1.0 in bf16 (True) and fp16; -1.0 adds the sign bit
-
-
 def pow2_bits(e: int, bf16: bool) -> int:
-    """``2**e`` in bf16 (True) or fp16, as 16 bits (``ONE_BITS`` is ``e = 0``)."""
+    """``2**e`` in bf16 (True) or fp16, as 16 bits; ``-2**e`` adds the sign bit."""
     return (127 + e) << 7 if bf16 else (15 + e) << 10
+
+
+ONE_BITS = {bf16: pow2_bits(0, bf16) for bf16 in (True, False)}  # 1.0: 0x3F80 in bf16, 0x3C00 in fp16
 
 
 def scale_split(d: int) -> tuple[int, float]:
