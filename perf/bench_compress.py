@@ -4,7 +4,9 @@ and a device-to-device copy of a large buffer (the bandwidth ceiling).
 
 GB/s counts the bytes that must move: the bf16 K and V read, the packed rows and scales written.
 "GPU us" is the kernel's time per call with launches queued ahead (``time_gpu``: what a CUDA
-graph or a host running ahead sees); "host us" is the Python + launch time of one eager
+graph or a host running ahead sees), launched as a programmatic dependent as it ships; "no-PDL
+us" the same kernel launched plainly, which waits for the kernel before it to complete before
+it starts (the calls are timed in alternating rounds, the best median kept); "host us" is the Python + launch time of one eager
 ``PagedKVCache.write`` call, which bounds the rate of a host that waits on nothing else.
 Medians. Writes perf/results/compress-<gpu>.md. ``--sweep`` times the kernel's tuning knobs
 (values per thread, CTAs per SM) instead.
@@ -21,6 +23,7 @@ import torch
 from fa4_tq import PagedKVCache
 from fa4_tq.benchmark import bench_parser, copy_bandwidth, require_gpu, time_cuda, time_gpu, time_host, write_results
 from fa4_tq.codec import row_bytes
+from fa4_tq.kernels.launch import write_packed
 
 TOKENS = (1, 16, 256, 1024, 4096, 16384, 65536)
 PAIRS = ((4, 4), (2, 2), (8, 8), (3, 3))
@@ -46,13 +49,17 @@ def run(reps: int):
         for t in TOKENS:
             cache, k, v, slots, moved = _problem(kb, vb, t, gen)
             write = lambda: cache.write(0, k, v, slots, check_indices=False, backend="kernel")
-            ours = time_gpu(write, reps=reps)
+            plain = lambda: write_packed(k, v, slots, *cache.layer(0), pdl=False)
+            ours = nopdl = float("inf")
+            for _ in range(2):
+                ours = min(ours, time_gpu(write, reps=reps))
+                nopdl = min(nopdl, time_gpu(plain, reps=reps))
             host = time_host(write, reps=reps)
             ref = time_cuda(lambda: cache.write(0, k, v, slots, check_indices=False, backend="reference"),
                             reps=max(3, reps // 4))
             gbs = moved / (ours * 1e6)
             row = dict(kb=kb, vb=vb, t=t, ours_us=ours * 1e3, gbs=gbs, pct=100 * gbs / copy,
-                       host_us=host * 1e3, ref_us=ref * 1e3)
+                       nopdl_us=nopdl * 1e3, host_us=host * 1e3, ref_us=ref * 1e3)
             rows.append(row)
             print(_fmt(row), flush=True)
     return copy, rows
@@ -60,8 +67,6 @@ def run(reps: int):
 
 def sweep(reps: int):
     """GPU time of the kernel's knobs at 4K and 64K tokens (printed, not written)."""
-    from fa4_tq.kernels.launch import write_packed
-
     copy = copy_bandwidth()
     print(f"copy bandwidth: {copy:.0f} GB/s")
     print("| K/V bits | tokens | per_lane | ctas_per_sm | GPU us | % of copy |")
@@ -78,12 +83,13 @@ def sweep(reps: int):
                           f"{100 * moved / (us * 1e3) / copy:.0f}% |", flush=True)
 
 
-HEADER = ("| K/V bits | tokens | GPU us | GB/s | % of copy | host us per call | reference us "
-          "| GPU speedup over reference |")
+HEADER = ("| K/V bits | tokens | GPU us | GB/s | % of copy | no-PDL us | PDL speedup | host us per call "
+          "| reference us | GPU speedup over reference |")
 
 
 def _fmt(r):
     return (f"| K{r['kb']}V{r['vb']} | {r['t']} | {r['ours_us']:.1f} | {r['gbs']:.0f} | {r['pct']:.0f}% "
+            f"| {r['nopdl_us']:.1f} | {r['nopdl_us'] / r['ours_us']:.2f}x "
             f"| {r['host_us']:.1f} | {r['ref_us']:.1f} | {r['ref_us'] / r['ours_us']:.0f}x |")
 
 

@@ -2,7 +2,7 @@
 ``code_of``: one bucket lookup and one float compare must give ``torch.bucketize``'s code on the
 codebook, for every width and head_dim, at every boundary, one float either side of it, at both
 zeros, at bucket edges and up to ``|u| = sqrt(d)``. The squared centroid it returns feeds the
-scale."""
+scale. Also the sign-mask words the kernel stages with the table."""
 
 import math
 import struct
@@ -59,3 +59,27 @@ def test_buckets_hold_at_most_one_boundary(bits):
     if bits < 8:  # every |u| <= sqrt(d) has its own bucket: the kernel does not clamp
         offset, n = bucket_range(bits, 512)
         assert math.floor(-math.sqrt(512) * s) + offset >= 0 and math.floor(math.sqrt(512) * s) + offset < n
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sign_mask_words_flip_the_signs_of_pairs(dtype):
+    """The kernel applies R's signs as an xor of ``sign_mask_words`` on each pair of input
+    values (value 2i in the low 16 bits of word i): that must equal ``x * s``, exactly."""
+    from fa4_tq.codec import sign_vector
+    from fa4_tq.kernels.cache_write import constant_words, search_words, sign_mask_words, write_constants
+
+    d = 128
+    s = sign_vector(d, 3)
+    x = torch.randn(d, generator=torch.Generator().manual_seed(0)).to(dtype)
+    masks = torch.tensor(sign_mask_words(s.tolist()), dtype=torch.int64)
+    pairs = x.view(torch.int16).to(torch.int64) & 0xFFFF  # [d] 16-bit patterns
+    words = pairs[0::2] | (pairs[1::2] << 16)
+    flipped = words ^ masks
+    lo, hi = flipped & 0xFFFF, flipped >> 16
+    got = torch.stack([lo, hi], -1).reshape(d)
+    got = torch.where(got >= 1 << 15, got - (1 << 16), got).to(torch.int16).view(dtype)
+    assert torch.equal(got, x * s.to(dtype))
+    consts = write_constants(4, d, s.tolist())
+    assert consts.numel() == constant_words(4, d) and consts.numel() % 4 == 0
+    as_int32 = torch.where(masks >= 1 << 31, masks - (1 << 32), masks).to(torch.int32)
+    assert torch.equal(consts[len(search_words(4, d)):], as_int32)

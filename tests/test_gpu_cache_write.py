@@ -104,3 +104,48 @@ def test_cache_write_knobs_do_not_change_the_bytes(per_lane, ctas_per_sm):
         sa, sb = a.scales.float(), b.scales.float()
         assert ((sa - sb).abs() <= 2.0 ** -10 * sa.abs())[same_codes].all()
         assert ((sa - sb).abs() <= 0.01 * sa.abs()).all()
+
+
+def test_cache_write_as_a_dependent_launch_in_a_cuda_graph():
+    """The write is a programmatic dependent launch (PDL): its CTAs may start while the kernel
+    before it finishes and wait for it before reading k, v and the slots. Captured in a CUDA
+    graph right behind the kernels that produce k and v, and replayed on new inputs (the same
+    slots, so each replay overwrites the last), it must give the bytes of a plain launch."""
+    from fa4_tq.kernels.launch import write_packed
+
+    gen = torch.Generator().manual_seed(11)
+    tokens, heads, d, pages = 2000, 8, 128, 40
+    slots = torch.randperm(pages * 64, generator=gen)[:tokens].to(torch.int32)
+    slots[::5] = -1
+    slots = slots.cuda()
+    src = torch.randn(2, tokens, heads, d, generator=gen).cuda()
+    graphed, plain = (PagedKVCache(1, pages, 64, heads, d, k_bits=4, v_bits=2, device="cuda") for _ in range(2))
+    for cache in (graphed, plain):
+        for p in cache.layer(0):
+            p.data.fill_(POISON)
+            p.scales.fill_(float("nan"))
+    k_buf = torch.empty(tokens, heads, d, dtype=torch.bfloat16, device="cuda")
+    v_buf = torch.empty_like(k_buf)
+
+    def step():
+        torch.mul(src[0], 3.0, out=k_buf)  # the producers: kernels right before the write
+        torch.add(src[1], 1.0, out=v_buf)
+        graphed.write(0, k_buf, v_buf, slots, check_indices=False, backend="kernel")
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # compiles and warms up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for replay in range(3):
+        src.copy_(torch.randn(2, tokens, heads, d, generator=gen))
+        graph.replay()
+        k, v = (src[0] * 3.0).bfloat16(), (src[1] + 1.0).bfloat16()
+        write_packed(k, v, slots, *plain.layer(0), pdl=False)
+        torch.cuda.synchronize()
+        for a, b in zip(graphed.layer(0), plain.layer(0)):
+            assert torch.equal(a.data, b.data), f"replay {replay}: bytes differ from a plain launch"
+            assert torch.equal(a.scales.view(torch.int16), b.scales.view(torch.int16)), f"replay {replay}: scales"

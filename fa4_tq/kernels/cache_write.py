@@ -5,6 +5,8 @@ One row = one (token, head) vector of ``d`` values, owned by ``L = d / E`` conse
 ``E = 32`` values each (4 lanes at head_dim 128: measured faster on the H100 than 2 or 1, which
 hold more registers and keep fewer rows in flight; ``perf/bench_compress.py --sweep``). CTAs
 loop over blocks of rows, loading the next row while they compute one; blockIdx.y picks K or V.
+The launch is a programmatic dependent one (PDL, ``CacheWrite``): a write of up to a few
+thousand tokens is mostly launch and prologue, which then overlap the end of the kernel before.
 Per row, as ``fa4_tq.compress`` (the reference) computes it:
 
 1. ``f = x * s`` (the sign flipped on the input bits, exact), then ``h = H f``: at head_dim 128
@@ -131,11 +133,27 @@ def search_words(bits: int, head_dim: int) -> tuple[int, ...]:
     return tuple(words + [0] * (-len(words) % 4))
 
 
-def search_table(bits: int, head_dim: int):
-    """``search_words`` as an int32 tensor (the bits of the uint32 words), for the kernel."""
+def sign_mask_words(signs) -> list[int]:
+    """R's signs as the kernel applies them: word ``i`` has bit 15 set where ``signs[2i]`` is
+    negative and bit 31 where ``signs[2i + 1]`` is, the sign bits of a bf16/fp16 pair (``x * s``
+    is then one xor on the input's bits, exact)."""
+    return [(0x8000 if signs[2 * i] < 0 else 0) | (0x80000000 if signs[2 * i + 1] < 0 else 0)
+            for i in range(len(signs) // 2)]
+
+
+def write_constants(bits: int, head_dim: int, signs):
+    """One side's constants as one int32 tensor, staged by each CTA in one pass: the search table
+    (``search_words``, a multiple of 4 words) then the ``head_dim / 2`` sign-mask words
+    (``sign_mask_words``; ``signs`` the float +-1 vector of R, any sequence)."""
     import torch
 
-    return torch.tensor([v - (1 << 32) if v >= 1 << 31 else v for v in search_words(bits, head_dim)], dtype=torch.int32)
+    words = list(search_words(bits, head_dim)) + sign_mask_words([float(x) for x in signs])
+    return torch.tensor([v - (1 << 32) if v >= 1 << 31 else v for v in words], dtype=torch.int32)
+
+
+def constant_words(bits: int, head_dim: int) -> int:
+    """Length of ``write_constants(bits, head_dim, ...)``."""
+    return len(search_words(bits, head_dim)) + head_dim // 2
 
 
 def code_of(u: float, bits: int, head_dim: int) -> tuple[int, int]:
@@ -155,10 +173,17 @@ class CacheWrite:
     """Compile-time configuration of one cache-write kernel: head_dim, K/V bits (``v_bits=None``
     writes one side only, for ``compress_into``) and the grid: ``ctas_per_sm`` CTAs on each of
     ``sms`` SMs at most (they loop over the row blocks, so the constants are staged once per CTA),
-    all resident at once (ptxas is told to fit that many, capping the registers)."""
+    all resident at once (ptxas is told to fit that many, capping the registers).
+
+    ``pdl``: launched as a programmatic dependent (SM90+): the CTAs may start as the kernel before
+    them in the stream retires its CTAs, request their constants, and wait for its completion
+    (``griddepcontrol.wait``) before they read ``k``, ``v`` and the slots or write anything.
+    The kernel does not trigger its own dependents early (they launch as its CTAs exit): a
+    trigger at the start measured slower at 1K tokens (the next launch's CTAs took the free
+    slots of a partial grid), see ``perf/results/compress-*.md``."""
 
     def __init__(self, head_dim: int, k_bits: int, v_bits: int | None, sms: int, ctas_per_sm: int = CTAS_PER_SM,
-                 per_lane: int | None = None):
+                 per_lane: int | None = None, pdl: bool = True):
         self.head_dim = head_dim
         self.bits = (k_bits, v_bits)
         self.sides = 1 if v_bits is None else 2
@@ -169,7 +194,8 @@ class CacheWrite:
         # head_dim 128 at 4 lanes a row is the layout of ``hadamard.rotate_mma``: the rotation
         # on the tensor cores (other shapes: the butterflies)
         self.mma_rotation = head_dim == 128 and self.per_lane == 32
-        self.table_words = max(len(search_words(b, head_dim)) for b in self.bits if b is not None)
+        self.const_words = max(constant_words(b, head_dim) for b in self.bits if b is not None)
+        self.pdl = pdl
 
     @cute.jit
     def __call__(
@@ -181,10 +207,8 @@ class CacheWrite:
         mVData: cute.Tensor,
         mKScale: cute.Tensor,  # (P, H, S) fp16/fp32
         mVScale: cute.Tensor,
-        mKSigns: cute.Tensor,  # (d,) float32 +-1
-        mVSigns: cute.Tensor,
-        mKTable: cute.Tensor,  # (words,) int32, search_table(k_bits, d)
-        mVTable: cute.Tensor,
+        mKConst: cute.Tensor,  # (words,) int32, write_constants(k_bits, d, signs of K's R)
+        mVConst: cute.Tensor,
         stream: cuda.CUstream = None,
     ):
         blocks = (mK.shape[0] * mK.shape[1] + self.rows_per_cta - 1) // self.rows_per_cta
@@ -192,65 +216,63 @@ class CacheWrite:
         # multiply-high divisions: a general 32-bit division by a runtime value is ~25 instructions
         heads = cute.FastDivmodDivisorV2(mK.shape[1])
         pages = [cute.FastDivmodDivisorV2(m.shape[1]) for m in (mKData, mVData)]
-        self.kernel(mK, mV, mSlots, mKData, mVData, mKScale, mVScale, mKSigns, mVSigns, mKTable, mVTable,
-                    heads, *pages).launch(
+        self.kernel(mK, mV, mSlots, mKData, mVData, mKScale, mVScale, mKConst, mVConst, heads, *pages).launch(
             grid=[cutlass.max(grid_x, 1), self.sides, 1], block=[THREADS, 1, 1], stream=stream,
             # the carveout (-1: the driver's default) given so that compiling needs no device query
-            min_blocks_per_mp=self.ctas_per_sm, preferred_smem_carveout=-1,
+            min_blocks_per_mp=self.ctas_per_sm, preferred_smem_carveout=-1, use_pdl=self.pdl,
         )
 
     @cute.kernel
-    def kernel(self, mK, mV, mSlots, mKData, mVData, mKScale, mVScale, mKSigns, mVSigns, mKTable, mVTable,
+    def kernel(self, mK, mV, mSlots, mKData, mVData, mKScale, mVScale, mKConst, mVConst,
                heads: cute.FastDivmodDivisorV2, k_pages: cute.FastDivmodDivisorV2, v_pages: cute.FastDivmodDivisorV2):
         smem = cutlass.utils.SmemAllocator()
-        sTable = smem.allocate_tensor(Uint32, cute.make_layout((self.table_words,)), byte_alignment=16)
-        sSignMask = smem.allocate_tensor(Uint32, cute.make_layout((self.head_dim // 2,)), byte_alignment=16)
+        sConst = smem.allocate_tensor(Uint32, cute.make_layout((self.const_words,)), byte_alignment=16)
         if cute.arch.block_idx()[1] == 0:
-            self._side(mK, mSlots, mKData, mKScale, mKSigns, mKTable, sTable, sSignMask, heads, k_pages, self.bits[0])
+            self._side(mK, mSlots, mKData, mKScale, mKConst, sConst, heads, k_pages, self.bits[0])
         elif const_expr(self.sides == 2):
-            self._side(mV, mSlots, mVData, mVScale, mVSigns, mVTable, sTable, sSignMask, heads, v_pages, self.bits[1])
+            self._side(mV, mSlots, mVData, mVScale, mVConst, sConst, heads, v_pages, self.bits[1])
 
     @cute.jit
-    def _side(self, mX, mSlots, mData, mScale, mSigns, mTable, sTable, sSignMask, heads, pages,
-              bits: cutlass.Constexpr[int]):
+    def _side(self, mX, mSlots, mData, mScale, mConst, sConst, heads, pages, bits: cutlass.Constexpr[int]):
         """Stage this side's constants in shared memory, then loop over blocks of rows."""
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
         grid_x, _, _ = cute.arch.grid_dim()
         # every 16-byte piece's load in flight at once (a loop of 4-byte loads cost a dependent
-        # round trip per 128 words: ~2 us of an 8-bit launch before any row was computed)
-        pieces = len(search_words(bits, self.head_dim)) // 4
+        # round trip per 128 words: ~2 us of an 8-bit launch before any row was computed); they
+        # read no output of an earlier kernel, so they go before the PDL wait, and the first
+        # row's loads are issued before the pieces are stored
+        pieces = constant_words(bits, self.head_dim) // 4
         rounds = (pieces + THREADS - 1) // THREADS
         staged = cute.make_rmem_tensor((rounds * 4,), Int32)
         for r in cutlass.range_constexpr(rounds):
             if tidx + r * THREADS < pieces:
-                src = cute.domain_offset((4 * (tidx + r * THREADS),), mTable).iterator.toint()
+                src = cute.domain_offset((4 * (tidx + r * THREADS),), mConst).iterator.toint()
                 src = cute.make_ptr(Int32, src, cute.AddressSpace.gmem, assumed_align=16)
                 cute.autovec_copy(cute.make_tensor(src, cute.make_layout((4,))), cute.local_tile(staged, (4,), (r,)))
-        for r in cutlass.range_constexpr(rounds):
-            if tidx + r * THREADS < pieces:
-                for c in cutlass.range_constexpr(4):
-                    sTable[4 * (tidx + r * THREADS) + c] = Uint32(staged[4 * r + c])
-        # sign bits of the bf16/fp16 pairs (bit 15 and bit 31): x * s is one xor on the input
-        for i in cutlass.range(tidx, self.head_dim // 2, THREADS, unroll=1):
-            lo = Uint32(0x8000) if mSigns[2 * i] < Float32(0.0) else Uint32(0)
-            hi = Uint32(0x80000000) if mSigns[2 * i + 1] < Float32(0.0) else Uint32(0)
-            sSignMask[i] = lo | hi
-        cute.arch.sync_threads()
-        # the buckets' address + TABLE_BIAS (see _search), written as an or (shared addresses are
-        # below 2**28, where the bias has no bits): as an add, ptxas split it back out of the
-        # per-value address; then the squared centroids' address
-        n = bucket_range(bits, self.head_dim)[1]
-        tables = (Uint32(sTable.iterator.toint()) | Uint32(TABLE_BIAS), Uint32(sTable.iterator.toint()) + Uint32(4 * n))
         rows = mX.shape[0] * mX.shape[1]
         blocks = (rows + self.rows_per_cta - 1) // self.rows_per_cta
         lane = tidx % self.lanes
+        if const_expr(self.pdl):  # k, v and the slots may be the previous kernel's outputs
+            cute.arch.griddepcontrol_wait()
+        nxt = cute.make_rmem_tensor((self.per_lane // 2,), Uint32)
+        slot_nxt = self._load(mX, mSlots, bidx * self.rows_per_cta + tidx // self.lanes, rows, lane, nxt, heads)
+        for r in cutlass.range_constexpr(rounds):
+            if tidx + r * THREADS < pieces:
+                for c in cutlass.range_constexpr(4):
+                    sConst[4 * (tidx + r * THREADS) + c] = Uint32(staged[4 * r + c])
+        cute.arch.sync_threads()
+        # the buckets' address + TABLE_BIAS (see _search), written as an or (shared addresses are
+        # below 2**28, where the bias has no bits): as an add, ptxas split it back out of the
+        # per-value address; then the squared centroids' address; then the sign masks'
+        n = bucket_range(bits, self.head_dim)[1]
+        base = sConst.iterator.toint()
+        tables = (Uint32(base) | Uint32(TABLE_BIAS), Uint32(base) + Uint32(4 * n))
+        masks = base + 4 * len(search_words(bits, self.head_dim))
         bf16 = const_expr(mX.element_type == cutlass.BFloat16)
         hb = h16_fragments(tidx % 32 // 4, lane, bf16) if const_expr(self.mma_rotation) else None
         # Software pipelining: the next block's row is loaded while this one is computed, so
         # every thread keeps a load in flight through its arithmetic.
-        nxt = cute.make_rmem_tensor((self.per_lane // 2,), Uint32)
-        slot_nxt = self._load(mX, mSlots, bidx * self.rows_per_cta + tidx // self.lanes, rows, lane, nxt, heads)
         cur = cute.make_rmem_tensor((self.per_lane // 2,), Uint32)
         for blk in cutlass.range(bidx, blocks, grid_x, unroll=1):
             for i in cutlass.range_constexpr(self.per_lane // 2):
@@ -259,7 +281,7 @@ class CacheWrite:
             slot_nxt = self._load(mX, mSlots, (blk + grid_x) * self.rows_per_cta + tidx // self.lanes, rows, lane, nxt,
                                   heads)
             head = (blk * self.rows_per_cta + tidx // self.lanes) % heads
-            self._row(mData, mScale, tables, sSignMask, hb, pages, bits, mX.element_type, head, slot, lane, cur)
+            self._row(mData, mScale, tables, masks, hb, pages, bits, mX.element_type, head, slot, lane, cur)
 
     @cute.jit
     def _load(self, mX, mSlots, row, rows, lane, xw, heads) -> Int32:
@@ -277,14 +299,14 @@ class CacheWrite:
         return slot
 
     @cute.jit
-    def _row(self, mData, mScale, tables, sSignMask, hb, pages, bits: cutlass.Constexpr[int], dtype: cutlass.Constexpr,
+    def _row(self, mData, mScale, tables, masks, hb, pages, bits: cutlass.Constexpr[int], dtype: cutlass.Constexpr,
              head, slot, lane, xw):
         d, L, E = self.head_dim, self.lanes, self.per_lane
         bf16 = const_expr(dtype == cutlass.BFloat16)
 
         # 1. the signs on the input bits, the Hadamard transform. The masks are loaded per row
         # (``_masks``): hoisted out of the loop, their 16 registers spilled at 80 a thread.
-        mask_at = sSignMask.iterator.toint() + lane * (2 * E)
+        mask_at = masks + lane * (2 * E)
         for i in cutlass.range_constexpr(E // 8):
             mask = _masks(mask_at + 16 * i)
             for w in cutlass.range_constexpr(4):

@@ -333,27 +333,30 @@ def _signs_on(d: int, seed: int, device: torch.device) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- cache write
 @functools.lru_cache(maxsize=None)
-def _search_table_on(bits: int, d: int, device: torch.device) -> torch.Tensor:
-    """``cache_write.search_table`` on ``device``, made once."""
-    from .cache_write import search_table
+def _write_constants_on(bits: int, d: int, seed: int, device: torch.device) -> torch.Tensor:
+    """``cache_write.write_constants`` (search table and R's sign masks) on ``device``, made once."""
+    from ..codec.rotation import sign_vector
+    from .cache_write import write_constants
 
-    return search_table(bits, d).to(device)
+    return write_constants(bits, d, sign_vector(d, seed).tolist()).to(device)
 
 
 def write_packed(k: torch.Tensor, v: Optional[torch.Tensor], slot_mapping: torch.Tensor, k_dst: PackedKV,
-                 v_dst: Optional[PackedKV] = None, *, per_lane: Optional[int] = None, ctas_per_sm: Optional[int] = None):
+                 v_dst: Optional[PackedKV] = None, *, per_lane: Optional[int] = None, ctas_per_sm: Optional[int] = None,
+                 pdl: bool = True):
     """Compress ``k, v[T, H, d]`` into the paged ``k_dst``/``v_dst`` (data ``[P, S, H, nb]``,
     scales ``[P, H, S]``) at ``slot_mapping[T]`` (-1 skips), one kernel launch for both;
     ``v=None`` writes ``k`` alone (``compress_into``).
 
     Inputs are assumed validated by the caller (``PagedKVCache.write``, ``compress_into``); rows
     that are not 16-byte aligned are copied to a contiguous buffer first. ``per_lane`` (values
-    per thread) and ``ctas_per_sm`` (the grid, in CTAs per SM) are tuning knobs for perf/."""
+    per thread) and ``ctas_per_sm`` (the grid, in CTAs per SM) are tuning knobs for perf/; ``pdl``
+    launches it as a programmatic dependent of the kernel before it (``CacheWrite``)."""
     import cutlass.cute as cute
     from flash_attn.cute.cute_dsl_utils import to_cute_tensor
     from flash_attn.cute.testing import is_fake_mode
 
-    from .cache_write import CTAS_PER_SM, CacheWrite, search_words
+    from .cache_write import CTAS_PER_SM, CacheWrite, constant_words
 
     ctas_per_sm = ctas_per_sm or CTAS_PER_SM
 
@@ -362,30 +365,26 @@ def write_packed(k: torch.Tensor, v: Optional[torch.Tensor], slot_mapping: torch
     pages, page_size = k_dst.data.shape[:2]
     if pages * page_size >= 2 ** 31:
         raise ValueError(f"a cache of {pages * page_size} slots needs 64-bit slot arithmetic (at most 2**31 - 1)")
-    consts = []
-    for x, dst in sides:
-        if is_fake_mode():
-            consts.append((torch.empty(d, dtype=torch.float32, device=k.device),
-                           torch.empty(len(search_words(dst.bits, d)), dtype=torch.int32, device=k.device)))
-        else:
-            consts.append((_signs_on(d, dst.seed, k.device), _search_table_on(dst.bits, d, k.device)))
+    if is_fake_mode():
+        consts = [torch.empty(constant_words(dst.bits, d), dtype=torch.int32, device=k.device) for _, dst in sides]
+    else:
+        consts = [_write_constants_on(dst.bits, d, dst.seed, k.device) for _, dst in sides]
     if not is_fake_mode():
         sides = [(x if _rows_aligned(x) else x.contiguous(), dst) for x, dst in sides]
     (k, k_dst), (v, v_dst) = sides[0], sides[-1]
-    (ks, kt), (vs, vt) = consts[0], consts[-1]
+    kconst, vconst = consts[0], consts[-1]
     sms = _sm_count(k.device)
     key = ("cache_write", device_arch(), k.dtype, d, k_dst.bits,
            None if len(sides) == 1 else v_dst.bits, k_dst.scales.dtype, v_dst.scales.dtype,
-           slot_mapping.dtype, sms * ctas_per_sm, per_lane, zero_strides(k, v))
-    args = (k, v, slot_mapping, k_dst.data, v_dst.data, k_dst.scales, v_dst.scales, ks, vs, kt, vt)
+           slot_mapping.dtype, sms * ctas_per_sm, per_lane, pdl, zero_strides(k, v))
+    args = (k, v, slot_mapping, k_dst.data, v_dst.data, k_dst.scales, v_dst.scales, kconst, vconst)
     if key not in _compile_cache:
         cargs = [to_cute_tensor(k), to_cute_tensor(v), to_cute_tensor(slot_mapping, assumed_align=4, leading_dim=0)]
         cargs += [to_cute_tensor(t, assumed_align=16) for t in (k_dst.data, v_dst.data)]
         cargs += [to_cute_tensor(t, assumed_align=2) for t in (k_dst.scales, v_dst.scales)]
-        cargs += [to_cute_tensor(t, assumed_align=16, leading_dim=0) for t in (ks, vs)]
-        cargs += [to_cute_tensor(t, assumed_align=16) for t in (kt, vt)]
+        cargs += [to_cute_tensor(t, assumed_align=16) for t in (kconst, vconst)]
         cargs.append(cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True))
-        kernel = CacheWrite(d, k_dst.bits, None if len(sides) == 1 else v_dst.bits, sms, ctas_per_sm, per_lane)
+        kernel = CacheWrite(d, k_dst.bits, None if len(sides) == 1 else v_dst.bits, sms, ctas_per_sm, per_lane, pdl)
         _compile_cache[key] = cute.compile(kernel, *cargs, options="--enable-tvm-ffi")
     if not is_fake_mode() and k.shape[0]:
         _compile_cache[key](*args)
