@@ -246,11 +246,16 @@ class PackedDecode:
     # 8 at two tiles, all the registers allow, level with two CTAs of 4 (perf/results/decode-*.md).
     warps_by_tiles = {1: 12, 2: 8}
 
-    def __init__(self, head_dim: int, k_bits: int, v_bits: int, seqlen_q: int, group: int, causal: bool):
+    def __init__(self, head_dim: int, k_bits: int, v_bits: int, seqlen_q: int, group: int, causal: bool,
+                 pdl: bool = True):
         rows = seqlen_q * group
         if not supports(head_dim, k_bits, v_bits, rows, CHUNK):
             raise ValueError(f"PackedDecode does not run head_dim {head_dim}, K{k_bits}V{v_bits}, {rows} rows")
         self.d, self.kb, self.vb = head_dim, k_bits, v_bits
+        # A programmatic dependent launch: the CTAs fill their byte tables (from constants) while
+        # the kernel before them finishes, then wait for it (``griddepcontrol.wait``) before they
+        # read q, the page table or the cache, or write a partial.
+        self.pdl = pdl
         self.seqlen_q, self.group, self.rows = seqlen_q, group, rows
         self.causal = causal and seqlen_q > 1
         self.tiles = n_tiles(rows)
@@ -328,7 +333,7 @@ class PackedDecode:
         self.kernel(mQ, mKData, mVData, mKScale, mVScale, mKTable, mVTable, mKSigns, mVSigns, mPageTable, mSeqused,
                     mO, mLSE, softmax_scale).launch(grid=[kv_heads * self.row_groups, splits, batch],
                                                     block=[32 * self.warps, 1, 1],
-                                                    stream=stream)
+                                                    stream=stream, use_pdl=self.pdl)
 
     @cute.kernel
     def kernel(self, mQ, mKData, mVData, mKScale, mVScale, mKTable, mVTable, mKSigns, mVSigns, mPageTable, mSeqused,
@@ -357,12 +362,14 @@ class PackedDecode:
         sML = smem.allocate_tensor(Float32, cute.make_layout((W, R, 2), stride=(2 * R, 2, 1)), byte_alignment=16)
         # the rotated query rows, as pairs (row-major: a lane's fragment words are contiguous)
         sQ = smem.allocate_tensor(Uint32, cute.make_layout((R, d // 2), stride=(d // 2, 1)), byte_alignment=128)
-        self._rotate_query(mQ, mKSigns, sQ, b, kv_head, first_row, warp, lane, bf16)
         tab = smem.allocate_tensor(Uint32, cute.make_layout((TABLE_BYTES // 4,)), byte_alignment=16)
         tables = {}  # bits -> (the table's shared address, this lane's offset in a row)
         for half, bits in enumerate(self.widths):
             self._fill_table(mKTable if bits == self.kb else mVTable, tab, half, bits, tidx, bf16)
             tables[bits] = (tab.iterator.toint(), lane_offset(half, bits, lane))
+        if const_expr(self.pdl):
+            cute.arch.griddepcontrol_wait()
+        self._rotate_query(mQ, mKSigns, sQ, b, kv_head, first_row, warp, lane, bf16)
         cute.arch.sync_threads()
 
         # This split's keys: splits cut the longest table into equal runs of whole blocks.

@@ -285,12 +285,13 @@ def _packed_attention_sm100(cls, arch, q, k, v, softmax_scale, qhead_per_kvhead,
 
 
 def packed_decode(q: torch.Tensor, k: PackedKV, v: PackedKV, page_table: torch.Tensor, seqused_k: torch.Tensor,
-                  out_part: torch.Tensor, lse_part: torch.Tensor, *, softmax_scale: float, causal: bool) -> None:
+                  out_part: torch.Tensor, lse_part: torch.Tensor, *, softmax_scale: float, causal: bool,
+                  pdl: bool = True) -> None:
     """The decode kernel (``kernels/decode.py``) on paged K/V: ``q [batch, seqlen_q, heads, d]``
     (as given: the kernel rotates it by K's R) into the float32 partials ``out_part [splits,
     batch, seqlen_q, heads, d]`` (normalised, un-rotated by V's R) and ``lse_part [splits, batch,
     heads, seqlen_q]``, one split per entry of their first dim. Inputs are assumed validated
-    (``fa4_tq.decode``)."""
+    (``fa4_tq.decode``). ``pdl``: a programmatic dependent launch (``PackedDecode``)."""
     import cutlass.cute as cute
     from flash_attn.cute.cute_dsl_utils import to_cute_tensor
     from flash_attn.cute.testing import is_fake_mode
@@ -305,7 +306,7 @@ def packed_decode(q: torch.Tensor, k: PackedKV, v: PackedKV, page_table: torch.T
     else:
         k_signs, v_signs = (_signs_on(d, p.seed, q.device) for p in (k, v))
     key = ("decode", device_arch(), q.dtype, d, k.bits, v.bits, k.scales.dtype, v.scales.dtype, seqlen_q, group,
-           bool(causal))
+           bool(causal), pdl)
     args = (q, k.data, v.data, k.scales, v.scales, k_table, v_table, k_signs, v_signs, page_table, seqused_k,
             out_part, lse_part)
     if key not in _compile_cache:
@@ -317,7 +318,7 @@ def packed_decode(q: torch.Tensor, k: PackedKV, v: PackedKV, page_table: torch.T
                  to_cute_tensor(page_table, assumed_align=4, leading_dim=1), to_cute_tensor(seqused_k, **small),
                  to_cute_tensor(out_part, assumed_align=16), to_cute_tensor(lse_part, assumed_align=4),
                  softmax_scale, cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)]
-        kernel = PackedDecode(d, k.bits, v.bits, seqlen_q, group, causal)
+        kernel = PackedDecode(d, k.bits, v.bits, seqlen_q, group, causal, pdl)
         _compile_cache[key] = cute.compile(kernel, *cargs, options="--enable-tvm-ffi")
     if not is_fake_mode() and batch:
         _compile_cache[key](*args, softmax_scale)
