@@ -252,9 +252,10 @@ class PackedDecode:
         if not supports(head_dim, k_bits, v_bits, rows, CHUNK):
             raise ValueError(f"PackedDecode does not run head_dim {head_dim}, K{k_bits}V{v_bits}, {rows} rows")
         self.d, self.kb, self.vb = head_dim, k_bits, v_bits
-        # A programmatic dependent launch: the CTAs fill their byte tables (from constants) while
-        # the kernel before them finishes, then wait for it (``griddepcontrol.wait``) before they
-        # read q, the page table or the cache, or write a partial.
+        # A programmatic dependent launch: the CTAs fill their byte tables while the kernel before
+        # them finishes, then wait for it (``griddepcontrol.wait``) before they read q, the page
+        # table or the cache, or write a partial. The codebooks read before the wait are made on
+        # the host and copied once (``staging.lookup_table``): no kernel writes them.
         self.pdl = pdl
         self.seqlen_q, self.group, self.rows = seqlen_q, group, rows
         self.causal = causal and seqlen_q > 1
