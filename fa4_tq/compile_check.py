@@ -329,18 +329,17 @@ def decode_kernel_variants():
     """(label, kwargs) of the decode kernel (kernels/decode.py) that flash_attn_with_kvcache runs
     for dense calls of up to 32 query rows per KV head: every K/V pair of 2/4/8 bits at head_dim
     128 and GQA 8:1, head_dim 64, verification rows (seqlen_q 2 at GQA 4:1; seqlen_q 4 at GQA 8:1,
-    two n-tiles a CTA in two row groups; causal), fp16 with float32 scales; each with FA4's
-    combine kernel over 4 splits."""
+    two n-tiles a CTA in two row groups; causal), fp16 with float32 scales; each with the split
+    combine (``kernels/combine.py``) over 4 splits, compiled once per output dtype and head_dim."""
     from itertools import product
 
     out = [(f"k{kb}v{vb} d128 gqa8", dict(kb=kb, vb=vb)) for kb, vb in product((2, 4, 8), repeat=2)]
-    out.insert(1, ("combine d128 float32", None))  # compiled by the call before (None: no call of its own)
+    out.insert(1, ("combine d128 bfloat16", None))  # compiled by the call before (None: no call of its own)
     out += [
         ("k4v4 d64 gqa8", dict(d=64)),
-        ("combine d64 float32", None),
+        ("combine d64 bfloat16", None),
         ("k8v4 d64 gqa8", dict(d=64, kb=8)),
         ("k4v4 d128 verify seqlen_q 2 gqa4 causal", dict(sq=2, group=4, lse=True)),
-        ("combine d128 float32 with lse", None),
         ("k4v2 d128 fp16 fp32-scales", dict(vb=2, dtype="float16", scale_dtype="float32")),
         ("combine d128 float16 output", None),
     ]

@@ -7,8 +7,9 @@ head) tiles to occupy the GPU.
 Dense calls of at most 32 query rows per KV head (seqlen_q x GQA) at 2/4/8 bits and head_dim
 64/128 run the decode kernel (``kernels/decode.py``, ``decode_kernel_runs``): swap-AB
 ``mma.sync`` with the codes dequantised into registers (byte tables in shared memory), q's
-rotation and the output's un-rotation inside the kernel, split-KV inside the kernel, FA4's
-combine kernel across splits. Everything else (3-bit codes, more rows, skip-softmax) runs the
+rotation and the output's un-rotation inside the kernel, split-KV inside the kernel, a combine
+kernel of ours across splits (``kernels/combine.py``: a programmatic dependent launch, which
+FA4's combine is not). Everything else (3-bit codes, more rows, skip-softmax) runs the
 packed-KV prefill kernel as below. Two things address the small batch there, neither of which
 changes FA4's kernel:
 
@@ -55,7 +56,7 @@ __all__ = ["flash_attn_with_kvcache", "choose_num_splits", "plan_num_splits", "c
            "plan_decode_splits", "MAX_SEQLEN_Q", "MAX_SPLITS", "SKIP_SOFTMAX_DEFAULT_SCALE_FACTOR"]
 
 MAX_SEQLEN_Q = 16  # decode (1) and verification of up to 16 draft tokens
-MAX_SPLITS = 128  # FA4's combine kernel takes at most 256 partials; FA4's own heuristic stops at 128
+MAX_SPLITS = 128  # FA4's combine kernel (the split path's) takes at most 256 partials; FA4's heuristic stops at 128
 SM90_TILE_M = 128  # query rows per tile of the packed-KV kernel (pack-GQA fills them)
 ROWS_PER_VOTE = 64  # skip-softmax votes per consumer warpgroup (64 of the tile's rows)
 # The documented skip-softmax setting: lambda = 0.1 / seqlen_k. It bounds the dropped softmax mass
@@ -256,11 +257,9 @@ def choose_decode_splits(q: torch.Tensor, k: PackedKV, v: PackedKV, page_table: 
 
 def _run_decode_kernel(prob, num_splits: Optional[int], return_lse: bool):
     """The decode kernel over ``num_splits`` KV splits: it rotates q and un-rotates its float32
-    partials itself; FA4's combine kernel merges the splits into the output dtype (one split:
-    a cast)."""
-    from flash_attn.cute.interface import _flash_attn_fwd_combine
-
-    from .kernels.launch import packed_decode
+    partials itself; ``kernels/combine.py`` merges the splits into the output dtype (one split:
+    a cast), both programmatic dependent launches."""
+    from .kernels.launch import packed_decode, split_combine
 
     q, k, v = prob.q.contiguous(), prob.k, prob.v
     batch, seqlen_q, heads, d = q.shape
@@ -271,12 +270,10 @@ def _run_decode_kernel(prob, num_splits: Optional[int], return_lse: bool):
     lse_part = torch.empty(num_splits, batch, heads, seqlen_q, **f32)
     packed_decode(q, k, v, prob.page_table, prob.seqused_k, out_part, lse_part,
                   softmax_scale=prob.softmax_scale, causal=prob.causal)
-    if num_splits == 1:
-        return out_part[0].to(q.dtype), (lse_part[0] if return_lse else None)
     out = torch.empty(batch, seqlen_q, heads, d, dtype=q.dtype, device=q.device)
-    lse = torch.empty(batch, heads, seqlen_q, **f32) if return_lse else None
-    _flash_attn_fwd_combine(out_part, lse_part.transpose(-1, -2), out, lse.transpose(-1, -2) if return_lse else None)
-    return out, lse
+    lse = torch.empty(batch, heads, seqlen_q, **f32)
+    split_combine(out_part, lse_part, out, lse)
+    return out, (lse if return_lse else None)
 
 
 class Launch(NamedTuple):

@@ -79,8 +79,8 @@ def test_decode_split_path_compiles_for_sm90():
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_100a"])
 def test_decode_kernel_compiles(arch):
     """The decode kernel (kernels/decode.py; run on SM90, compile-checked for sm_100a too): every
-    2/4/8-bit pair, head_dim 64, verification rows, fp16 with float32 scales, and FA4's combine
-    kernel on its float32 partials."""
+    2/4/8-bit pair, head_dim 64, verification rows, fp16 with float32 scales, and the split
+    combine on its float32 partials."""
     from fa4_tq.compile_check import decode_kernel_variants
 
     res = run_in_subprocess(arch, "decode-kernel")
@@ -88,7 +88,7 @@ def test_decode_kernel_compiles(arch):
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("COMPILED")]
     assert [ln.split(": ", 1)[1].rsplit(" -> ", 1)[0] for ln in lines] == [lb for lb, _ in decode_kernel_variants()]
     for ln, (_, kw) in zip(lines, decode_kernel_variants()):
-        assert ln.endswith("FlashAttentionForwardCombine" if kw is None else "PackedDecode"), ln
+        assert ln.endswith("SplitCombine" if kw is None else "PackedDecode"), ln
 
 
 def test_mla_prefill_kernel_compiles_for_sm90():

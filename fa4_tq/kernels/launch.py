@@ -324,6 +324,27 @@ def packed_decode(q: torch.Tensor, k: PackedKV, v: PackedKV, page_table: torch.T
         _compile_cache[key](*args, softmax_scale)
 
 
+def split_combine(out_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
+                  pdl: bool = True) -> None:
+    """``kernels/combine.py``: the decode kernel's float32 partials ``out_part [S, B, Q, H, D]``,
+    ``lse_part [S, B, H, Q]`` merged into ``out [B, Q, H, D]`` (q's dtype, contiguous) and
+    ``lse [B, H, Q]`` (float32). ``pdl``: a programmatic dependent launch."""
+    import cutlass.cute as cute
+    from flash_attn.cute.cute_dsl_utils import to_cute_tensor
+    from flash_attn.cute.testing import is_fake_mode
+
+    from .combine import SplitCombine
+
+    key = ("combine", device_arch(), out.dtype, out.shape[-1], pdl)
+    if key not in _compile_cache:
+        cargs = [to_cute_tensor(out_part, assumed_align=16), to_cute_tensor(lse_part, assumed_align=4),
+                 to_cute_tensor(out, assumed_align=16), to_cute_tensor(lse, assumed_align=4),
+                 cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)]
+        _compile_cache[key] = cute.compile(SplitCombine(out.shape[-1], pdl), *cargs, options="--enable-tvm-ffi")
+    if not is_fake_mode() and out.numel():
+        _compile_cache[key](out_part, lse_part, out, lse)
+
+
 @functools.lru_cache(maxsize=None)
 def _signs_on(d: int, seed: int, device: torch.device) -> torch.Tensor:
     """R's float32 sign vector on ``device``, made once (like ``staging.lookup_table``)."""
