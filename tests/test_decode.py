@@ -8,6 +8,7 @@ import torch
 
 from fa4_tq import attention_reference, compress, flash_attn_func, flash_attn_with_kvcache
 from fa4_tq.decode import plan_decode_splits, plan_num_splits, split_launches
+from fa4_tq.kernels.combine import combine_reference
 from helpers import ragged_paged_cache, rel_err
 
 D, H, HK = 64, 8, 2
@@ -31,13 +32,6 @@ def test_decode_is_the_last_rows_of_a_causal_prefill(seqlen_q):
         ref, ref_lse = attention_reference(qf[None], kc, vc, causal=True, dtype=torch.float64)
         assert rel_err(out[b], ref[0, -seqlen_q:]) < 8e-3  # bf16 output rounding
         assert rel_err(lse[b], ref_lse[0, :, -seqlen_q:]) < 1e-5
-
-
-def _merge(out_part, lse_part):
-    """What FA4's combine kernel computes: partials weighted by exp(lse_j - logsumexp_j lse_j)."""
-    lse = torch.logsumexp(lse_part, 0)
-    w = torch.exp(lse_part - lse).transpose(-1, -2).unsqueeze(-1)  # [parts, batch, seqlen_q, heads, 1]
-    return (w * out_part).sum(0), lse
 
 
 CASES = [  # (lens, seqlen_q, causal, page_size, num_splits)
@@ -73,7 +67,7 @@ def test_split_launches_merge_to_the_unsplit_answer(lens, seqlen_q, causal, page
         lse_part[ln.parts] = lse.view(-1, len(lens), H, seqlen_q)
         assert vb == (ln.parts.stop - ln.parts.start) * len(lens)
     lse_part.masked_fill_(empty.view(parts, len(lens), 1, 1), float("-inf"))
-    out, lse = _merge(out_part, lse_part)
+    out, lse = combine_reference(out_part, lse_part)  # what the combine kernels compute
     assert rel_err(out, ref) < 1e-12 and rel_err(lse, ref_lse) < 1e-12
     # every key is in exactly one chunk
     assert torch.equal(sum(ln.seqused_k.view(-1, len(lens)).sum(0) for ln in launches), used)

@@ -31,15 +31,15 @@ from cutlass import Float32, const_expr
 WARPS = 4  # rows a CTA
 
 
-def combine_reference(out_part: torch.Tensor, lse_part: torch.Tensor, dtype: torch.dtype):
-    """``(out [B, Q, H, D] in dtype, lse [B, H, Q] float32)`` from ``out_part [S, B, Q, H, D]``
-    and ``lse_part [S, B, H, Q]`` (float32), in float64; splits of ``lse_j = -inf`` are not read."""
+def combine_reference(out_part: torch.Tensor, lse_part: torch.Tensor):
+    """``(out [B, Q, H, D], lse [B, H, Q])`` in float64 from ``out_part [S, B, Q, H, D]`` and
+    ``lse_part [S, B, H, Q]``; splits of ``lse_j = -inf`` are not read."""
     lse64 = lse_part.double()
     lse = torch.logsumexp(lse64, dim=0)  # [B, H, Q]; -inf where every split is
     w = torch.exp(lse64 - torch.where(torch.isinf(lse), 0.0, lse))  # [S, B, H, Q]; 0 for empty splits
     w = w.permute(0, 1, 3, 2).unsqueeze(-1)  # [S, B, Q, H, 1]
     parts = torch.where(w > 0, out_part.double(), 0.0)
-    return (w * parts).sum(0).to(dtype), lse.float()
+    return (w * parts).sum(0), lse
 
 
 class SplitCombine:
