@@ -6,7 +6,7 @@ import torch
 from fa4_tq.codec import PackedKV, centroids
 from fa4_tq.codec.packing import pack
 from fa4_tq.kernels.staging import (
-    StagingPlan, choose_staging, code_planes, decode_four, entry_pairs, lookup_table,
+    StagingPlan, choose_staging, code_planes, decode_eight, decode_four, entry_pairs, lookup_table,
     planes_from_pairs, prmt_reference, table_floats, uses_shared_table,
 )
 
@@ -83,6 +83,19 @@ def test_register_decode_ignores_higher_bits():
         low = 0b0110_0100_0001_0011 & ((1 << 4 * bits) - 1)
         want = decode_four(low, bits, "bfloat16", prmt_reference)
         assert decode_four(low | (0xABCDEF << 4 * bits), bits, "bfloat16", prmt_reference) == want
+
+
+def test_decode_eight_is_two_decode_fours():
+    """The 4-bit word decode (selectors made once a word) against decode_four on each half, on
+    every code in every position and on random words."""
+    g = torch.Generator().manual_seed(3)
+    words = [sum(c << (4 * i) for i in range(8)) for c in range(16)]
+    words += [sum(((c + i) % 16) << (4 * i) for i in range(8)) for c in range(16)]
+    words += torch.randint(0, 2 ** 32, (200,), generator=g, dtype=torch.int64).tolist()
+    for dtype in ("bfloat16", "float16"):
+        for w in words:
+            want = [*decode_four(w, 4, dtype, prmt_reference), *decode_four(w >> 16, 4, dtype, prmt_reference)]
+            assert decode_eight(w, dtype, prmt_reference) == want, hex(w)
 
 
 def test_prmt_reference_follows_ptx():

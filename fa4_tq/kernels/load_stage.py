@@ -20,7 +20,7 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cute.nvgpu import cpasync
 from cutlass.cutlass_dsl import T, dsl_user_op
 
-from .staging import decode_four, entry_pairs, planes_from_pairs
+from .staging import decode_eight, decode_four, entry_pairs, planes_from_pairs
 
 
 @cute.jit
@@ -150,14 +150,7 @@ def dequant_part(
     permutes, and no shared-memory lookups beside FA4's wgmma reads (random lookups into a shared
     table cost 3-4 bank-conflicted wavefronts each). 8-bit codes (256 entries, too many for
     registers) use the shared ``table`` and scale each pair of elements."""
-    bf16 = const_expr(dst.element_type == cutlass.BFloat16)
-    dtype_str = "bfloat16" if bf16 else "float16"
-    sigma_hi, sigma_lo = pack_x2(sigma, sigma, bf16), scale_residual_x2(sigma, bf16)
-    planes = None
-    if const_expr(bits != 8):
-        pairs = [fma_x2(Uint32(g), sigma_hi, mul_x2(Uint32(g), sigma_lo, bf16), bf16)
-                 for g in entry_pairs(bits, dtype_str)]
-        planes = planes_from_pairs(pairs, prmt)
+    scale = _row_scale(sigma, dst.element_type, bits)
     src32 = cute.recast_tensor(cute.make_tensor(src.iterator, cute.make_layout((cols * bits // 8,))), Uint32)
     dst_chunks = cute.zipped_divide(dst, (8,))
     # 32 codes (``bits`` words) per iteration, ``unroll`` iterations per loop trip. With every
@@ -167,18 +160,42 @@ def dequant_part(
     for it in cutlass.range(cols // 32, unroll=unroll):
         words = cute.make_rmem_tensor((bits,), Uint32)
         cute.autovec_copy(cute.local_tile(src32, (bits,), (it,)), words)
-        o = cute.make_rmem_tensor((16,), Uint32)
-        for c in cutlass.range_constexpr(4):
-            if const_expr(bits == 8):
-                for p in cutlass.range_constexpr(4):
-                    w = words[2 * c + p // 2] >> (16 * (p % 2))
-                    g2 = pack_x2(table[Int32(w & 0xFF)], table[Int32((w >> 8) & 0xFF)], bf16)
-                    o[4 * c + p] = fma_x2(g2, sigma_hi, mul_x2(g2, sigma_lo, bf16), bf16)
-            else:
-                chunk = _chunk_bits(words, 8 * bits * c, 8 * bits)
-                for h in cutlass.range_constexpr(2):
-                    o[4 * c + 2 * h], o[4 * c + 2 * h + 1] = decode_four(
-                        chunk >> (4 * bits * h), bits, dtype_str, prmt, planes)
-        out = cute.recast_tensor(o, dst.element_type)
-        for c in cutlass.range_constexpr(4):
-            cute.autovec_copy(cute.local_tile(out, (8,), (c,)), dst_chunks[None, it * 4 + c])
+        _decode_32(words, scale, dst_chunks, it, bits, table)
+
+
+def _row_scale(sigma: Float32, dtype, bits: int):
+    """Traced inline by the conversions: (sigma_hi, sigma_lo, the byte planes of the codebook
+    scaled by sigma, or None for 8-bit codes)."""
+    bf16 = dtype == cutlass.BFloat16
+    sigma_hi, sigma_lo = pack_x2(sigma, sigma, bf16), scale_residual_x2(sigma, bf16)
+    planes = None
+    if bits != 8:
+        pairs = [fma_x2(Uint32(g), sigma_hi, mul_x2(Uint32(g), sigma_lo, bf16), bf16)
+                 for g in entry_pairs(bits, "bfloat16" if bf16 else "float16")]
+        planes = planes_from_pairs(pairs, prmt)
+    return sigma_hi, sigma_lo, planes
+
+
+def _decode_32(words: cute.Tensor, scale, dst_chunks: cute.Tensor, it, bits: int, table: Optional[cute.Tensor]):
+    """32 codes (``bits`` words) -> columns ``32 it .. 32 it + 31`` of the row, four 16-byte stores."""
+    sigma_hi, sigma_lo, planes = scale
+    dtype = dst_chunks.element_type
+    bf16 = dtype == cutlass.BFloat16
+    o = cute.make_rmem_tensor((16,), Uint32)
+    for c in range(4):
+        if bits == 8:
+            for p in range(4):
+                w = words[2 * c + p // 2] >> (16 * (p % 2))
+                g2 = pack_x2(table[Int32(w & 0xFF)], table[Int32((w >> 8) & 0xFF)], bf16)
+                o[4 * c + p] = fma_x2(g2, sigma_hi, mul_x2(g2, sigma_lo, bf16), bf16)
+        elif bits == 4:  # eight codes a word
+            o[4 * c], o[4 * c + 1], o[4 * c + 2], o[4 * c + 3] = decode_eight(
+                words[c], "bfloat16" if bf16 else "float16", prmt, planes)
+        else:
+            chunk = _chunk_bits(words, 8 * bits * c, 8 * bits)
+            for h in range(2):
+                o[4 * c + 2 * h], o[4 * c + 2 * h + 1] = decode_four(
+                    chunk >> (4 * bits * h), bits, "bfloat16" if bf16 else "float16", prmt, planes)
+    out = cute.recast_tensor(o, dtype)
+    for c in range(4):
+        cute.autovec_copy(cute.local_tile(out, (8,), (c,)), dst_chunks[None, it * 4 + c])
