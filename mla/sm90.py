@@ -9,8 +9,8 @@ layout is FlashMLA's and FA3's "large head_dim V" one, three warpgroups per CTA:
   page size is a multiple of 64), so a bf16 block is two TMA copies issued by one warp; the
   sequence's partial last block is copied by cp.async instead, the slots past its end replaced
   by its last key (they may hold NaN, and a masked P of 0 times NaN is NaN). Packed codes are
-  dequantised in registers with ``fa4_tq.kernels.load_stage.dequant_part``, the prefill
-  kernel's conversion.
+  dequantised in registers with the prefill kernel's conversion (``fa4_tq.kernels.load_stage``);
+  a 2/3/4-bit block's codes are loaded into registers before the producer waits for its stage.
 - WG1, scores: ``S = Q_nope C^T + Q_pe K_pe^T`` (64 x 64 over 576 dims), FA4's mask and online
   softmax, P (bf16) and the row rescale factors into shared memory, then ``O[:, :256] += P C[:, :256]``.
 - WG2: ``O[:, 256:] += P C[:, 256:]`` once WG1 has published P.
@@ -41,7 +41,7 @@ import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils_basic
-from cutlass import Float32, Int32, const_expr
+from cutlass import Float32, Int32, Uint32, const_expr
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.pipeline import pipeline_init_arrive, pipeline_init_wait
 from cutlass.utils import LayoutEnum
@@ -56,7 +56,7 @@ from flash_attn.cute.seqlen_info import SeqlenInfoQK
 from flash_attn.cute.softmax import Softmax
 from quack import layout_utils, sm90_utils
 
-from fa4_tq.kernels.load_stage import dequant_part
+from fa4_tq.kernels.load_stage import dequant_part, dequant_words, load_words
 from fa4_tq.kernels.staging import table_floats, uses_shared_table
 
 D_LATENT = 512
@@ -86,6 +86,11 @@ class FlashMLAForwardSm90:
     pair_bits = (8,)
     dequant_unroll = 4  # iterations of 32 codes per loop trip in dequant_part
     bf16_tma = True  # whole bf16 blocks by TMA (False: every block by the producer's cp.async)
+    # 2/3/4-bit codes: this thread's half of a block row (16-32 words) loaded into registers
+    # before the stage is acquired, so their latency overlaps that wait and the RoPE copies
+    # (False: ``dequant_part``'s own loads, four of 16 bytes a loop trip, two trips a block).
+    # Not for the 8-bit pairs: 1.01-1.02x there, and the loads spill at 72 producer registers.
+    codes_first = True
 
     def __init__(self, num_heads: int, bits: Optional[int], is_causal: bool, scale_dtype=Float32):
         if bits not in (None, 2, 3, 4, 8):
@@ -97,8 +102,12 @@ class FlashMLAForwardSm90:
         # setmaxnreg moves registers inside the launch's 384 x 168 (504 per thread of each WG):
         # WG1 holds O (128), S (32) and P (16) per thread, WG2 O alone; the producer computes
         # the addresses of the bf16 tile copies or converts packed codes in registers.
-        self.producer_regs, self.scores_regs, self.pv_regs = 56, 232, 216
         self.pair = bits in self.pair_bits
+        self.codes_in_registers = bits is not None and not self.pair and self.codes_first
+        # The codes loaded first take the producer from 56 to 72 (WG2's 200 still hold O;
+        # 80/192 spilled, compile_check --ptxas).
+        self.producer_regs, self.scores_regs, self.pv_regs = (
+            (72, 232, 200) if self.codes_in_registers else (56, 232, 216))
 
     # ------------------------------------------------------------------ host entry
     @cute.jit
@@ -314,6 +323,9 @@ class FlashMLAForwardSm90:
         page_size = mRope.shape[1]
         # One block ahead: the next block's page-table entry and scale are read while this one
         # is converted, so no block starts with two dependent global loads.
+        codes = None
+        if const_expr(self.codes_in_registers):
+            codes = cute.make_rmem_tensor((D_LATENT // 2 * self.bits // 32,), Uint32)
         page, off, sigma = Int32(0), Int32(0), Float32(0.0)
         if n_blocks > 0:
             page, off, sigma = self._row_page(mPageTable, mScale, page_size, seqlen, batch_idx, n_block_max - 1, kv_row)
@@ -323,6 +335,12 @@ class FlashMLAForwardSm90:
             if i + 1 < n_blocks:
                 page_next, off_next, sigma_next = self._row_page(
                     mPageTable, mScale, page_size, seqlen, batch_idx, n_block - 1, kv_row)
+            if const_expr(codes is not None):
+                # In flight behind the next block's page and scale loads (issued first: 1.03x over
+                # the other order) while the stage is acquired. Not a block earlier: ptxas sank
+                # such loads to the end of the conversion, just before the proxy fence (a MEMBAR)
+                # that precedes each arrive, where they were waited for (mla-<gpu>.md).
+                load_words(self._latent_part(mLat, page, off, half, 2), codes, self.bits, D_LATENT // 2)
             pipeline_kv.producer_acquire(kv_state)
             stage = kv_state.index
             # A block's 64 keys are consecutive slots of one page (page_size % 64 == 0).
@@ -348,7 +366,7 @@ class FlashMLAForwardSm90:
             elif const_expr(self.pair):
                 self._copy_tile_async(mRope, page, first, last, sR[None, None, stage], D_ROPE)
                 cute.arch.cp_async_commit_group()  # the RoPE keys fly while the latent is converted
-                self._dequant_row(mLat, page, off, sigma, sC[kv_row, None, stage], part, sTable, parts=4)
+                self._dequant_row(mLat, page, off, sigma, sC[kv_row, None, stage], part, sTable, None, parts=4)
                 cute.arch.cp_async_wait_group(0)
                 cute.arch.fence_proxy("async.shared", space="cta")
                 self._send_half_to_peer(sC, stage, rank, pipeline_kv, tidx)
@@ -356,7 +374,7 @@ class FlashMLAForwardSm90:
                 # Per-row RoPE copies here: the tile copy measured 0-6% slower beside the conversion.
                 self._copy_row_async(mRope, (page, off), sR[row, None, stage], half, D_ROPE // 2)
                 cute.arch.cp_async_commit_group()  # the RoPE keys fly while the latent is converted
-                self._dequant_row(mLat, page, off, sigma, sC[row, None, stage], half, sTable)
+                self._dequant_row(mLat, page, off, sigma, sC[row, None, stage], half, sTable, codes)
                 cute.arch.cp_async_wait_group(0)
                 cute.arch.fence_proxy("async.shared", space="cta")
                 cute.arch.mbarrier_arrive(pipeline_kv.sync_object_full.get_barrier(stage))
@@ -411,19 +429,27 @@ class FlashMLAForwardSm90:
             cute.copy(atom, cute.make_tensor(ptr, cute.make_layout((8,))),
                       cute.zipped_divide(sX[r, None], (8,))[None, chunk])
 
-    @cute.jit
-    def _dequant_row(self, mLat, page, off, sigma, s_row, part, sTable, parts: cutlass.Constexpr[int] = 2):
-        """Part ``part`` of ``parts`` of a packed latent row -> bf16 in the stage, read straight
-        from global memory by ``dequant_part`` (no staging buffer: Q and the two latent stages
-        fill shared memory)."""
-        cols = D_LATENT // parts
-        part_bytes = cols * self.bits // 8
+    def _latent_part(self, mLat, page, off, part, parts: int):
+        """Part ``part`` of ``parts`` of the packed latent row at (page, off): global uint8,
+        16-byte aligned."""
+        part_bytes = D_LATENT // parts * self.bits // 8
         src_t = cute.domain_offset((page, off, part * part_bytes), mLat)
         ptr = cute.make_ptr(cutlass.Uint8, src_t.iterator.toint(), cute.AddressSpace.gmem, assumed_align=16)
-        dequant_part(cute.make_tensor(ptr, cute.make_layout((part_bytes,))), sigma,
-                     cute.local_tile(s_row, (cols,), (part,)), self.bits, cols,
-                     sTable if const_expr(uses_shared_table(self.bits)) else None,
-                     unroll=min(self.dequant_unroll, cols // 32))
+        return cute.make_tensor(ptr, cute.make_layout((part_bytes,)))
+
+    @cute.jit
+    def _dequant_row(self, mLat, page, off, sigma, s_row, part, sTable, codes, parts: cutlass.Constexpr[int] = 2):
+        """Part ``part`` of ``parts`` of a packed latent row -> bf16 in the stage: from ``codes``
+        (registers, loaded first) or read straight from global memory by ``dequant_part`` (no
+        staging buffer either way: Q and the two latent stages fill shared memory)."""
+        cols = D_LATENT // parts
+        table = sTable if const_expr(uses_shared_table(self.bits)) else None
+        dst = cute.local_tile(s_row, (cols,), (part,))
+        if const_expr(codes is not None):
+            dequant_words(codes, sigma, dst, self.bits, cols, table)
+        else:
+            dequant_part(self._latent_part(mLat, page, off, part, parts), sigma, dst, self.bits, cols, table,
+                         unroll=min(self.dequant_unroll, cols // 32))
 
     @cute.jit
     def _send_half_to_peer(self, sC, stage, rank, pipeline_kv, tidx):

@@ -1,8 +1,10 @@
 """Device side of the load stage shared by every architecture (CuTeDSL).
 
-``staging.py`` explains the scheme. The two functions here are the whole per-thread work:
+``staging.py`` explains the scheme. The functions here are the whole per-thread work:
 ``copy_part_async`` (global packed bytes -> this thread's staging slice) and ``dequant_part``
-(staging slice, or global bytes -> ``dtype`` columns of one row of the swizzled tile);
+(staging slice, or global bytes -> ``dtype`` columns of one row of the swizzled tile), or
+``load_words`` then ``dequant_words`` (the same conversion from codes loaded into registers
+earlier, for a caller with something to wait on between the two: the MLA producer);
 ``packed_shape_carrier`` is the SM100 subclasses' way of handing FA4 packed K/V. The plain PyTorch twin of
 ``dequant_part`` is ``PackedKV.decompress_rotated``. The register ops below them (``prmt``, packed
 bf16x2/f16x2 arithmetic, one ``mma.sync``) are shared with the decode and cache-write kernels.
@@ -161,6 +163,32 @@ def dequant_part(
         words = cute.make_rmem_tensor((bits,), Uint32)
         cute.autovec_copy(cute.local_tile(src32, (bits,), (it,)), words)
         _decode_32(words, scale, dst_chunks, it, bits, table)
+
+
+@cute.jit
+def dequant_words(
+    words: cute.Tensor,  # registers (cols * bits // 32,) Uint32: the part's codes (load_words)
+    sigma: Float32,
+    dst: cute.Tensor,  # as dequant_part's
+    bits: cutlass.Constexpr[int],
+    cols: cutlass.Constexpr[int],
+    table: Optional[cute.Tensor] = None,  # as dequant_part's
+):
+    """``dequant_part`` on codes already in registers: a caller that loads them (``load_words``)
+    before it waits for something else (a free pipeline stage) has their global latency behind
+    it. Fully unrolled: registers are indexed at compile time."""
+    scale = _row_scale(sigma, dst.element_type, bits)
+    dst_chunks = cute.zipped_divide(dst, (8,))
+    for it in cutlass.range_constexpr(cols // 32):
+        _decode_32(cute.local_tile(words, (bits,), (it,)), scale, dst_chunks, it, bits, table)
+
+
+@cute.jit
+def load_words(src: cute.Tensor, words: cute.Tensor, bits: cutlass.Constexpr[int], cols: cutlass.Constexpr[int]):
+    """``cols`` codes of global ``src`` (uint8, 16-byte aligned) into the register words that
+    ``dequant_words`` converts."""
+    src32 = cute.recast_tensor(cute.make_tensor(src.iterator, cute.make_layout((cols * bits // 8,))), Uint32)
+    cute.autovec_copy(src32, words)
 
 
 def _row_scale(sigma: Float32, dtype, bits: int):
