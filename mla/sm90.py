@@ -321,11 +321,11 @@ class FlashMLAForwardSm90:
 
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.num_stages)
         page_size = mRope.shape[1]
-        # One block ahead: the next block's page-table entry and scale are read while this one
-        # is converted, so no block starts with two dependent global loads.
-        codes = None
+        codes = None  # this thread's half row of 2/3/4-bit codes, loaded before the stage wait
         if const_expr(self.codes_in_registers):
             codes = cute.make_rmem_tensor((D_LATENT // 2 * self.bits // 32,), Uint32)
+        # One block ahead: the next block's page-table entry and scale are read while this one
+        # is converted, so no block starts with two dependent global loads.
         page, off, sigma = Int32(0), Int32(0), Float32(0.0)
         if n_blocks > 0:
             page, off, sigma = self._row_page(mPageTable, mScale, page_size, seqlen, batch_idx, n_block_max - 1, kv_row)
