@@ -86,24 +86,17 @@ def decode_four(x, bits: int, dtype: str, prmt, planes=None):
     register and ``prmt`` the PTX byte permute; tests call it with ints and ``prmt_reference``.
     A selector nibble is a code (prmt reads nibble bit 3 as "sign-extend", so 4-bit codes
     look up entries ``code & 7`` in both halves of the codebook and ``pick`` chooses per byte)."""
-    lo_plane, hi_plane = code_planes(bits, dtype) if planes is None else planes
+    planes = code_planes(bits, dtype) if planes is None else planes
     if bits == 4:
-        sel, pick = x & 0x7777, ((x >> 1) & 0x4444) | 0x3210
-
-        def lookup(plane):
-            return prmt(prmt(plane[0], plane[1], sel), prmt(plane[2], plane[3], sel), pick)
-    else:
-        if bits == 3:  # 4 x 3 bits -> nibbles: move codes 2-3 up to bit 8, then codes 1 and 3 up by 1
-            y = (x & 0x3F) | ((x & 0xFC0) << 2)
-            sel = y + (y & 0x3838)
-        else:  # 4 x 2 bits: codes 2-3 up to bit 8, then codes 1 and 3 up by 2
-            y = (x & 0xF) | ((x & 0xF0) << 4)
-            sel = y + (y & 0x0C0C) * 3
-
-        def lookup(plane):
-            return prmt(plane[0], plane[-1], sel)  # 2-bit: one word, bit 2 of the nibble is 0
-    lo, hi = lookup(lo_plane), lookup(hi_plane)
-    return prmt(lo, hi, 0x5140), prmt(lo, hi, 0x7362)  # bytes (lo0 hi0 lo1 hi1), (lo2 hi2 lo3 hi3)
+        return _lookup_4bit(planes, x & 0x7777, ((x >> 1) & 0x4444) | 0x3210, prmt)
+    if bits == 3:  # 4 x 3 bits -> nibbles: move codes 2-3 up to bit 8, then codes 1 and 3 up by 1
+        y = (x & 0x3F) | ((x & 0xFC0) << 2)
+        sel = y + (y & 0x3838)
+    else:  # 4 x 2 bits: codes 2-3 up to bit 8, then codes 1 and 3 up by 2
+        y = (x & 0xF) | ((x & 0xF0) << 4)
+        sel = y + (y & 0x0C0C) * 3
+    # entries 0-3 in plane[0], 4-7 in plane[-1] (2-bit: one word, bit 2 of the nibble is 0)
+    return _interleave(*(prmt(plane[0], plane[-1], sel) for plane in planes), prmt)
 
 
 def decode_eight(x, dtype: str, prmt, planes=None):
@@ -111,13 +104,22 @@ def decode_eight(x, dtype: str, prmt, planes=None):
     and high halves, with the selector arithmetic done once for the word: ``prmt`` reads only a
     selector's low 16 bits, so the high half's selectors are a shift away (21 operations for
     eight codes, 23 as two ``decode_four`` calls)."""
-    lo_plane, hi_plane = code_planes(4, dtype) if planes is None else planes
+    planes = code_planes(4, dtype) if planes is None else planes
     sel8, pick8 = x & 0x77777777, ((x >> 1) & 0x44444444) | 0x32103210
-    out = []
-    for sel, pick in ((sel8, pick8), (sel8 >> 16, pick8 >> 16)):
-        lo, hi = (prmt(prmt(p[0], p[1], sel), prmt(p[2], p[3], sel), pick) for p in (lo_plane, hi_plane))
-        out += [prmt(lo, hi, 0x5140), prmt(lo, hi, 0x7362)]
-    return out
+    high = sel8 >> 16, pick8 >> 16
+    return [*_lookup_4bit(planes, sel8, pick8, prmt), *_lookup_4bit(planes, *high, prmt)]
+
+
+def _lookup_4bit(planes, sel, pick, prmt):
+    """Four 4-bit codes' values from their selectors: entries ``code & 7`` of both halves of each
+    byte plane, ``pick`` choosing per byte by the code's bit 3."""
+    lo, hi = (prmt(prmt(p[0], p[1], sel), prmt(p[2], p[3], sel), pick) for p in planes)
+    return _interleave(lo, hi, prmt)
+
+
+def _interleave(lo, hi, prmt):
+    """Low-byte and high-byte planes of four values -> two words: bytes (lo0 hi0 lo1 hi1), (lo2 hi2 lo3 hi3)."""
+    return prmt(lo, hi, 0x5140), prmt(lo, hi, 0x7362)
 
 
 def prmt_reference(a: int, b: int, sel: int) -> int:
