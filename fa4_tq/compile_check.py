@@ -190,7 +190,8 @@ def _fake_packed(lead: tuple, head_dim: int, bits: int, scale_dtype=None):
 
 def tq_sm90_variants(full: bool):
     """(label, kwargs) of the packed-KV kernel variants CI compiles for SM90: every bit pair at
-    head_dim 128 (causal, GQA), plus head_dim 64 and 256, masks, paged, varlen, fp16."""
+    head_dim 128 (causal, GQA), plus head_dim 64 and 256, masks, paged, varlen, fp16, and the
+    persistent tile scheduler (TMA and cp.async Q, paged)."""
     from itertools import product
 
     out = []
@@ -208,6 +209,10 @@ def tq_sm90_variants(full: bool):
         ("k4v2 d128 paged page=64", dict(vb=2, paged=64)),
         ("k4v4 d128 paged page=128", dict(paged=128)),
         ("k4v4 d128 varlen", dict(varlen=True)),
+        ("k4v4 d128 causal persistent", dict(persistent=True)),
+        ("k4v4 d128 gqa3 (cp.async Q) persistent", dict(h=6, hk=2, persistent=True)),
+        ("k2v2 d64 non-causal paged page=64 persistent", dict(d=64, kb=2, vb=2, causal=False, paged=64,
+                                                              persistent=True)),
     ]
     return out
 
@@ -238,7 +243,7 @@ def _case_tq_sm90(full: bool) -> list[str]:
             q = torch.empty(2, 256, h, d, dtype=dtype, device="cuda")
             k, v = (_fake_packed((2, 256, hk), d, b, sdt) for b in (kb, vb))
         packed_attention(q, k, v, softmax_scale=d ** -0.5, causal=kw.get("causal", True),
-                         window_size=kw.get("window", (None, None)), **extra)
+                         window_size=kw.get("window", (None, None)), _persistent=kw.get("persistent", False), **extra)
         done.append(label)
     return done
 

@@ -334,7 +334,8 @@ def _run_split(prob, num_splits: Optional[int], return_lse: bool, lam: Optional[
     kv_heads, page_size = k.shape[2], k.shape[1]
     if num_splits is None:
         num_splits = choose_num_splits(q, k, v, prob.page_table)
-    common = dict(softmax_scale=prob.softmax_scale, window_size=(None, None), **knobs)
+    # one tile a CTA: the splits fill the GPU, and the persistent scheduler was measured on prefill only
+    common = dict(softmax_scale=prob.softmax_scale, window_size=(None, None), _persistent=False, **knobs)
     rows = seqlen_q * (heads // kv_heads)  # packed query rows per (sequence, KV head)
     if num_splits == 1 and lam is None:
         return packed_attention(q, k, v, causal=prob.causal, page_table=prob.page_table,

@@ -125,3 +125,34 @@ def test_inline_equals_decompress_tiles_bit_for_bit():
                                       rotation="none")
         want = v.decompress_rotated(torch.bfloat16)  # [1, 1, 2, 128]
         assert torch.equal(out_rot, want), vbits
+
+
+@pytest.mark.parametrize("d,h,hk,causal,paged", [
+    (128, 32, 4, True, None),  # TMA Q, LPT order replaced
+    (64, 8, 8, False, None),  # MHA
+    (128, 6, 2, True, None),  # GQA 3: Q by cp.async (PackGQA)
+    (128, 16, 2, True, 64),  # paged
+])
+def test_persistent_scheduler_equals_one_tile_per_cta(poisoned, d, h, hk, causal, paged):
+    """Persistent, a CTA runs several tiles (here ~4-16 a CTA) and each tile's arithmetic is the
+    same: outputs and LSE equal the one-tile-per-CTA kernel's bit for bit, and the reference."""
+    from fa4_tq.kernels.launch import packed_attention
+
+    b, s = 4, 1000
+    q, k, v = _problem(d + h + hk, b, s, s, h, hk, d, 4, 4)
+    args = dict(softmax_scale=d ** -0.5, causal=causal, window_size=(None, None))
+    if paged:
+        from helpers import ragged_paged_cache
+
+        (k, v), args["page_table"], args["seqused_k"], _ = ragged_paged_cache(
+            [s] * b, paged, hk, d, torch.Generator().manual_seed(3), k_bits=4, v_bits=4, device=DEV)
+    one, one_lse = packed_attention(q, k, v, **args, _persistent=False)
+    per, per_lse = packed_attention(q, k, v, **args, _persistent=True)
+    assert torch.equal(per, one) and torch.equal(per_lse, one_lse)
+    if not paged:  # the reference on the first sequence: the kernels are equal, so this checks both
+        k1, v1 = (dataclasses.replace(x, data=x.data[:1], scales=x.scales[:1]) for x in (k, v))
+        ref, _ = attention_reference(q[:1], k1, v1, causal=causal, dtype=torch.float64)
+        base, _ = bf16_baseline_err(q[:1], k1.decompress(), v1.decompress(), causal, (None, None))
+        err = rel_err(per[:1], ref)
+        print(f"ERRS persistent d{d} h{h}/{hk} causal={causal}: out {err:.2e} (FA4 bf16 {base:.2e})")
+        assert err <= 2 * base + 1e-3, (err, base)

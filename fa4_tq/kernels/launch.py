@@ -54,6 +54,27 @@ def sm90_config(head_dim: int, k_bits: int, v_bits: int, rows: int, batch_layout
     return (64 if batch_layout and rows <= 64 else 128), sm90_tile_n(head_dim, k_bits, v_bits)
 
 
+# Longest key range for which the SM90 kernel walks tiles persistently. H100, K4V4, GQA 8:1, ~32K
+# query tokens, fused rotation, outputs equal bit for bit (perf/results/prefill-*.md): persistent
+# 1.10x at hd128 1K causal, 1.05x at 1K full and 2K causal, 1.02x at 4K causal, 0.98x at 8K causal
+# (round-robin tiles lose FA4's longest-first causal order), hd64 1K causal 1.06x.
+PERSISTENT_MAX_SEQLEN_K = 4096
+
+
+def sm90_persistent(seqlen_k: int, tile_m: int, skip_softmax: bool) -> bool:
+    """Whether the SM90 kernel walks tiles persistently (``scheduler.py``): prefill tiles (128 rows)
+    over short key ranges, where a tile's fixed start and end costs are a large share of it.
+    Decode-sized 64-row tiles and skip-softmax keep FA4's one tile a CTA (not measured
+    persistent)."""
+    return tile_m == 128 and not skip_softmax and seqlen_k <= PERSISTENT_MAX_SEQLEN_K
+
+
+def _target_sms(arch: int) -> int:
+    from flash_attn.cute.cute_dsl_utils import get_num_sms_for_selection
+
+    return get_num_sms_for_selection(torch.cuda.current_device() if torch.cuda.is_available() else 0, arch)
+
+
 def _kernel_class(arch: int):
     if arch // 10 == 9:
         from .sm90 import FlashAttentionForwardSm90TQ
@@ -92,6 +113,7 @@ def packed_attention(
     skip_stats: Optional[torch.Tensor] = None,
     _ablate: Optional[str] = None,
     _tiles: Optional[tuple] = None,
+    _persistent: Optional[bool] = None,
 ):
     """Attention of ``q`` on packed K/V. Returns ``(out, lse)`` with FA4's layouts, ``out`` in
     q's dtype. ``out``/``lse`` may be given (contiguous, of those shapes): the kernel writes into
@@ -106,6 +128,7 @@ def packed_attention(
     each 64-row warpgroup of each tile; tile heads are the KV heads with pack-GQA, else the query
     heads). Batch layout only (no ``cu_seqlens``).
     ``_tiles=(tile_m, tile_n)`` replaces ``sm90_config``'s choice (tests, perf/bench_decode.py).
+    ``_persistent`` replaces ``sm90_persistent``'s choice of the tile scheduler (tests, benchmarks).
     Inputs are assumed validated by ``fa4_tq.interface``.
     """
     skip = skip_log2_threshold is not None
@@ -125,13 +148,13 @@ def packed_attention(
                 q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
                 cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, page_table=page_table,
                 return_lse=return_lse, rotation="none", out=out, lse=lse, skip_log2_threshold=skip_log2_threshold,
-                skip_stats=skip_stats, _ablate=_ablate, _tiles=_tiles)
+                skip_stats=skip_stats, _ablate=_ablate, _tiles=_tiles, _persistent=_persistent)
         o_rot, lse = packed_attention(
             rotate_rounded(q, k.seed), k, v, softmax_scale=softmax_scale, causal=causal,
             window_size=window_size, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
             seqused_k=seqused_k, page_table=page_table, return_lse=return_lse, rotation="none", lse=lse,
             skip_log2_threshold=skip_log2_threshold, skip_stats=skip_stats, _ablate=_ablate,
-            _tiles=_tiles,
+            _tiles=_tiles, _persistent=_persistent,
         )
         o = unrotate_rounded(o_rot, v.seed)
         return (out.copy_(o) if out is not None else o), lse
@@ -141,6 +164,8 @@ def packed_attention(
     import cutlass.cute as cute
     from flash_attn.cute.cute_dsl_utils import to_cute_tensor
     from flash_attn.cute.interface import _resolve_causal_local_window
+
+    from .scheduler import persistent_scheduler, tile_scheduler
 
     head_dim = q_rot.shape[-1]
     if head_dim not in SUPPORTED_HEAD_DIMS:
@@ -177,6 +202,13 @@ def packed_attention(
             cu_seqlens_q, cu_seqlens_k, seqused_k, page_table, out, lse, k_table, v_table, skip)
     rows = q_rot.shape[1] * (qhead_per_kvhead if pack_gqa else 1)  # query rows per (sequence, head) tile
     tile_m, tile_n = _tiles or sm90_config(head_dim, k.bits, v.bits, rows, cu_seqlens_q is None)
+    if _persistent and cu_seqlens_q is not None:
+        raise ValueError("the persistent tile scheduler runs the batch layout only (FA4 schedules varlen itself)")
+    if _persistent is None:  # batch layout only: k is (batch, seqlen_k, ...) or pages of a page table
+        seqlen_k = k.shape[1] * (page_table.shape[1] if page_table is not None else 1)
+        persistent = cu_seqlens_q is None and cu_seqlens_k is None and sm90_persistent(seqlen_k, tile_m, skip)
+    else:
+        persistent = _persistent
     if is_fake_mode():  # compile only: the sign vectors' shapes are all that matter
         k_signs, v_signs = (torch.empty(head_dim, dtype=torch.float32, device=q_rot.device) for _ in range(2))
     else:
@@ -186,14 +218,14 @@ def packed_attention(
         arch, cls.__name__, q_rot.dtype, head_dim, qhead_per_kvhead, k.bits, v.bits,
         k.scales.dtype, v.scales.dtype, causal, local, wl is None, wr is None, pack_gqa,
         cu_seqlens_q is None, cu_seqlens_k is None, seqused_k is None, page_table is None,
-        lse is None, tile_m, tile_n, fused, skip, _ablate, zero_strides(q_rot),
+        lse is None, tile_m, tile_n, fused, skip, _ablate, zero_strides(q_rot), persistent,
     )
     if key not in _compile_cache:
         dtype = {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16}[q_rot.dtype]
         kernel = cls(
             dtype, head_dim, qhead_per_kvhead, k_bits=k.bits, v_bits=v.bits, is_causal=causal,
             is_local=local, pack_gqa=pack_gqa, tile_m=tile_m, tile_n=tile_n, fuse_rotation=fused,
-            skip_softmax=skip, ablate=_ablate,
+            skip_softmax=skip, persistent=persistent, ablate=_ablate,
         )
         small = dict(assumed_align=4, leading_dim=0)
         args = [
@@ -214,7 +246,8 @@ def packed_attention(
             to_cute_tensor(skip_stats, assumed_align=4) if skip else None,
             cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
         ]
-        _compile_cache[key] = cute.compile(kernel, *args, options="--enable-tvm-ffi")
+        with tile_scheduler(persistent_scheduler(_target_sms(arch)) if persistent else None):
+            _compile_cache[key] = cute.compile(kernel, *args, options="--enable-tvm-ffi")
     if not is_fake_mode():
         _compile_cache[key](
             q_rot, k.data, v.data, k.scales, v.scales, k_table, v_table, k_signs, v_signs, out, lse,

@@ -25,10 +25,16 @@ What FA4 lacks, and how it is bridged (each listed in docs/UPSTREAM.md):
   (FA4's own code runs after / after ours), and ``mma`` only to keep a handle on ``sQ``.
 - Skip-softmax (``skip_softmax=True``, ``skip_softmax.py``) needs a vote between a block's QK^T
   and its softmax: FA4's per-block step is wrapped, handing FA4's own code a voting softmax.
+- Persistent (``persistent=True``, short prefill: ``scheduler.py``): ``__call__`` takes the
+  scheduler by module name, rebound while tracing; FA4's ``sO`` is ``sQ``'s storage, so ``mma``
+  hands FA4 a ``pipeline_q`` whose release does nothing and ``epilogue`` releases Q instead.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
 import types
 from functools import partial
 from typing import Callable, NamedTuple, Optional
@@ -85,6 +91,25 @@ def inline_body(kernel_fn) -> Callable:
 _fa4_kernel_body = inline_body(FlashAttentionForwardSm90.kernel)
 
 
+@functools.lru_cache(maxsize=None)
+def _release_later_cls(base: type) -> type:
+    @dataclasses.dataclass(frozen=True)
+    class ReleaseLater(base):
+        def consumer_release_w_index(self, index, *, loc=None, ip=None):
+            pass
+
+    return ReleaseLater
+
+
+def _release_later(pipe):
+    """``pipeline_q`` as FA4's ``mma`` sees it in a persistent kernel: its release of Q after the
+    tile's last QK^T does nothing (``FlashAttentionForwardSm90TQ.epilogue`` releases it). The same
+    frozen dataclass of another class, so the DSL carries it through FA4's tile loop as before."""
+    view = copy.copy(pipe)
+    object.__setattr__(view, "__class__", _release_later_cls(type(pipe)))
+    return view
+
+
 class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
     """FA4 SM90 forward whose K/V come packed (``k_bits``/``v_bits`` in {2, 3, 4, 8})."""
 
@@ -93,6 +118,7 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
     _producer_barrier_id = max(int(b) for b in NamedBarrierFwd) + 1
     _rotate_q_barrier_id = _producer_barrier_id + 1
     _skip_vote_barrier_id = _rotate_q_barrier_id + 2  # one per consumer warpgroup
+    _q_free_barrier_id = _skip_vote_barrier_id + 2  # the consumers, after a persistent tile's epilogue
     # Iterations of 32 codes the conversion loop unrolls (load_stage.dequant_part): 4 = a whole
     # head_dim-128 row. Measured on the H100 (hd128 s8K causal): +2-4% over 1 at K2V2/K4V4/K8V8.
     dequant_unroll = 4
@@ -116,6 +142,7 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
         consumer_regs: Optional[int] = None,
         fuse_rotation: bool = True,
         skip_softmax: bool = False,
+        persistent: bool = False,
         ablate: Optional[str] = None,
     ):
         if tile_m not in (64, 128):
@@ -146,6 +173,10 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
         if skip_softmax and not intra_wg_overlap:
             raise ValueError("skip_softmax wraps FA4's intra-warpgroup-overlap step: it needs intra_wg_overlap=True")
         self.skip_softmax = skip_softmax
+        # Several tiles a CTA (the launcher compiles it with ``scheduler.persistent_scheduler``):
+        # FA4's sO is sQ's storage, so Q is released after the epilogue has stored the output,
+        # not after the tile's last QK^T as FA4 releases it (scheduler.py).
+        self.persistent = persistent
         self.k_plan = StagingPlan(tile_n, head_dim, k_bits)
         self.v_plan = StagingPlan(tile_n, head_dim, v_bits)
         self.staging_slots, self.staging_padded = choose_staging(tile_m, tile_n, head_dim, k_bits, v_bits)
@@ -313,16 +344,22 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
         )
 
     # ------------------------------------------------------------------ consumers: fused rotation
-    def mma(self, tiled_mma_qk, tiled_mma_pv, mO, mLSE, sQ, *rest):
+    def mma(self, tiled_mma_qk, tiled_mma_pv, mO, mLSE, sQ, sK, sVt, sP, sO, learnable_sink, pipeline_k,
+            pipeline_v, pipeline_q, *rest):
         """FA4's ``mma``; keeps ``sQ`` for ``first_half_block_overlap`` (which FA4 does not pass it)
-        and, with skip-softmax, sets up this thread's vote registers."""
+        and, with skip-softmax, sets up this thread's vote registers. Persistent, FA4's release of
+        Q is deferred to ``epilogue``."""
         self._sQ = sQ
+        if const_expr(self.persistent):
+            self._pipeline_q = pipeline_q
+            pipeline_q = _release_later(pipeline_q)
         if const_expr(self.skip_softmax):
             tidx = cute.arch.thread_idx()[0] - 128  # consumer threads, as FA4's mma numbers them
             cS = cute.make_identity_tensor((self.tile_m, self.tile_n))
             self._tScS_mn = layout_utils.reshape_acc_to_mn(tiled_mma_qk.get_slice(tidx).partition_C(cS))
             self._skip_state = SkipState(cute.size(self._tScS_mn, mode=[0]))
-        return FlashAttentionForwardSm90.mma(self, tiled_mma_qk, tiled_mma_pv, mO, mLSE, sQ, *rest)
+        return FlashAttentionForwardSm90.mma(self, tiled_mma_qk, tiled_mma_pv, mO, mLSE, sQ, sK, sVt, sP, sO,
+                                             learnable_sink, pipeline_k, pipeline_v, pipeline_q, *rest)
 
     def first_half_block_overlap(self, *args, is_first_block: bool = False, **kwargs):
         """Rotate this warpgroup's Q rows (Q has landed: FA4 waited on pipeline_q before the first
@@ -352,13 +389,18 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
 
     def epilogue(self, acc_O, lse, mO, mLSE, sO, seqlen, gmem_tiled_copy_O, tma_atom_O, tiled_mma, tidx,
                  m_block, head_idx, batch_idx):
-        """Un-rotate the normalised output in registers, then FA4's epilogue."""
+        """Un-rotate the normalised output in registers, then FA4's epilogue; persistent, then free
+        sQ (= sO) for the next tile's Q once every consumer is past the epilogue (FA4's epilogue
+        waits for its TMA store to have read sO before warp 4 returns)."""
         if const_expr(self.fuse_rotation):
             unrotate_acc(acc_O, tiled_mma, self._tq.v_signs, (self.tile_m, self.tile_hdimv))
         if const_expr(self.skip_softmax):
             self._write_skip_stats(tidx, m_block, head_idx, batch_idx)
         FlashAttentionForwardSm90.epilogue(self, acc_O, lse, mO, mLSE, sO, seqlen, gmem_tiled_copy_O, tma_atom_O,
                                            tiled_mma, tidx, m_block, head_idx, batch_idx)
+        if const_expr(self.persistent):
+            cute.arch.barrier(barrier_id=self._q_free_barrier_id, number_of_threads=self.num_mma_threads)
+            self._pipeline_q.consumer_release_w_index(0)
 
     @cute.jit
     def _write_skip_stats(self, tidx: Int32, m_block: Int32, head_idx: Int32, batch_idx: Int32):
@@ -415,23 +457,15 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
             seqlen = SeqlenInfoCls(batch_idx)
             head_idx_kv = head_idx // self.qhead_per_kvhead if const_expr(not self.pack_gqa) else head_idx
 
-            # --- Q, exactly as FA4 loads it
-            mQ_cur = seqlen.offset_batch_Q(mQ, batch_idx, dim=3)[None, None, head_idx]
-            if const_expr(self.use_tma_Q):
-                if warp_idx_in_wg == 0:
-                    gQ = cute.local_tile(mQ_cur, (self.tile_m, self.tile_hdim), (m_block, 0))
-                    load_Q, _, _ = copy_utils.tma_get_copy_fn(
-                        tma_atom_Q, 0, cute.make_layout(1), gQ, sQ, single_stage=True
-                    )
-                    pipeline_q.producer_acquire_w_index_phase(0, q_producer_phase)
-                    load_Q(tma_bar_ptr=pipeline_q.sync_object_full.get_barrier(0))
-            else:
-                pack_gqa = PackGQA(self.tile_m, self.tile_hdim, self.check_hdim_oob, self.qhead_per_kvhead)
-                pipeline_q.producer_acquire_w_index_phase(0, q_producer_phase)
-                pack_gqa.load_Q(mQ_cur, sQ, gmem_tiled_copy_Q, tidx, m_block, seqlen.seqlen_q)
-                cute.arch.cp_async_commit_group()
-                pipeline_q.producer_commit_w_index(0)
+            # --- Q, as FA4 loads it; persistent, after the tile's first K block (below): the
+            # consumers free sQ only after the previous tile's epilogue, and warp 0 waiting for
+            # that here would hold back the first block's dequantisation with it.
+            q_phase = q_producer_phase
             q_producer_phase ^= 1
+            load_q = partial(self._load_q, mQ, sQ, tma_atom_Q, pipeline_q, gmem_tiled_copy_Q, seqlen, m_block,
+                             head_idx, batch_idx, warp_idx_in_wg, tidx, q_phase)
+            if const_expr(not self.persistent):
+                load_q()
 
             # --- K/V: the consumers take blocks n_block_max-1 down to n_block_min (at least one).
             # Pages are looked up one block before their bytes are issued, and the scales are
@@ -459,6 +493,9 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
                 self._dequant_block(self._sStageK, slot, self._sTableK, Float32(raw_k), sK, kv_state.index,
                                     self.k_plan, row, part)
                 cute.arch.mbarrier_arrive(pipeline_k.sync_object_full.get_barrier(kv_state.index))
+                if const_expr(self.persistent):
+                    if i == 0:
+                        load_q()
                 pipeline_v.producer_acquire(kv_state)
                 self._dequant_block(self._sStageV, slot, self._sTableV, Float32(raw_v), sV, kv_state.index,
                                     self.v_plan, row, part)
@@ -474,6 +511,25 @@ class FlashAttentionForwardSm90TQ(FlashAttentionForwardSm90):
             tile_scheduler.prefetch_next_work()
             tile_scheduler.advance_to_next_work()
             work_tile = tile_scheduler.get_current_work()
+
+    @cute.jit
+    def _load_q(self, mQ, sQ, tma_atom_Q, pipeline_q, gmem_tiled_copy_Q, seqlen, m_block, head_idx, batch_idx,
+                warp_idx_in_wg, tidx, phase):
+        """The tile's Q into sQ, exactly as FA4's ``load`` does it (TMA by warp 0, or PackGQA's
+        cp.async by the whole warpgroup)."""
+        mQ_cur = seqlen.offset_batch_Q(mQ, batch_idx, dim=3)[None, None, head_idx]
+        if const_expr(self.use_tma_Q):
+            if warp_idx_in_wg == 0:
+                gQ = cute.local_tile(mQ_cur, (self.tile_m, self.tile_hdim), (m_block, 0))
+                load_Q, _, _ = copy_utils.tma_get_copy_fn(tma_atom_Q, 0, cute.make_layout(1), gQ, sQ, single_stage=True)
+                pipeline_q.producer_acquire_w_index_phase(0, phase)
+                load_Q(tma_bar_ptr=pipeline_q.sync_object_full.get_barrier(0))
+        else:
+            pack_gqa = PackGQA(self.tile_m, self.tile_hdim, self.check_hdim_oob, self.qhead_per_kvhead)
+            pipeline_q.producer_acquire_w_index_phase(0, phase)
+            pack_gqa.load_Q(mQ_cur, sQ, gmem_tiled_copy_Q, tidx, m_block, seqlen.seqlen_q)
+            cute.arch.cp_async_commit_group()
+            pipeline_q.producer_commit_w_index(0)
 
     @cute.jit
     def _page_of(self, mPageTable, seqlen, batch_idx, n_block, row):
