@@ -28,8 +28,10 @@ def test_tile_scheduler_rebinds_fa4_names_and_restores_them():
 
 
 def test_persistent_only_for_short_prefill_tiles():
-    assert sm90_persistent(1024, 128, False)
-    assert sm90_persistent(PERSISTENT_MAX_SEQLEN_K, 128, False)
-    assert not sm90_persistent(PERSISTENT_MAX_SEQLEN_K + 1, 128, False)  # measured slower at 8K causal
-    assert not sm90_persistent(1024, 64, False)  # decode-sized tiles: not measured persistent
-    assert not sm90_persistent(1024, 128, True)  # skip-softmax: not measured persistent
+    assert sm90_persistent(1024, 128, False, 8)
+    assert sm90_persistent(PERSISTENT_MAX_SEQLEN_K, 128, False, 4)
+    assert not sm90_persistent(PERSISTENT_MAX_SEQLEN_K + 1, 128, False, 8)  # measured slower at 8K causal
+    assert not sm90_persistent(1024, 64, False, 8)  # decode-sized tiles: not measured persistent
+    assert not sm90_persistent(1024, 128, True, 8)  # skip-softmax: not measured persistent
+    assert not sm90_persistent(1024, 128, False, 1)  # MHA: not yet run persistent on a device
+    assert not sm90_persistent(1024, 128, False, 3)  # Q by cp.async: not yet run persistent on a device

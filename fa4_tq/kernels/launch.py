@@ -61,12 +61,15 @@ def sm90_config(head_dim: int, k_bits: int, v_bits: int, rows: int, batch_layout
 PERSISTENT_MAX_SEQLEN_K = 4096
 
 
-def sm90_persistent(seqlen_k: int, tile_m: int, skip_softmax: bool) -> bool:
+def sm90_persistent(seqlen_k: int, tile_m: int, skip_softmax: bool, group: int) -> bool:
     """Whether the SM90 kernel walks tiles persistently (``scheduler.py``): prefill tiles (128 rows)
-    over short key ranges, where a tile's fixed start and end costs are a large share of it.
-    Decode-sized 64-row tiles and skip-softmax keep FA4's one tile a CTA (not measured
-    persistent)."""
-    return tile_m == 128 and not skip_softmax and seqlen_k <= PERSISTENT_MAX_SEQLEN_K
+    over short key ranges, where a tile's fixed start and end costs are a large share of it, for
+    pack-GQA groups that divide the tile (Q and O by TMA), the layout run persistent on the device
+    so far (GQA 8:1, paged and not: outputs equal to one tile a CTA bit for bit). MHA and groups
+    that load Q by cp.async (GQA 3, 6) compile persistent in CI but have not yet run on a device
+    that way, so they keep FA4's one tile a CTA, as do decode-sized 64-row tiles and skip-softmax."""
+    return (tile_m == 128 and not skip_softmax and seqlen_k <= PERSISTENT_MAX_SEQLEN_K
+            and group > 1 and tile_m % group == 0)
 
 
 def _target_sms(arch: int) -> int:
@@ -206,7 +209,8 @@ def packed_attention(
         raise ValueError("the persistent tile scheduler runs the batch layout only (FA4 schedules varlen itself)")
     if _persistent is None:  # batch layout only: k is (batch, seqlen_k, ...) or pages of a page table
         seqlen_k = k.shape[1] * (page_table.shape[1] if page_table is not None else 1)
-        persistent = cu_seqlens_q is None and cu_seqlens_k is None and sm90_persistent(seqlen_k, tile_m, skip)
+        persistent = (cu_seqlens_q is None and cu_seqlens_k is None
+                      and sm90_persistent(seqlen_k, tile_m, skip, qhead_per_kvhead))
     else:
         persistent = _persistent
     if is_fake_mode():  # compile only: the sign vectors' shapes are all that matter
