@@ -6,8 +6,9 @@ GB/s counts the bytes that must move: the bf16 K and V read, the packed rows and
 "GPU us" is the kernel's time per call with launches queued ahead (``time_gpu``: what a CUDA
 graph or a host running ahead sees), launched as a programmatic dependent as it ships; "no-PDL
 us" the same kernel launched plainly, which waits for the kernel before it to complete before
-it starts (the calls are timed in alternating rounds, the best median kept); "host us" is the Python + launch time of one eager
-``PagedKVCache.write`` call, which bounds the rate of a host that waits on nothing else.
+it starts (the calls are timed in alternating rounds, the best median kept); "host us" is the
+Python + launch time of one eager ``PagedKVCache.write`` call, which bounds the rate of a host
+that waits on nothing else.
 Medians. Writes perf/results/compress-<gpu>.md. ``--sweep`` times the kernel's tuning knobs
 (values per thread, CTAs per SM) instead.
 
