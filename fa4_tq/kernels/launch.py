@@ -57,7 +57,7 @@ def sm90_config(head_dim: int, k_bits: int, v_bits: int, rows: int, batch_layout
 # Longest key range for which the SM90 kernel walks tiles persistently. H100, K4V4, GQA 8:1, ~32K
 # query tokens, fused rotation, outputs equal bit for bit (perf/results/prefill-*.md): persistent
 # 1.10x at hd128 1K causal, 1.05x at 1K full and 2K causal, 1.02x at 4K causal, 0.98x at 8K causal
-# (round-robin tiles lose FA4's longest-first causal order), hd64 1K causal 1.06x.
+# (not profiled), hd64 1K causal 1.06x.
 PERSISTENT_MAX_SEQLEN_K = 4096
 
 
