@@ -124,8 +124,8 @@ def run_scheduler(reps: int):
         for _ in range(3):
             for per, rot in itertools.product((False, True), ("fused", "none")):
                 t[per, rot] = min(t.get((per, rot), float("inf")), time_gpu(lambda: call(per, rot), reps=reps))
-        line = (f"| {d} | {s} | {'yes' if causal else 'no'} | {batch} | {t[False, 'fused']:.3f} | {t[True, 'fused']:.3f} "
-                f"| {t[False, 'fused'] / t[True, 'fused']:.3f}x "
+        line = (f"| {d} | {s} | {'yes' if causal else 'no'} | {batch} "
+                f"| {t[False, 'fused']:.3f} | {t[True, 'fused']:.3f} | {t[False, 'fused'] / t[True, 'fused']:.3f}x "
                 f"| {100 * (t[False, 'fused'] / t[False, 'none'] - 1):.1f}% "
                 f"| {100 * (t[True, 'fused'] / t[True, 'none'] - 1):.1f}% | {equal} |")
         rows.append(line)

@@ -21,6 +21,7 @@ restores them after; docs/UPSTREAM.md proposes the constructor argument that wou
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 
 import flash_attn.cute.flash_fwd_sm90 as fa4_sm90
@@ -31,6 +32,7 @@ from flash_attn.cute.tile_scheduler import StaticPersistentTileScheduler
 _swap_lock = threading.Lock()
 
 
+@functools.lru_cache(maxsize=None)  # one class per SM count, not one per compile
 def persistent_scheduler(num_sms: int) -> type:
     """FA4's static persistent scheduler with a grid of ``min(num_sms, tiles)`` CTAs. FA4's own asks
     the driver for the SM count while tracing, which a CPU compile (no GPU) cannot; the launcher
