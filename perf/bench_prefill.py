@@ -20,7 +20,7 @@ the gap between them and the full kernel says where the time goes.
     python perf/bench_prefill.py --full       # every bit pair x head_dim x seqlen x mask x GQA
     python perf/bench_prefill.py --quick      # every bit pair at one shape (hd128 s8K causal GQA 8:1)
     python perf/bench_prefill.py --rotation   # K4V4 GQA 8:1 at seqlen 1K/4K: what the rotations cost
-    python perf/bench_prefill.py --scheduler  # K4V4 GQA 8:1, 1K-8K: persistent vs one tile a CTA
+    python perf/bench_prefill.py --scheduler  # K4V4 GQA 8:1 / MHA / GQA 3:1, 1K-8K: persistent vs one tile a CTA
     python perf/bench_prefill.py --out-dir D  # where prefill-<gpu>.md goes (default perf/results)
 """
 
@@ -37,7 +37,7 @@ from fa4_tq.codec import rotate_rounded, unrotate_rounded
 from fa4_tq.kernels.launch import packed_attention
 
 BITS = (2, 3, 4, 8)
-HEADS = {"gqa8": (32, 4), "mha": (32, 32)}
+HEADS = {"gqa8": (32, 4), "mha": (32, 32), "gqa2": (32, 16), "gqa3": (24, 8)}  # gqa3: Q by cp.async
 
 
 def _configs(full: bool, quick: bool = False, rotation: bool = False):
@@ -102,20 +102,23 @@ def run(configs, ablate: bool, reps: int):
     return rows
 
 
-SCHEDULER_CONFIGS = [(128, 1024, True), (128, 1024, False), (128, 2048, True), (128, 4096, True),
-                     (128, 4096, False), (128, 8192, True), (64, 1024, True), (64, 4096, True)]
-SCHEDULER_HEADER = ("| hd | seqlen | causal | batch | one tile a CTA ms | persistent ms | persistent speedup "
+SCHEDULER_CONFIGS = [(128, 1024, True, "gqa8"), (128, 1024, True, "mha"), (128, 1024, True, "gqa2"),
+                     (128, 1024, True, "gqa3"), (64, 1024, True, "mha"), (128, 4096, True, "mha"),
+                     (128, 1024, False, "gqa8"), (128, 2048, True, "gqa8"), (128, 4096, True, "gqa8"),
+                     (64, 1024, True, "gqa8"), (64, 4096, True, "gqa8"), (128, 4096, False, "gqa8"),
+                     (128, 8192, True, "gqa8")]
+SCHEDULER_HEADER = ("| hd | seqlen | causal | heads | batch | one tile a CTA ms | persistent ms | persistent speedup "
                     "| rotation fused: + (one tile) | rotation fused: + (persistent) | outputs equal |")
 
 
 def run_scheduler(reps: int):
-    """K4V4 GQA 8:1, ours with the fused rotation: FA4's one tile a CTA against the persistent
+    """K4V4 (GQA 8:1, MHA, GQA 3:1), ours with the fused rotation: FA4's one tile a CTA against the persistent
     scheduler (``fa4_tq/kernels/scheduler.py``), each also as the kernel alone (``rotation="none"``),
     alternating, 3 rounds, best median; outputs and LSE compared bit for bit."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
-    for d, s, causal in SCHEDULER_CONFIGS:
-        batch, q, _, _, kp, vp = _inputs(4, 4, d, s, "gqa8", gen)
+    for d, s, causal, heads in SCHEDULER_CONFIGS:
+        batch, q, _, _, kp, vp = _inputs(4, 4, d, s, heads, gen)
         call = lambda per, rot: packed_attention(q, kp, vp, softmax_scale=d ** -0.5, causal=causal,
                                                  window_size=(None, None), rotation=rot, _persistent=per)
         equal = all(torch.equal(a, b) for rot in ("fused", "none")
@@ -124,7 +127,8 @@ def run_scheduler(reps: int):
         for _ in range(3):
             for per, rot in itertools.product((False, True), ("fused", "none")):
                 t[per, rot] = min(t.get((per, rot), float("inf")), time_gpu(lambda: call(per, rot), reps=reps))
-        line = (f"| {d} | {s} | {'yes' if causal else 'no'} | {batch} "
+        h, hk = HEADS[heads]
+        line = (f"| {d} | {s} | {'yes' if causal else 'no'} | {h}/{hk} | {batch} "
                 f"| {t[False, 'fused']:.3f} | {t[True, 'fused']:.3f} | {t[False, 'fused'] / t[True, 'fused']:.3f}x "
                 f"| {100 * (t[False, 'fused'] / t[False, 'none'] - 1):.1f}% "
                 f"| {100 * (t[True, 'fused'] / t[True, 'none'] - 1):.1f}% | {equal} |")
@@ -164,8 +168,8 @@ def main(argv=None):
         print(SCHEDULER_HEADER)
         rows = run_scheduler(args.reps)
         write_results(args.out_dir, "prefill-scheduler", "Prefill tile scheduler",
-                      f"`python perf/bench_prefill.py --scheduler` on {gpu} (K4V4, GQA 8:1 = 32/4 heads, ~32K query "
-                      f"tokens per call; median of {args.reps} timings of 10 back-to-back calls, best of 3 "
+                      f"`python perf/bench_prefill.py --scheduler` on {gpu} (K4V4, heads as q/kv, ~32K query tokens "
+                      f"per call; median of {args.reps} timings of 10 back-to-back calls, best of 3 "
                       f"alternating rounds)", SCHEDULER_HEADER, rows)
         return
     if args.ablate and torch.cuda.get_device_capability()[0] != 9:

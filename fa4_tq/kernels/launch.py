@@ -55,21 +55,27 @@ def sm90_config(head_dim: int, k_bits: int, v_bits: int, rows: int, batch_layout
 
 
 # Longest key range for which the SM90 kernel walks tiles persistently. H100, K4V4, GQA 8:1, ~32K
-# query tokens, fused rotation, outputs equal bit for bit (perf/results/prefill-*.md): persistent
-# 1.10x at hd128 1K causal, 1.05x at 1K full and 2K causal, 1.02x at 4K causal, 0.98x at 8K causal
-# (not profiled), hd64 1K causal 1.06x.
+# query tokens, fused rotation, outputs equal bit for bit (perf/results/prefill-*.md), two runs:
+# persistent 1.10/1.11x at hd128 1K causal, 1.05/1.04x at 1K full, 1.05/1.03x at 2K causal,
+# 1.02/1.02x at 4K causal, 0.98/0.99x at 8K causal; hd64 1K causal 1.06/1.06x, 4K causal 0.99x.
 PERSISTENT_MAX_SEQLEN_K = 4096
+# Smallest pack-GQA group run persistent. FA4's static order gives CTA c the tiles c, c + 132, ...;
+# when causal a tile's cost grows with its m_block, and with few m_blocks a head (MHA: 8 at 1K keys)
+# a CTA keeps drawing the same ones. Measured (H100, 1K causal): MHA 0.87x and GQA 3:1 (24 m_blocks,
+# Q by cp.async) 0.88x of one tile a CTA, GQA 8:1 (64) 1.11x. GQA 2:1 (16) is unmeasured and a cost
+# model puts its busiest CTA 12% over the mean (GQA 4/8/16: 2.5%), so it stays one tile a CTA too.
+PERSISTENT_MIN_GROUP = 4
 
 
 def sm90_persistent(seqlen_k: int, tile_m: int, skip_softmax: bool, group: int) -> bool:
     """Whether the SM90 kernel walks tiles persistently (``scheduler.py``): prefill tiles (128 rows)
     over short key ranges, where a tile's fixed start and end costs are a large share of it, for
-    pack-GQA groups that divide the tile (Q and O by TMA), the layout run persistent on the device
-    so far (GQA 8:1, paged and not: outputs equal to one tile a CTA bit for bit). MHA and groups
-    that load Q by cp.async (GQA 3, 6) compile persistent in CI but have not yet run on a device
-    that way, so they keep FA4's one tile a CTA, as do decode-sized 64-row tiles and skip-softmax."""
+    pack-GQA groups of 4 or more that divide the tile (Q and O by TMA). Run persistent on the device
+    and equal to one tile a CTA bit for bit: GQA 8:1 (paged and not), MHA and GQA 3:1; the last two
+    measured slower that way (``PERSISTENT_MIN_GROUP``). Decode-sized 64-row tiles and skip-softmax
+    keep FA4's one tile a CTA (not measured persistent)."""
     return (tile_m == 128 and not skip_softmax and seqlen_k <= PERSISTENT_MAX_SEQLEN_K
-            and group > 1 and tile_m % group == 0)
+            and group >= PERSISTENT_MIN_GROUP and tile_m % group == 0)
 
 
 def _target_sms(arch: int) -> int:
