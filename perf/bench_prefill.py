@@ -38,6 +38,7 @@ from fa4_tq.kernels.launch import packed_attention
 
 BITS = (2, 3, 4, 8)
 HEADS = {"gqa8": (32, 4), "mha": (32, 32), "gqa2": (32, 16), "gqa3": (24, 8)}  # gqa3: Q by cp.async
+LAYOUTS = ("gqa8", "mha")  # the main tables' head layouts; --scheduler also times gqa2 and gqa3
 
 
 def _configs(full: bool, quick: bool = False, rotation: bool = False):
@@ -48,9 +49,9 @@ def _configs(full: bool, quick: bool = False, rotation: bool = False):
         return [(kb, vb, 128, 8192, True, "gqa8") for kb, vb in itertools.product(BITS, BITS)]
     if full:
         return list(itertools.product(BITS, BITS, (64, 128), (1024, 2048, 4096, 8192, 16384, 32768),
-                                      (True, False), HEADS))
+                                      (True, False), LAYOUTS))
     out = [(kb, vb, 128, 8192, True, "gqa8") for kb, vb in itertools.product(BITS, BITS)]
-    for d, s, causal, heads in itertools.product((128, 64), (1024, 4096, 16384), (True, False), HEADS):
+    for d, s, causal, heads in itertools.product((128, 64), (1024, 4096, 16384), (True, False), LAYOUTS):
         out.append((4, 4, d, s, causal, heads))
     out.append((4, 4, 128, 32768, True, "gqa8"))
     out.append((2, 2, 128, 32768, True, "gqa8"))

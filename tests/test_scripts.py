@@ -38,3 +38,16 @@ def test_each_benchmark_takes_the_flags_the_script_passes(name):
     no_quick = re.search(rf'\[\[ \$name == {name} \]\] && args=""', open(SCRIPT).read())
     if not no_quick:  # the script passes --quick to it
         assert "--quick" in res.stdout, f"bench_b200.sh passes --quick to {name}.py, which does not take it"
+
+
+def test_prefill_matrix_keeps_its_head_layouts():
+    """``--scheduler``'s extra layouts (GQA 2:1, 3:1) must not leak into the main and ``--full``
+    matrices, which iterate over layouts (they once iterated over every entry of ``HEADS``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_prefill", os.path.join(ROOT, "perf", "bench_prefill.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for full in (False, True):
+        assert {c[-1] for c in bench._configs(full)} == set(bench.LAYOUTS) == {"gqa8", "mha"}
+    assert {c[-1] for c in bench.SCHEDULER_CONFIGS} == set(bench.HEADS)
