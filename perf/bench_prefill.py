@@ -20,7 +20,7 @@ the gap between them and the full kernel says where the time goes.
     python perf/bench_prefill.py --full       # every bit pair x head_dim x seqlen x mask x GQA
     python perf/bench_prefill.py --quick      # every bit pair at one shape (hd128 s8K causal GQA 8:1)
     python perf/bench_prefill.py --rotation   # K4V4 GQA 8:1 at seqlen 1K/4K: what the rotations cost
-    python perf/bench_prefill.py --scheduler  # K4V4 GQA 8:1 / MHA / GQA 3:1, 1K-8K: persistent vs one tile a CTA
+    python perf/bench_prefill.py --scheduler  # K4V4 GQA 8:1/2:1/3:1, MHA, 1K-8K: persistent vs one tile a CTA
     python perf/bench_prefill.py --out-dir D  # where prefill-<gpu>.md goes (default perf/results)
 """
 
@@ -113,8 +113,8 @@ SCHEDULER_HEADER = ("| hd | seqlen | causal | heads | batch | one tile a CTA ms 
 
 
 def run_scheduler(reps: int):
-    """K4V4 (GQA 8:1, MHA, GQA 3:1), ours with the fused rotation: FA4's one tile a CTA against the persistent
-    scheduler (``fa4_tq/kernels/scheduler.py``), each also as the kernel alone (``rotation="none"``),
+    """K4V4 (GQA 8:1, 2:1, 3:1, MHA), ours with the fused rotation: FA4's one tile a CTA against the
+    persistent scheduler (``fa4_tq/kernels/scheduler.py``), each also as the kernel alone (``rotation="none"``),
     alternating, 3 rounds, best median; outputs and LSE compared bit for bit."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
