@@ -79,9 +79,13 @@ def copy_bandwidth() -> float:
 
 
 def attention_flops(batch: int, heads: int, seqlen_q: int, seqlen_k: int, head_dim: int, causal: bool) -> float:
-    """4·b·h·sq·sk·d (QK^T and PV), halved for causal when sq == sk (FA's convention)."""
-    f = 4.0 * batch * heads * seqlen_q * seqlen_k * head_dim
-    return f / 2 if causal and seqlen_q == seqlen_k else f
+    """4·b·h·d times the query-key pairs computed (QK^T and PV): sq·sk, or when causal (queries
+    aligned to the last keys, as FA4 masks) sq·sk - sq²/2 for sq <= sk (half when equal, FA's
+    convention; chunked prefill, sq < sk, counts the cached keys each query sees) and sk²/2 else."""
+    pairs = float(seqlen_q) * seqlen_k
+    if causal:
+        pairs = pairs - seqlen_q * seqlen_q / 2 if seqlen_q <= seqlen_k else seqlen_k * seqlen_k / 2
+    return 4.0 * batch * heads * head_dim * pairs
 
 
 def device_name() -> str:

@@ -19,7 +19,7 @@ the gap between them and the full kernel says where the time goes.
     python perf/bench_prefill.py              # default matrix
     python perf/bench_prefill.py --full       # every bit pair x head_dim x seqlen x mask x GQA
     python perf/bench_prefill.py --quick      # every bit pair at one shape (hd128 s8K causal GQA 8:1)
-    python perf/bench_prefill.py --rotation   # K4V4 GQA 8:1 at seqlen 1K/4K: what the rotations cost
+    python perf/bench_prefill.py --rotation   # K4V4 GQA 8:1 at seqlen 1K/4K and 1K chunks on 16K: what the rotations cost
     python perf/bench_prefill.py --scheduler  # K4V4 GQA 8:1/2:1/3:1, MHA, 1K-8K: persistent vs one tile a CTA
     python perf/bench_prefill.py --out-dir D  # where prefill-<gpu>.md goes (default perf/results)
 """
@@ -42,9 +42,11 @@ LAYOUTS = ("gqa8", "mha")  # the main tables' head layouts; --scheduler also tim
 
 
 def _configs(full: bool, quick: bool = False, rotation: bool = False):
-    """(kbits, vbits, head_dim, seqlen, causal, heads) tuples."""
-    if rotation:  # where the rotations weigh most: short sequences
-        return [(4, 4, d, s, c, "gqa8") for d, s, c in itertools.product((128, 64), (1024, 4096), (True, False))]
+    """(kbits, vbits, head_dim, seqlen, causal, heads) tuples; seqlen is an int (queries = keys) or
+    (seqlen_q, seqlen_k) for a chunk of queries after cached keys (chunked prefill)."""
+    if rotation:  # where the rotations weigh most: short sequences; and the serving case, a 1K chunk on 16K keys
+        return ([(4, 4, d, s, c, "gqa8") for d, s, c in itertools.product((128, 64), (1024, 4096), (True, False))]
+                + [(4, 4, d, (1024, 16384), True, "gqa8") for d in (128, 64)])
     if quick:
         return [(kb, vb, 128, 8192, True, "gqa8") for kb, vb in itertools.product(BITS, BITS)]
     if full:
@@ -58,12 +60,17 @@ def _configs(full: bool, quick: bool = False, rotation: bool = False):
     return out
 
 
+def _seqlens(s):
+    return s if isinstance(s, tuple) else (s, s)
+
+
 def _inputs(kb, vb, d, s, heads, gen):
     h, hk = HEADS[heads]
-    batch = max(1, 32768 // s)  # ~32K query tokens per call: fills the GPU at every length
-    q = torch.randn(batch, s, h, d, device="cuda", generator=gen, dtype=torch.bfloat16)
-    k = torch.randn(batch, s, hk, d, device="cuda", generator=gen, dtype=torch.bfloat16)
-    v = torch.randn(batch, s, hk, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+    sq, sk = _seqlens(s)
+    batch = max(1, 32768 // sq)  # ~32K query tokens per call: fills the GPU at every length
+    q = torch.randn(batch, sq, h, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+    k = torch.randn(batch, sk, hk, d, device="cuda", generator=gen, dtype=torch.bfloat16)
+    v = torch.randn(batch, sk, hk, d, device="cuda", generator=gen, dtype=torch.bfloat16)
     return batch, q, k, v, compress(k, kb, seed=1), compress(v, vb, seed=2)
 
 
@@ -74,7 +81,7 @@ def run(configs, ablate: bool, reps: int):
     rows = []
     for kb, vb, d, s, causal, heads in configs:
         batch, q, k, v, kp, vp = _inputs(kb, vb, d, s, heads, gen)
-        flops = attention_flops(batch, HEADS[heads][0], s, s, d, causal)
+        flops = attention_flops(batch, HEADS[heads][0], *_seqlens(s), d, causal)
         q_rot = rotate_rounded(q, kp.seed)
         kern = lambda ab=None, x=q_rot, rot="none": packed_attention(
             x, kp, vp, softmax_scale=d ** -0.5, causal=causal, window_size=(None, None), return_lse=False,
@@ -144,7 +151,8 @@ HEADER = ("| K/V bits | hd | seqlen | causal | heads | FA4 bf16 TFLOP/s | ours T
 
 
 def _fmt(r, ablate):
-    line = (f"| K{r['kb']}V{r['vb']} | {r['d']} | {r['s']} | {'yes' if r['causal'] else 'no'} | {r['heads']} "
+    sq, sk = _seqlens(r["s"])
+    line = (f"| K{r['kb']}V{r['vb']} | {r['d']} | {sq if sq == sk else f'{sq} on {sk}'} | {'yes' if r['causal'] else 'no'} | {r['heads']} "
             f"| {r['tf_fa4']:.0f} | {r['tf_ours']:.0f} | {r['tf_ours'] / r['tf_fa4']:.3f} "
             f"| {r['ms_ours_e2e']:.3f} | {r['ms_decomp']:.3f} | {r['ms_decomp'] / r['ms_ours_e2e']:.2f}x "
             f"| {100 * (r['ms_ours'] - r['ms_kernel']) / r['ms_kernel']:.1f}% "
@@ -159,7 +167,8 @@ def main(argv=None):
     ap.add_argument("--full", action="store_true", help="the whole matrix (long)")
     ap.add_argument("--quick", action="store_true", help="only every bit pair at hd128 s8K causal GQA 8:1")
     ap.add_argument("--ablate", action="store_true", help="also time kernel variants without a load stage")
-    ap.add_argument("--rotation", action="store_true", help="only K4V4 GQA 8:1 at seqlen 1K/4K (rotation cost)")
+    ap.add_argument("--rotation", action="store_true",
+                    help="only K4V4 GQA 8:1 at seqlen 1K/4K and 1K queries on 16K keys (rotation cost)")
     ap.add_argument("--scheduler", action="store_true", help="only persistent vs one tile a CTA (SM90)")
     args = ap.parse_args(argv)
     gpu = require_gpu("bench_prefill")

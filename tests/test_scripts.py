@@ -51,3 +51,35 @@ def test_prefill_matrix_keeps_its_head_layouts():
     for full in (False, True):
         assert {c[-1] for c in bench._configs(full)} == set(bench.LAYOUTS) == {"gqa8", "mha"}
     assert {c[-1] for c in bench.SCHEDULER_CONFIGS} == set(bench.HEADS)
+
+
+def test_rotation_matrix_has_chunked_prefill_rows():
+    """``--rotation`` times 1K query chunks on 16K cached keys (the serving case) beside the square
+    shapes; its table names them "1024 on 16384"."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_prefill", os.path.join(ROOT, "perf", "bench_prefill.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    chunked = [c for c in bench._configs(False, rotation=True) if isinstance(c[3], tuple)]
+    assert {c[2] for c in chunked} == {64, 128} and all(c[3] == (1024, 16384) and c[4] for c in chunked)
+    row = dict(kb=4, vb=4, d=128, s=(1024, 16384), causal=True, heads="gqa8", batch=32,
+               **{f"tf_{n}": 1.0 for n in ("fa4", "ours")},
+               **{f"ms_{n}": 1.0 for n in ("ours_e2e", "decomp", "ours", "kernel", "rot")})
+    assert "| 1024 on 16384 |" in bench._fmt(row, ablate=False)
+
+
+def test_attention_flops_counts_the_pairs_a_causal_mask_keeps():
+    """Causal masks align the queries to the last keys (FA4's convention): a chunk of sq queries on
+    sk keys computes ~sq*sk - sq^2/2 pairs, not half of sq*sk. Against a brute-force count."""
+    import torch
+
+    from fa4_tq.benchmark import attention_flops
+
+    for sq, sk in ((64, 64), (16, 256), (256, 16), (1, 100)):
+        i = torch.arange(sq)[:, None]
+        j = torch.arange(sk)[None, :]
+        pairs = int((j <= i + sk - sq).sum())
+        got = attention_flops(1, 1, sq, sk, 1, True) / 4
+        assert abs(got - pairs) <= min(sq, sk) / 2 + 1, (sq, sk, got, pairs)  # the diagonal, half counted
+        assert attention_flops(2, 3, sq, sk, 5, False) == 4 * 2 * 3 * 5 * sq * sk
