@@ -191,7 +191,7 @@ def _fake_packed(lead: tuple, head_dim: int, bits: int, scale_dtype=None):
 def tq_sm90_variants(full: bool):
     """(label, kwargs) of the packed-KV kernel variants CI compiles for SM90: every bit pair at
     head_dim 128 (causal, GQA), plus head_dim 64 and 256, masks, paged, varlen, fp16, and the
-    persistent tile scheduler (TMA and cp.async Q, paged)."""
+    persistent tile scheduler (TMA and cp.async Q, MHA, paged)."""
     from itertools import product
 
     out = []
@@ -211,6 +211,7 @@ def tq_sm90_variants(full: bool):
         ("k4v4 d128 varlen", dict(varlen=True)),
         ("k4v4 d128 causal persistent", dict(persistent=True)),
         ("k4v4 d128 gqa3 (cp.async Q) persistent", dict(h=6, hk=2, persistent=True)),
+        ("k4v4 d128 mha persistent", dict(h=4, hk=4, persistent=True)),
         ("k2v2 d64 non-causal paged page=64 persistent", dict(d=64, kb=2, vb=2, causal=False, paged=64,
                                                               persistent=True)),
     ]
