@@ -10,7 +10,7 @@ fa4_sm90 = pytest.importorskip("flash_attn.cute.flash_fwd_sm90")
 
 from flash_attn.cute.tile_scheduler import StaticPersistentTileScheduler  # noqa: E402
 
-from fa4_tq.kernels.launch import PERSISTENT_MAX_SEQLEN_K, sm90_persistent  # noqa: E402
+from fa4_tq.kernels.launch import PERSISTENT_MAX_SEQLEN_K, PERSISTENT_MAX_SEQLEN_K_FULL, sm90_persistent  # noqa: E402
 from fa4_tq.kernels.scheduler import persistent_scheduler, serpentine_tile, tile_scheduler  # noqa: E402
 
 
@@ -30,14 +30,15 @@ def test_tile_scheduler_rebinds_fa4_names_and_restores_them():
 
 
 def test_persistent_only_for_short_prefill_tiles():
-    assert sm90_persistent(1024, 128, False, 8)
-    assert sm90_persistent(PERSISTENT_MAX_SEQLEN_K, 128, False, 4)
-    assert not sm90_persistent(PERSISTENT_MAX_SEQLEN_K + 1, 128, False, 8)  # measured slower at 8K causal
-    assert not sm90_persistent(1024, 64, False, 8)  # decode-sized tiles: not measured persistent
-    assert not sm90_persistent(1024, 128, True, 8)  # skip-softmax: not measured persistent
-    assert not sm90_persistent(1024, 128, False, 1)  # MHA: measured slower persistent (FA4's tile order)
-    assert not sm90_persistent(1024, 128, False, 3)  # GQA 3:1: measured slower persistent
-    assert not sm90_persistent(1024, 128, False, 2)  # GQA 2:1: modelled unbalanced, not measured
+    assert sm90_persistent(1024, 128, False, 8, True)
+    assert sm90_persistent(PERSISTENT_MAX_SEQLEN_K, 128, False, 4, True)
+    assert not sm90_persistent(PERSISTENT_MAX_SEQLEN_K + 1, 128, False, 8, True)  # measured slower at 8K causal
+    assert sm90_persistent(PERSISTENT_MAX_SEQLEN_K_FULL, 128, False, 8, False)  # 1K full: measured 1.04x
+    assert not sm90_persistent(4096, 128, False, 8, False)  # 4K full: measured 0.96-1.00x
+    assert not sm90_persistent(1024, 64, False, 8, True)  # decode-sized tiles: not measured persistent
+    assert not sm90_persistent(1024, 128, True, 8, True)  # skip-softmax: not measured persistent
+    # MHA, GQA 2:1 and 3:1 gained with the serpentine order, but the GPU test file has not run them so
+    assert not any(sm90_persistent(1024, 128, False, g, True) for g in (1, 2, 3))
 
 
 @pytest.mark.parametrize("grid", [1, 7, 132])

@@ -54,27 +54,32 @@ def sm90_config(head_dim: int, k_bits: int, v_bits: int, rows: int, batch_layout
     return (64 if batch_layout and rows <= 64 else 128), sm90_tile_n(head_dim, k_bits, v_bits)
 
 
-# Longest key range for which the SM90 kernel walks tiles persistently. H100, K4V4, GQA 8:1, ~32K
-# query tokens, fused rotation, outputs equal bit for bit (perf/results/prefill-*.md), two runs:
-# persistent 1.10/1.11x at hd128 1K causal, 1.05/1.04x at 1K full, 1.05/1.03x at 2K causal,
-# 1.02/1.02x at 4K causal, 0.98/0.99x at 8K causal; hd64 1K causal 1.06/1.06x, 4K causal 0.99x.
+# Longest key range for which the SM90 kernel walks tiles persistently: causal, and otherwise (no
+# mask, a local window).
+# H100, K4V4, GQA 8:1, ~32K query tokens, fused rotation, outputs equal bit for bit, three runs
+# (perf/results/prefill-*.md; the third with the serpentine order of scheduler.py): hd128 causal
+# 1.10/1.11/1.11x at 1K, 1.05/1.03/1.06x at 2K, 1.02/1.02/1.02x at 4K, 0.98/0.99/0.96x at 8K;
+# hd64 causal 1.06x at 1K, 0.99/1.01x at 4K. Without a mask all tiles cost the same and the gain is
+# a tile's start and end alone: 1.05/1.04/1.04x at 1K, but 4K 0.997x and 0.955x, so 1K there.
 PERSISTENT_MAX_SEQLEN_K = 4096
-# Smallest pack-GQA group run persistent. FA4's static order gives CTA c the tiles c, c + 132, ...;
-# when causal a tile's cost grows with its m_block, and with few m_blocks a head (MHA: 8 at 1K keys)
-# a CTA keeps drawing the same ones. Measured (H100, 1K causal): MHA 0.87x and GQA 3:1 (24 m_blocks,
-# Q by cp.async) 0.88x of one tile a CTA, GQA 8:1 (64) 1.11x. GQA 2:1 (16) is unmeasured and a cost
-# model puts its busiest CTA 12% over the mean (GQA 4/8/16: 2.5%), so it stays one tile a CTA too.
+PERSISTENT_MAX_SEQLEN_K_FULL = 1024
+# Smallest pack-GQA group run persistent. FA4's static order lost with few m_blocks a head (MHA
+# 0.86-0.92x, GQA 3:1 0.88x at 1K causal: a CTA kept drawing the same m_blocks); scheduler.py's
+# serpentine order measured MHA 1.03-1.06x (hd64/128 1K causal; 4K 1.01x), GQA 2:1 1.09x and GQA
+# 3:1 1.05x with outputs equal, once (H100). Lowered to 1 once the whole GPU test file has run
+# with these layouts taking the persistent path (it has not: no device time was left).
 PERSISTENT_MIN_GROUP = 4
 
 
-def sm90_persistent(seqlen_k: int, tile_m: int, skip_softmax: bool, group: int) -> bool:
+def sm90_persistent(seqlen_k: int, tile_m: int, skip_softmax: bool, group: int, causal: bool) -> bool:
     """Whether the SM90 kernel walks tiles persistently (``scheduler.py``): prefill tiles (128 rows)
-    over short key ranges, where a tile's fixed start and end costs are a large share of it, for
-    pack-GQA groups of 4 or more that divide the tile (Q and O by TMA). Run persistent on the device
-    and equal to one tile a CTA bit for bit: GQA 8:1 (paged and not), MHA and GQA 3:1; the last two
-    measured slower that way (``PERSISTENT_MIN_GROUP``). Decode-sized 64-row tiles and skip-softmax
-    keep FA4's one tile a CTA (not measured persistent)."""
-    return (tile_m == 128 and not skip_softmax and seqlen_k <= PERSISTENT_MAX_SEQLEN_K
+    over short key ranges (``PERSISTENT_MAX_SEQLEN_K``, or ``..._FULL`` unless causal), where a
+    tile's fixed start and end costs are a large share of it, for pack-GQA groups of 4 or more that
+    divide the tile (Q and O by TMA). Run persistent on the device and equal to one tile a CTA bit
+    for bit: GQA 8:1 (paged and not), MHA and GQA 3:1 (``PERSISTENT_MIN_GROUP``). Decode-sized
+    64-row tiles and skip-softmax keep FA4's one tile a CTA (not measured persistent)."""
+    longest = PERSISTENT_MAX_SEQLEN_K if causal else PERSISTENT_MAX_SEQLEN_K_FULL
+    return (tile_m == 128 and not skip_softmax and seqlen_k <= longest
             and group >= PERSISTENT_MIN_GROUP and tile_m % group == 0)
 
 
@@ -216,7 +221,7 @@ def packed_attention(
     if _persistent is None:  # batch layout only: k is (batch, seqlen_k, ...) or pages of a page table
         seqlen_k = k.shape[1] * (page_table.shape[1] if page_table is not None else 1)
         persistent = (cu_seqlens_q is None and cu_seqlens_k is None
-                      and sm90_persistent(seqlen_k, tile_m, skip, qhead_per_kvhead))
+                      and sm90_persistent(seqlen_k, tile_m, skip, qhead_per_kvhead, causal))
     else:
         persistent = _persistent
     if is_fake_mode():  # compile only: the sign vectors' shapes are all that matter
