@@ -20,6 +20,16 @@ def _benchmarks() -> list[str]:
     return loop.group(1).split()
 
 
+def _bench_prefill():
+    """``perf/bench_prefill.py`` as a module (perf/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_prefill", os.path.join(ROOT, "perf", "bench_prefill.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def test_b200_script_parses():
     assert subprocess.run(["bash", "-n", SCRIPT]).returncode == 0
 
@@ -43,11 +53,7 @@ def test_each_benchmark_takes_the_flags_the_script_passes(name):
 def test_prefill_matrix_keeps_its_head_layouts():
     """``--scheduler``'s extra layouts (GQA 2:1, 3:1) must not leak into the main and ``--full``
     matrices, which iterate over layouts (they once iterated over every entry of ``HEADS``)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_prefill", os.path.join(ROOT, "perf", "bench_prefill.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_prefill()
     for full in (False, True):
         assert {c[-1] for c in bench._configs(full)} == set(bench.LAYOUTS) == {"gqa8", "mha"}
     assert {c[-1] for c in bench.SCHEDULER_CONFIGS} == set(bench.HEADS)
@@ -56,11 +62,7 @@ def test_prefill_matrix_keeps_its_head_layouts():
 def test_rotation_matrix_has_chunked_prefill_rows():
     """``--rotation`` times 1K query chunks on 16K cached keys (the serving case) beside the square
     shapes; its table names them "1024 on 16384"."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_prefill", os.path.join(ROOT, "perf", "bench_prefill.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_prefill()
     chunked = [c for c in bench._configs(False, rotation=True) if isinstance(c[3], tuple)]
     assert {c[2] for c in chunked} == {64, 128} and all(c[3] == (1024, 16384) and c[4] for c in chunked)
     row = dict(kb=4, vb=4, d=128, s=(1024, 16384), causal=True, heads="gqa8", batch=32,
