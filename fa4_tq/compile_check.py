@@ -333,13 +333,13 @@ def _case_decode() -> list[str]:
 
 def decode_kernel_variants():
     """(label, kwargs) of the decode kernel (kernels/decode.py) that flash_attn_with_kvcache runs
-    for dense calls of up to 32 query rows per KV head: every K/V pair of 2/4/8 bits at head_dim
+    for dense calls of up to 32 query rows per KV head: every K/V pair of 2/3/4/8 bits at head_dim
     128 and GQA 8:1, head_dim 64, verification rows (seqlen_q 2 at GQA 4:1; seqlen_q 4 at GQA 8:1,
     two n-tiles a CTA in two row groups; causal), fp16 with float32 scales; each with the split
     combine (``kernels/combine.py``) over 4 splits, compiled once per output dtype and head_dim."""
     from itertools import product
 
-    out = [(f"k{kb}v{vb} d128 gqa8", dict(kb=kb, vb=vb)) for kb, vb in product((2, 4, 8), repeat=2)]
+    out = [(f"k{kb}v{vb} d128 gqa8", dict(kb=kb, vb=vb)) for kb, vb in product((2, 3, 4, 8), repeat=2)]
     out.insert(1, ("combine d128 bfloat16", None))  # compiled by the call before (None: no call of its own)
     out += [
         ("k4v4 d64 gqa8", dict(d=64)),
@@ -351,7 +351,7 @@ def decode_kernel_variants():
     ]
     # verification rows past 8 a KV head: CTAs of two 8-row n-tiles, in row groups
     out += [(f"k{kb}v{vb} d128 verify seqlen_q 4 gqa8 causal", dict(kb=kb, vb=vb, sq=4))
-            for kb, vb in ((4, 4), (2, 2), (8, 8), (2, 8), (8, 2))]
+            for kb, vb in ((4, 4), (2, 2), (8, 8), (2, 8), (8, 2), (3, 3))]
     out += [("k4v4 d64 verify seqlen_q 4 gqa8 causal", dict(d=64, sq=4))]
     return out
 

@@ -79,7 +79,7 @@ def test_decode_split_path_compiles_for_sm90():
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_100a"])
 def test_decode_kernel_compiles(arch):
     """The decode kernel (kernels/decode.py; run on SM90, compile-checked for sm_100a too): every
-    2/4/8-bit pair, head_dim 64, verification rows, fp16 with float32 scales, and the split
+    2/3/4/8-bit pair at head_dim 128, head_dim 64, verification rows, fp16 with float32 scales, and the split
     combine on its float32 partials."""
     from fa4_tq.compile_check import decode_kernel_variants
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from fa4_tq.codec import centroids, pack
-from fa4_tq.kernels.decode import (TABLE_BYTES, TABLE_ROW_BYTES, byte_table, decode_pairs, interleave_codes, k_dim,
-                                   k_piece, lane_offset, table_offset, v_dim, v_piece, v_slot)
+from fa4_tq.kernels.decode import (ROW3_BYTES, TABLE_BYTES, TABLE_ROW_BYTES, byte_table, decode_pairs,
+                                   interleave_codes, k_dim, k_piece, lane_offset, pair_offset, table_offset, v3_groups,
+                                   v3_slice_at, v_dim, v_key, v_piece, v_slot)
 from fa4_tq.kernels.staging import prmt_reference
 
 
@@ -181,3 +182,108 @@ def test_ring_pieces_land_where_each_lane_reads_its_slices(d, bits):
     if vw == 2:  # 64-bit reads: bank conflicts count within a half warp
         for half in (slots[:16], slots[16:]):
             assert len({(2 * s + w) % 32 for s in half for w in (0, 1)}) == 32
+
+
+# ----------------------------------------------------------------------------- 3-bit codes
+def _lookup3(dtype: str, half: int):
+    """``pair_offset`` -> the word every lane of a warp reads there, in the tables filled as the
+    kernel fills them (3-bit in row half ``half``), checked equal across the lanes."""
+    mem = _shared_tables({half: 3}, dtype)
+
+    def lookup(words, p):
+        seen = set()
+        for lane in range(32):
+            at = pair_offset(words, p, lane_offset(half, 3, lane))
+            assert at % 4 == 0 and at < 64 * TABLE_ROW_BYTES
+            seen.add(mem[at // 4])
+        assert len(seen) == 1, seen
+        return seen.pop()
+    return lookup
+
+
+def _row_words(raw: list, at: int, n: int) -> list[int]:
+    return [int.from_bytes(bytes(raw[at + 4 * i:at + 4 * i + 4]), "little") for i in range(n)]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("half", [0, 1])
+def test_3bit_key_slices_decode_to_consecutive_pairs(dtype, half):
+    """K side, 3-bit at head_dim 128: lane qi's three words at 12 qi of a packed row -> 16 words
+    holding dims (2i, 2i+1) of its slice, pairs 5 and 10 straddling two words included."""
+    gen = torch.Generator().manual_seed(30 + half)
+    vals = centroids(3).float().tolist()
+    lookup = _lookup3(dtype, half)
+    for _ in range(8):
+        codes = torch.randint(0, 8, (128,), generator=gen)
+        raw = pack(codes, 3).tolist()
+        assert len(raw) == ROW3_BYTES
+        for qi in range(4):
+            words = _row_words(raw, 12 * qi, 3)
+            for i in range(16):
+                dim = 32 * qi + 2 * i
+                assert _halves(lookup(words, i)) == (_bits16(vals[codes[dim]], dtype),
+                                                     _bits16(vals[codes[dim + 1]], dtype)), (qi, i)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_3bit_value_slices_of_two_keys_interleave_into_pairs_of_one_dim(dtype):
+    """V side, 3-bit at head_dim 128: lane ``quad`` reads the two words ``v3_slice_at`` names in
+    each of two keys' rows, ``v3_groups`` cuts its 16 codes out at the shift (0 or 16),
+    ``interleave_codes`` pairs the keys and ``pair_offset`` looks them up: 16 words, dims
+    ``16 quad + k`` in order, key x in the low half. Every quad, many random rows."""
+    gen = torch.Generator().manual_seed(33)
+    vals = centroids(3).float().tolist()
+    lookup = _lookup3(dtype, 1)
+    for _ in range(8):
+        cx, cy = (torch.randint(0, 8, (128,), generator=gen) for _ in range(2))
+        rx, ry = pack(cx, 3).tolist(), pack(cy, 3).tolist()
+        for quad in range(8):
+            word, shift = v3_slice_at(quad)
+            assert 4 * word <= 6 * quad and 6 * quad + 6 <= 4 * word + 8 and 4 * word + 8 <= ROW3_BYTES
+            xg = v3_groups(*_row_words(rx, 4 * word, 2), shift)
+            yg = v3_groups(*_row_words(ry, 4 * word, 2), shift)
+            out = []
+            for g in range(2):
+                even, odd = interleave_codes(xg[g], yg[g], 3)
+                for i in range(4):
+                    out += [lookup([even], i), lookup([odd], i)]
+            for k, w in enumerate(out):
+                dim = 16 * quad + k
+                assert _halves(w) == (_bits16(vals[cx[dim]], dtype), _bits16(vals[cy[dim]], dtype)), (quad, k)
+
+
+def test_3bit_v_groups_keep_every_shift_amount_below_32():
+    """``v3_groups`` runs on registers with a run-time shift; an LLVM shift by 32 or more is
+    poison. Its shifts on a recording value stay within 0-24 for both shifts."""
+    class Rec(int):
+        seen = []
+
+        def __rshift__(self, n):
+            Rec.seen.append(int(n))
+            return Rec(int(self) >> n)
+
+        def __lshift__(self, n):
+            Rec.seen.append(int(n))
+            return Rec((int(self) << n) & 0xFFFFFFFF)
+
+        def __or__(self, o):
+            return Rec(int(self) | int(o))
+
+    for shift in (0, 16):
+        Rec.seen = []
+        v3_groups(Rec(0x12345678), Rec(0x9ABCDEF0), shift)
+        assert Rec.seen and max(Rec.seen) < 32 and min(Rec.seen) >= 0
+
+
+def test_3bit_ring_reads_hit_banks_evenly():
+    """The 3-bit rows sit row-major in the ring (48 bytes a row). A warp's K reads (lane
+    ``(quad, qi)``: word ``w`` of key ``quad + 8r`` at ``12 qi``) hit 32 distinct banks; its V reads
+    (word ``w`` of ``v3_slice_at(quad)`` of key ``v_key(qi, t)``) at most two lanes a bank."""
+    for r in range(2):
+        for w in range(3):
+            banks = [((lane // 4 + 8 * r) * ROW3_BYTES // 4 + 3 * (lane % 4) + w) % 32 for lane in range(32)]
+            assert len(set(banks)) == 32
+    for t in range(4):
+        for w in range(2):
+            banks = [(v_key(lane % 4, t) * ROW3_BYTES // 4 + v3_slice_at(lane // 4)[0] + w) % 32 for lane in range(32)]
+            assert max(banks.count(b) for b in banks) <= 2

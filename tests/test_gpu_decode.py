@@ -264,6 +264,12 @@ DECODE_KERNEL_CASES = [  # (lens, seqlen_q, heads, kv_heads, d, page_size, bits,
     ([70, 2100, 5], 4, 64, 8, 128, 16, (2, 8), True, 3),  # 32 rows, a 5-key sequence, pages of 16
     ([33, 4100], 3, 16, 4, 64, 64, (8, 4), True, None),  # 12 rows: one group, 4 padding rows
     ([70, 2100], 4, 16, 2, 128, 128, (8, 8), False, None),  # 32 rows, non-causal
+    # 3-bit rows (head_dim 128), read whole
+    ([1, 700, 3000], 1, 32, 4, 128, 64, (3, 3), True, None),
+    ([1, 700, 3000], 1, 32, 4, 128, 16, (3, 8), True, 5),
+    ([33, 4100], 1, 64, 8, 128, 128, (4, 3), True, 2),
+    ([70, 2100, 5], 4, 64, 8, 128, 16, (3, 2), True, 3),  # 32 rows, a 5-key sequence, pages of 16
+    ([70, 2100], 2, 16, 4, 128, 64, (2, 3), False, None),
 ]
 
 
@@ -303,8 +309,9 @@ def test_decode_kernel_against_the_reference_and_the_prefill_kernel(poisoned, le
 
 
 def test_decode_kernel_takes_only_what_it_supports():
-    """Dense calls of <= 32 rows per KV head at 2/4/8 bits and head_dim 64/128 run the decode
-    kernel; 3-bit codes, more rows and head_dim 64 with 2-bit V (2-byte lane slices) do not."""
+    """Dense calls of <= 32 rows per KV head at 2/4/8 bits and head_dim 64/128, and with 3-bit
+    codes at head_dim 128, run the decode kernel; more rows, 3-bit codes at head_dim 64 and head_dim
+    64 with 2-bit V (2-byte lane slices) do not."""
     from fa4_tq.decode import decode_kernel_runs
     from fa4_tq.interface import _Problem
 
@@ -316,4 +323,6 @@ def test_decode_kernel_takes_only_what_it_supports():
 
     assert runs(1, 16, 2, 128, 4, 4) and runs(8, 4, 4, 128, 8, 2) and runs(1, 8, 1, 64, 4, 4)
     assert runs(2, 16, 2, 128, 4, 4) and runs(4, 64, 8, 128, 2, 2)  # 16 and 32 rows
-    assert not runs(1, 16, 2, 128, 3, 4) and not runs(8, 64, 8, 128, 4, 4) and not runs(1, 8, 1, 64, 4, 2)
+    assert runs(1, 16, 2, 128, 3, 4) and runs(1, 16, 2, 128, 8, 3) and runs(4, 64, 8, 128, 3, 3)
+    assert not runs(8, 64, 8, 128, 4, 4) and not runs(1, 8, 1, 64, 4, 2)
+    assert not runs(1, 8, 1, 64, 3, 4) and not runs(1, 8, 1, 64, 4, 3)

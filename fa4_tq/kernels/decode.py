@@ -31,6 +31,11 @@ combine kernel merges across splits. Per 16-key chunk a warp does:
   keys ``2qi, 2qi+1, 2qi+8, 2qi+9`` and the head dims ``[quad*d/8, (quad+1)*d/8)``; a fragment
   register holds one head dim of two keys, so the two keys' codes are interleaved
   (``interleave_codes``) before the lookup and come out paired.
+- 3-bit codes (head_dim 128 only) are not byte-aligned: their 48-byte rows are copied whole and
+  row-major into the ring (``_issue_rows3``), a lane reads its K slice as three words and its V
+  slice (6 bytes at ``6 quad``) from the two words around it (``v3_slice_at``, ``v3_groups``), and
+  each pair of codes (6 bits) is one lookup in a 64-row table (``pair_offset``: a shift and an
+  and-or, where a byte takes one ``prmt``).
 
 The kernel rotates the query rows itself (K's R: signs, then the float32 butterflies of
 ``codec.rotation``, one rounding) and un-rotates each split's output (V's R^T) before writing it:
@@ -63,8 +68,11 @@ ROWS = 8  # query rows of one MMA n-tile: the MMA's N
 # slower (perf/results/decode-*.md).
 MAX_ROWS = 32
 CHUNK = 16  # keys per MMA: M of K Q^T, K of V^T P^T
-SUPPORTED_BITS = (2, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_HEAD_DIMS = (64, 128)
+# 3-bit rows run at head_dim 128 only: there a row is 48 bytes (three 16-byte pieces), a lane's K
+# slice three whole words; at 64 a K slice would be 6 bytes at 6-byte offsets, a V slice 3 bytes.
+ROW3_BYTES = 48
 # The byte tables: row ``e`` (a byte value) is 256 bytes, K's width in the first 128 (one word a
 # lane; 2-bit: two words a lane pair), a second width's in the other 128. 256, not 128, so that one
 # ``prmt`` makes a lookup's offset (``table_offset``).
@@ -84,9 +92,13 @@ def chunks_per_block(k_bits: int, v_bits: int) -> int:
 
 def supports(head_dim: int, k_bits: int, v_bits: int, rows: int, page_size: int) -> bool:
     """Whether this kernel runs a decode call of ``rows`` query rows per KV head: every lane's
-    share of a row must be whole 32-bit words (a V slice at head_dim 64 and 2 bits is 2 bytes)."""
+    share of a row must be whole 32-bit words (a V slice at head_dim 64 and 2 bits is 2 bytes),
+    and 3-bit rows are read whole (head_dim 128, ``ROW3_BYTES``)."""
+    if 3 in (k_bits, v_bits) and head_dim != 128:
+        return False
     return (head_dim in SUPPORTED_HEAD_DIMS and k_bits in SUPPORTED_BITS and v_bits in SUPPORTED_BITS
-            and 1 <= rows <= MAX_ROWS and page_size % CHUNK == 0 and head_dim // 8 * v_bits % 32 == 0)
+            and 1 <= rows <= MAX_ROWS and page_size % CHUNK == 0
+            and (v_bits == 3 or head_dim // 8 * v_bits % 32 == 0))
 
 
 def n_tiles(rows: int) -> int:
@@ -107,7 +119,7 @@ def interleave_codes(x, y, bits: int):
     streams ``x_0 y_0 x_2 y_2 ...`` and ``x_1 y_1 x_3 y_3 ...``: two ops each, where a ``prmt``
     per output register would be needed after the lookup. Plain Python over ``&, |, <<, >>``:
     the kernel calls it on registers, the tests on ints."""
-    m = {2: 0x33333333, 4: 0x0F0F0F0F, 8: 0x00FF00FF}[bits]
+    m = {2: 0x33333333, 3: 0x001C71C7, 4: 0x0F0F0F0F, 8: 0x00FF00FF}[bits]  # 3-bit: one 24-bit group
     even = (x & m) | ((y & m) << bits)
     odd = ((x >> bits) & m) | (y & ((m << bits) & 0xFFFFFFFF))
     return even, odd
@@ -116,11 +128,15 @@ def interleave_codes(x, y, bits: int):
 def byte_table(bits: int, dtype: str) -> tuple[tuple[int, int], ...]:
     """Row ``e`` of the kernel's lookup table: the two words a byte ``e`` of ``bits``-bit codes
     decodes to. 2-bit: codes 0-1 and 2-3 of the byte (code 0 in the low half); 4-bit: both codes
-    in one word, repeated; 8-bit: the code's value in the low half, repeated. In shared memory
-    each row holds these two words 16 times (``PackedDecode._fill_table``)."""
+    in one word, repeated; 8-bit: the code's value in the low half, repeated; 3-bit: rows are
+    indexed by a pair of codes (6 bits, ``pair_offset``), its two values in one word, repeated
+    (rows 64-255 repeat 0-63, unused). In shared memory each row holds these two words 16 times
+    (``PackedDecode._fill_table``)."""
     v = entry_bits(bits, dtype)
     if bits == 2:
         return tuple((v[e & 3] | v[e >> 2 & 3] << 16, v[e >> 4 & 3] | v[e >> 6] << 16) for e in range(256))
+    if bits == 3:
+        return tuple((v[e & 7] | v[e >> 3 & 7] << 16,) * 2 for e in range(256))
     if bits == 4:
         return tuple((v[e & 15] | v[e >> 4] << 16,) * 2 for e in range(256))
     return tuple((v[e],) * 2 for e in range(256))
@@ -138,6 +154,36 @@ def table_offset(codes, i: int, lane_off, prmt_op):
     ``codes`` names: ``byte * 256 + lane_off``, one ``prmt`` (byte 0 from ``lane_off``, byte 1 the
     code byte, bytes 2-3 zero)."""
     return prmt_op(codes, lane_off, 0x7604 | i << 4)
+
+
+def pair_offset(words, p: int, lane_off):
+    """3-bit codes: byte offset, in the tables, of the lane's word of the row that pair ``p``
+    names (codes ``2p`` and ``2p + 1``: bits ``6p`` to ``6p + 5`` of the little-endian stream
+    ``words``): ``pair * 256 + lane_off``. A shift (two and an or where the pair straddles two
+    words: pairs 5 and 10 of a 96-bit slice) and one and-or, where a byte-aligned code takes one
+    ``prmt`` (``table_offset``). Plain Python operators: the kernel calls it on registers (whose
+    shifts drop the bits past 32), the tests on ints (the mask drops them)."""
+    w, b = divmod(6 * p, 32)
+    if b + 6 <= 32:
+        x = words[w] >> (b - 8) if b >= 8 else words[w] << (8 - b)
+    else:
+        x = (words[w] >> (b - 8)) | (words[w + 1] << (40 - b))
+    return (x & 0x3F00) | lane_off
+
+
+def v3_slice_at(quad) -> tuple:
+    """3-bit V at head_dim 128: lane ``(quad, *)``'s 16 codes of a key are the 6 bytes at ``6 quad``
+    of its 48-byte row. They lie in the two 32-bit words from word ``3 (quad // 2) + quad % 2`` of
+    the row, from bit ``16 (quad % 2)``: (that word, that bit)."""
+    return 3 * (quad // 2) + quad % 2, 16 * (quad % 2)
+
+
+def v3_groups(a, b, shift) -> tuple:
+    """The 48 bits at bit ``shift`` (0 or 16, a run-time value) of the words ``a``, ``b`` as two
+    24-bit groups of eight codes (bits past 24 are garbage; ``interleave_codes`` masks them). Every
+    shift amount stays within 0-16 (an LLVM shift by 32 is poison, not 0)."""
+    lo = (a >> shift) | ((b << (16 - shift)) << 16)
+    return lo, (lo >> 24) | ((b >> shift) << 8)
 
 
 def decode_pairs(w, bits: int, dtype: str, prmt_op, byte_lookup=None) -> list:
@@ -278,6 +324,12 @@ class PackedDecode:
         self.v_lane_copies = self.v_piece == 16 or self.chunks == 1
         self.k_bytes = self.chunks * 2 * 32 * 4 * self.k_words
         self.v_bytes = self.chunks * 4 * 32 * 4 * self.v_words
+        # 3-bit rows are copied whole, row-major (``_issue_rows3``): a lane's K slice is three
+        # words at 12 qi, its V slice 6 bytes at 6 quad (``v3_slice_at``)
+        if const_expr(k_bits == 3):
+            self.k_bytes = self.chunks * CHUNK * ROW3_BYTES
+        if const_expr(v_bits == 3):
+            self.v_bytes = self.chunks * CHUNK * ROW3_BYTES
         # After the loop a warp's ring holds its unnormalised output rows (float32) for the merge:
         # a stage is padded where they would not fit (K2V8 at 16 rows).
         self.stage_bytes = max(self.k_bytes + self.v_bytes + self.chunks * 2 * CHUNK * 4,
@@ -306,6 +358,10 @@ class PackedDecode:
         """The slot of lane ``(quad, qi)``'s V slices in a ring row: its own lane where it copied
         them itself (``v_lane_copies``), else where the 16-byte pieces put them (``v_slot``)."""
         return lane if self.v_lane_copies else v_slot(quad, qi, self.v_words)
+
+    def _row3_at(self, region, c, key):
+        """A 3-bit row's shared address: chunk ``c``'s key ``key`` of the side stored at ``region``."""
+        return region + (c * CHUNK + key) * ROW3_BYTES
 
     def _scales_at(self, stage, c, side):
         return stage + self.k_bytes + self.v_bytes + (2 * c + side) * CHUNK * 4
@@ -367,7 +423,8 @@ class PackedDecode:
         tables = {}  # bits -> (the table's shared address, this lane's offset in a row)
         for half, bits in enumerate(self.widths):
             self._fill_table(mKTable if bits == self.kb else mVTable, tab, half, bits, tidx, bf16)
-            tables[bits] = (tab.iterator.toint(), lane_offset(half, bits, lane))
+            off = lane_offset(half, bits, lane)
+            tables[bits] = (tab.iterator.toint(), Uint32(off) if const_expr(bits == 3) else off)
         if const_expr(self.pdl):
             cute.arch.griddepcontrol_wait()
         self._rotate_query(mQ, mKSigns, sQ, b, kv_head, first_row, warp, lane, bf16)
@@ -464,6 +521,8 @@ class PackedDecode:
                 if const_expr(bits == 2):
                     w = (pack_x2(mTable[e % 4], mTable[e // 4 % 4], bf16),
                          pack_x2(mTable[e // 16 % 4], mTable[e // 64], bf16))
+                elif const_expr(bits == 3):
+                    w = (pack_x2(mTable[e % 8], mTable[e // 8 % 8], bf16),) * 2
                 elif const_expr(bits == 4):
                     w = (pack_x2(mTable[e % 16], mTable[e // 16], bf16),) * 2
                 else:
@@ -499,7 +558,9 @@ class PackedDecode:
             base = key0 + c * CHUNK
             page, first = pages[c], cutlass.min(base, end - 1)
             slot0 = pages[self.chunks + c] - first  # + a key of this chunk = its slot
-            if const_expr(kp == 16):
+            if const_expr(self.kb == 3):
+                self._issue_rows3(stage + c * CHUNK * ROW3_BYTES, mKData, kv_head, base, end, page, slot0, lane)
+            elif const_expr(kp == 16):
                 for r in cutlass.range_constexpr(2):
                     slot = slot0 + cutlass.min(base + quad + 8 * r, end - 1)
                     g = cute.domain_offset((page, slot, kv_head, qi * kw * 4), mKData).iterator.toint()
@@ -513,7 +574,10 @@ class PackedDecode:
                         slot = slot0 + cutlass.min(base + key, end - 1)
                         g = cute.domain_offset((page, slot, kv_head, m * 16), mKData).iterator.toint()
                         _async_copy(g, self._k_at(stage, c, key // 8, 0, at))
-            if const_expr(self.v_lane_copies):  # 16-byte slices, or one chunk a block
+            if const_expr(self.vb == 3):
+                self._issue_rows3(stage + self.k_bytes + c * CHUNK * ROW3_BYTES, mVData, kv_head, base, end, page,
+                                  slot0, lane)
+            elif const_expr(self.v_lane_copies):  # 16-byte slices, or one chunk a block
                 for t in cutlass.range_constexpr(4):
                     slot = slot0 + cutlass.min(base + v_key(qi, t), end - 1)
                     g = cute.domain_offset((page, slot, kv_head, quad * vw * 4), mVData).iterator.toint()
@@ -530,8 +594,20 @@ class PackedDecode:
                 mS = (mKScale, mVScale)[side]
                 pieces = mS.element_type.width // 8  # 16 scales: 2 or 4 pieces of 16 bytes
                 if lane // 4 == side and lane % 4 < pieces:
-                    g = cute.domain_offset((page, kv_head, row), mS).iterator.toint()
-                    _async_copy(g + lane % 4 * 16, self._scales_at(stage, c, side) + lane % 4 * 16)
+                    gs = cute.domain_offset((page, kv_head, row), mS).iterator.toint()
+                    _async_copy(gs + lane % 4 * 16, self._scales_at(stage, c, side) + lane % 4 * 16)
+
+    @cute.jit
+    def _issue_rows3(self, region, mData, kv_head, base, end, page, slot0, lane):
+        """A chunk's 16 rows of 3-bit codes as they are, row-major at shared address ``region``:
+        48 pieces of 16 bytes (three a row), lanes 0-31 then lanes 0-15."""
+        for j in cutlass.range_constexpr(2):
+            u = lane + 32 * j
+            if u < CHUNK * ROW3_BYTES // 16:
+                key = u // 3
+                slot = slot0 + cutlass.min(base + key, end - 1)
+                g = cute.domain_offset((page, slot, kv_head, (u - 3 * key) * 16), mData).iterator.toint()
+                _async_copy(g, region + u * 16)
 
     @cute.jit
     def _block(self, stage, src, qw, acc, ml, tables, key0, end, seqlen, first_row, scale_log2, lane, quad, qi, bf16):
@@ -540,16 +616,28 @@ class PackedDecode:
         dt = "bfloat16" if bf16 else "float16"
         # this lane's bytes and its keys' scales, from its ring stage
         ck = cute.make_rmem_tensor((C * 2 * kw,), Uint32)
-        cv = cute.make_rmem_tensor((C * 4 * vw,), Uint32)
+        cv = cute.make_rmem_tensor((C * 4 * (2 if const_expr(self.vb == 3) else vw),), Uint32)
         cs = cute.make_rmem_tensor((C * 4,), Float32)
+        v3_word, v3_shift = v3_slice_at(quad)
+        v3_shift = Uint32(v3_shift)
         for c in cutlass.range_constexpr(C):
             for r in cutlass.range_constexpr(2):
-                for pc in cutlass.range_constexpr(4 * kw // kp):
-                    _shared_words(self._k_at(stage, c, r, pc, lane), ck, (2 * c + r) * kw + pc * kp // 4, kp // 4)
+                if const_expr(self.kb == 3):  # three words at 12 qi of the row
+                    for w in cutlass.range_constexpr(kw):
+                        _shared_words(self._row3_at(stage, c, quad + 8 * r) + 4 * (qi * kw + w), ck,
+                                      (2 * c + r) * kw + w, 1)
+                else:
+                    for pc in cutlass.range_constexpr(4 * kw // kp):
+                        _shared_words(self._k_at(stage, c, r, pc, lane), ck, (2 * c + r) * kw + pc * kp // 4, kp // 4)
             for t in cutlass.range_constexpr(4):
-                for pc in cutlass.range_constexpr(4 * vw // vp):
-                    _shared_words(self._v_at(stage, c, t, pc, self._v_reader_slot(lane, quad, qi)), cv,
-                                  (4 * c + t) * vw + pc * vp // 4, vp // 4)
+                if const_expr(self.vb == 3):  # the two words holding the 6 bytes at 6 quad
+                    at = self._row3_at(stage + self.k_bytes, c, v_key(qi, t)) + 4 * v3_word
+                    for w in cutlass.range_constexpr(2):
+                        _shared_words(at + 4 * w, cv, (4 * c + t) * 2 + w, 1)
+                else:
+                    for pc in cutlass.range_constexpr(4 * vw // vp):
+                        _shared_words(self._v_at(stage, c, t, pc, self._v_reader_slot(lane, quad, qi)), cv,
+                                      (4 * c + t) * vw + pc * vp // 4, vp // 4)
             base = key0 + c * CHUNK
             row0 = _scale_row_key(base, end)
             for side in cutlass.range_constexpr(2):
@@ -567,8 +655,12 @@ class PackedDecode:
         for c in cutlass.range_constexpr(C):
             kdec = [[], []]
             for r in cutlass.range_constexpr(2):
-                for w in cutlass.range_constexpr(kw):
-                    kdec[r] += decode_pairs(ck[(2 * c + r) * kw + w], self.kb, dt, prmt, ktab)
+                if const_expr(self.kb == 3):
+                    words = [ck[(2 * c + r) * kw + w] for w in range(kw)]
+                    kdec[r] = [_table_word(tables[3][0], pair_offset(words, i, tables[3][1])) for i in range(16)]
+                else:
+                    for w in cutlass.range_constexpr(kw):
+                        kdec[r] += decode_pairs(ck[(2 * c + r) * kw + w], self.kb, dt, prmt, ktab)
             for n in cutlass.range_constexpr(NT):
                 sc = [Float32(0.0)] * 4
                 for kk in cutlass.range_constexpr(d // 16):
@@ -629,7 +721,15 @@ class PackedDecode:
                     f = cs[4 * c + 2 + r]
                     bfr.append(transpose_8x8(pack_x2(p[si(c, r, n, 0)] * f, p[si(c, r, n, 1)] * f, bf16)))
             vdec = [[], []]  # key pairs (2qi, 2qi+1) and (2qi+8, 2qi+9): dims 2j, 2j+1 alternate
-            for pr in cutlass.range_constexpr(2):
+            for pr in cutlass.range_constexpr(2 if const_expr(self.vb == 3) else 0):  # 3-bit: two 24-bit groups
+                x3 = v3_groups(cv[(4 * c + 2 * pr) * 2], cv[(4 * c + 2 * pr) * 2 + 1], v3_shift)
+                y3 = v3_groups(cv[(4 * c + 2 * pr + 1) * 2], cv[(4 * c + 2 * pr + 1) * 2 + 1], v3_shift)
+                for g in cutlass.range_constexpr(2):
+                    even, odd = interleave_codes(x3[g], y3[g], 3)
+                    for i in cutlass.range_constexpr(4):
+                        vdec[pr] += [_table_word(tables[3][0], pair_offset([even], i, tables[3][1])),
+                                     _table_word(tables[3][0], pair_offset([odd], i, tables[3][1]))]
+            for pr in cutlass.range_constexpr(0 if const_expr(self.vb == 3) else 2):
                 for w in cutlass.range_constexpr(vw):
                     x = cv[(4 * c + 2 * pr) * vw + w]
                     y = cv[(4 * c + 2 * pr + 1) * vw + w]
@@ -716,6 +816,14 @@ def _table_row(table, lane_off, codes, i: cutlass.Constexpr[int], bits: cutlass.
     n = 2 if bits == 2 else 1
     _shared_words(table + Int32(table_offset(codes, i, lane_off, prmt)), w, 0, n)
     return (w[0], w[1]) if const_expr(n == 2) else (w[0],)
+
+
+@cute.jit
+def _table_word(table, off):
+    """The word at byte offset ``off`` (``pair_offset``) of the tables at shared address ``table``."""
+    w = cute.make_rmem_tensor((1,), Uint32)
+    _shared_words(table + Int32(off), w, 0, 1)
+    return w[0]
 
 
 def _scale_row_key(base, end):
