@@ -63,24 +63,24 @@ def sm90_config(head_dim: int, k_bits: int, v_bits: int, rows: int, batch_layout
 # a tile's start and end alone: 1.05/1.04/1.04x at 1K, but 4K 0.997x and 0.955x, so 1K there.
 PERSISTENT_MAX_SEQLEN_K = 4096
 PERSISTENT_MAX_SEQLEN_K_FULL = 1024
-# Smallest pack-GQA group run persistent. FA4's static order lost with few m_blocks a head (MHA
-# 0.86-0.92x, GQA 3:1 0.88x at 1K causal: a CTA kept drawing the same m_blocks); scheduler.py's
-# serpentine order measured MHA 1.03-1.06x (hd64/128 1K causal; 4K 1.01x), GQA 2:1 1.09x and GQA
-# 3:1 1.05x with outputs equal, once (H100). Lowered to 1 once the whole GPU test file has run
-# with these layouts taking the persistent path (it has not: no device time was left).
-PERSISTENT_MIN_GROUP = 4
+# Any pack-GQA group that divides the 128-row tile (Q and O by TMA) runs persistent, MHA included.
+# FA4's static order lost with few m_blocks a head (MHA 0.86-0.92x, GQA 3:1 0.88x at 1K causal: a
+# CTA kept drawing the same m_blocks); scheduler.py's serpentine order measured MHA 1.03-1.06x
+# (hd64/128 1K causal; 4K 1.01x) and GQA 2:1 1.09x, outputs equal, once (H100), and the whole
+# tests/test_gpu_inline.py passed with every such group persistent (H100, 2026-12-07). MHA
+# without a mask (<= 1K keys) was not timed persistent; GQA 8:1 there measured 1.04x.
 
 
 def sm90_persistent(seqlen_k: int, tile_m: int, skip_softmax: bool, group: int, causal: bool) -> bool:
     """Whether the SM90 kernel walks tiles persistently (``scheduler.py``): prefill tiles (128 rows)
     over short key ranges (``PERSISTENT_MAX_SEQLEN_K``, or ``..._FULL`` unless causal), where a
-    tile's fixed start and end costs are a large share of it, for pack-GQA groups of 4 or more that
-    divide the tile (Q and O by TMA). Run persistent on the device and equal to one tile a CTA bit
-    for bit: GQA 8:1 (paged and not), MHA and GQA 3:1 (``PERSISTENT_MIN_GROUP``). Decode-sized
-    64-row tiles and skip-softmax keep FA4's one tile a CTA (not measured persistent)."""
+    tile's fixed start and end costs are a large share of it, for pack-GQA groups (1 = MHA) that
+    divide the tile (Q and O by TMA). GQA 3:1 (Q by cp.async) measured 1.05x persistent and equal
+    in its own test, but the whole GPU test file has not run such groups persistent, so it keeps one
+    tile a CTA, as do decode-sized 64-row tiles and skip-softmax (not measured persistent)."""
     longest = PERSISTENT_MAX_SEQLEN_K if causal else PERSISTENT_MAX_SEQLEN_K_FULL
     return (tile_m == 128 and not skip_softmax and seqlen_k <= longest
-            and group >= PERSISTENT_MIN_GROUP and tile_m % group == 0)
+            and tile_m % group == 0)
 
 
 def _target_sms(arch: int) -> int:
