@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from fa4_tq.codec import centroids, pack
-from fa4_tq.kernels.decode import (ROW3_BYTES, TABLE_BYTES, TABLE_ROW_BYTES, byte_table, decode_pairs,
-                                   interleave_codes, k_dim, k_piece, lane_offset, pair_offset, table_offset, v3_groups,
-                                   v3_slice_at, v_dim, v_key, v_piece, v_slot)
+from fa4_tq.kernels.decode import (ROW3_BYTES, TABLE_BYTES, TABLE_ROW_BYTES, byte_table, decode_key_pairs3,
+                                   decode_pairs, decode_pairs3, interleave_codes, k_dim, k_piece, lane_offset,
+                                   table_offset, v3_groups, v3_slice_at, v_dim, v_key, v_piece, v_slot)
 from fa4_tq.kernels.staging import prmt_reference
 
 
@@ -185,20 +185,18 @@ def test_ring_pieces_land_where_each_lane_reads_its_slices(d, bits):
 
 
 # ----------------------------------------------------------------------------- 3-bit codes
-def _lookup3(dtype: str, half: int):
-    """``pair_offset`` -> the word every lane of a warp reads there, in the tables filled as the
-    kernel fills them (3-bit in row half ``half``), checked equal across the lanes."""
+def _decode3(dtype: str, half: int, decode, *args) -> list:
+    """``decode`` (``decode_pairs3`` or ``decode_key_pairs3``) run by every lane of a warp on the
+    same codes, looking up the tables filled as the kernel fills them (3-bit in row half
+    ``half``), each lane at its own ``lane_offset``: the words, checked equal across the lanes."""
     mem = _shared_tables({half: 3}, dtype)
 
-    def lookup(words, p):
-        seen = set()
-        for lane in range(32):
-            at = pair_offset(words, p, lane_offset(half, 3, lane))
-            assert at % 4 == 0 and at < 64 * TABLE_ROW_BYTES
-            seen.add(mem[at // 4])
-        assert len(seen) == 1, seen
-        return seen.pop()
-    return lookup
+    def word_at(at):
+        assert at % 4 == 0 and at < 64 * TABLE_ROW_BYTES
+        return mem[at // 4]
+    outs = {tuple(decode(*args, lane_offset(half, 3, lane), word_at)) for lane in range(32)}
+    assert len(outs) == 1
+    return list(outs.pop())
 
 
 def _row_words(raw: list, at: int, n: int) -> list[int]:
@@ -212,41 +210,35 @@ def test_3bit_key_slices_decode_to_consecutive_pairs(dtype, half):
     holding dims (2i, 2i+1) of its slice, pairs 5 and 10 straddling two words included."""
     gen = torch.Generator().manual_seed(30 + half)
     vals = centroids(3).float().tolist()
-    lookup = _lookup3(dtype, half)
     for _ in range(8):
         codes = torch.randint(0, 8, (128,), generator=gen)
         raw = pack(codes, 3).tolist()
         assert len(raw) == ROW3_BYTES
         for qi in range(4):
-            words = _row_words(raw, 12 * qi, 3)
-            for i in range(16):
+            out = _decode3(dtype, half, decode_pairs3, _row_words(raw, 12 * qi, 3))
+            assert len(out) == 16
+            for i, w in enumerate(out):
                 dim = 32 * qi + 2 * i
-                assert _halves(lookup(words, i)) == (_bits16(vals[codes[dim]], dtype),
-                                                     _bits16(vals[codes[dim + 1]], dtype)), (qi, i)
+                assert _halves(w) == (_bits16(vals[codes[dim]], dtype), _bits16(vals[codes[dim + 1]], dtype)), (qi, i)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_3bit_value_slices_of_two_keys_interleave_into_pairs_of_one_dim(dtype):
     """V side, 3-bit at head_dim 128: lane ``quad`` reads the two words ``v3_slice_at`` names in
-    each of two keys' rows, ``v3_groups`` cuts its 16 codes out at the shift (0 or 16),
-    ``interleave_codes`` pairs the keys and ``pair_offset`` looks them up: 16 words, dims
-    ``16 quad + k`` in order, key x in the low half. Every quad, many random rows."""
+    each of two keys' rows; ``decode_key_pairs3`` cuts its 16 codes out at the shift (0 or 16),
+    pairs the keys and looks them up: 16 words, dims ``16 quad + k`` in order, key x in the low
+    half. Every quad, many random rows."""
     gen = torch.Generator().manual_seed(33)
     vals = centroids(3).float().tolist()
-    lookup = _lookup3(dtype, 1)
     for _ in range(8):
         cx, cy = (torch.randint(0, 8, (128,), generator=gen) for _ in range(2))
         rx, ry = pack(cx, 3).tolist(), pack(cy, 3).tolist()
         for quad in range(8):
             word, shift = v3_slice_at(quad)
             assert 4 * word <= 6 * quad and 6 * quad + 6 <= 4 * word + 8 and 4 * word + 8 <= ROW3_BYTES
-            xg = v3_groups(*_row_words(rx, 4 * word, 2), shift)
-            yg = v3_groups(*_row_words(ry, 4 * word, 2), shift)
-            out = []
-            for g in range(2):
-                even, odd = interleave_codes(xg[g], yg[g], 3)
-                for i in range(4):
-                    out += [lookup([even], i), lookup([odd], i)]
+            out = _decode3(dtype, 1, decode_key_pairs3, _row_words(rx, 4 * word, 2), _row_words(ry, 4 * word, 2),
+                           shift)
+            assert len(out) == 16
             for k, w in enumerate(out):
                 dim = 16 * quad + k
                 assert _halves(w) == (_bits16(vals[cx[dim]], dtype), _bits16(vals[cy[dim]], dtype)), (quad, k)

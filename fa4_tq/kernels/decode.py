@@ -186,6 +186,26 @@ def v3_groups(a, b, shift) -> tuple:
     return lo, (lo >> 24) | ((b >> shift) << 8)
 
 
+def decode_pairs3(words, lane_off, word_at) -> list:
+    """3-bit K: a lane's slice of a key (three words, 32 codes) -> 16 words, word ``i`` holding
+    the codebook values of codes ``2i`` (low half) and ``2i + 1``; ``word_at(offset)`` is the
+    table word at a ``pair_offset`` (the kernel: its shared tables; tests: a model of them)."""
+    return [word_at(pair_offset(words, i, lane_off)) for i in range(16)]
+
+
+def decode_key_pairs3(x, y, shift, lane_off, word_at) -> list:
+    """3-bit V: the two-word slices ``x`` and ``y`` of two keys (16 codes each at bit ``shift``,
+    ``v3_slice_at``) -> 16 words, word ``k`` holding dim ``k`` of key x (low half) and of key y:
+    the keys interleaved a 24-bit group at a time, then one lookup a pair."""
+    xg, yg = v3_groups(*x, shift), v3_groups(*y, shift)
+    out = []
+    for g in range(2):
+        even, odd = interleave_codes(xg[g], yg[g], 3)
+        for i in range(4):
+            out += [word_at(pair_offset([even], i, lane_off)), word_at(pair_offset([odd], i, lane_off))]
+    return out
+
+
 def decode_pairs(w, bits: int, dtype: str, prmt_op, byte_lookup=None) -> list:
     """One word of a code stream -> ``16 // bits`` words, word ``i`` holding the codebook values
     of codes ``2i`` (low half) and ``2i + 1`` in ``dtype``.
@@ -648,6 +668,7 @@ class PackedDecode:
                     cs[4 * c + 2 * side + r] = Float32(row[cutlass.min(base + quad + 8 * r, end - 1) - row0])
         ktab = lambda w, i: _table_row(*tables[self.kb], w, i, self.kb)
         vtab = lambda w, i: _table_row(*tables[self.vb], w, i, self.vb)
+        word3 = lambda off: _table_word(tables[3][0], off)  # 3-bit: one word a pair of codes
 
         # Scores: s[si(c, r, n, h)] = key quad + 8r of chunk c, row 8n + 2qi + h, in the log2 domain.
         si = lambda c, r, n, h: ((2 * c + r) * NT + n) * 2 + h
@@ -656,8 +677,7 @@ class PackedDecode:
             kdec = [[], []]
             for r in cutlass.range_constexpr(2):
                 if const_expr(self.kb == 3):
-                    words = [ck[(2 * c + r) * kw + w] for w in range(kw)]
-                    kdec[r] = [_table_word(tables[3][0], pair_offset(words, i, tables[3][1])) for i in range(16)]
+                    kdec[r] = decode_pairs3([ck[(2 * c + r) * kw + w] for w in range(kw)], tables[3][1], word3)
                 else:
                     for w in cutlass.range_constexpr(kw):
                         kdec[r] += decode_pairs(ck[(2 * c + r) * kw + w], self.kb, dt, prmt, ktab)
@@ -721,23 +741,19 @@ class PackedDecode:
                     f = cs[4 * c + 2 + r]
                     bfr.append(transpose_8x8(pack_x2(p[si(c, r, n, 0)] * f, p[si(c, r, n, 1)] * f, bf16)))
             vdec = [[], []]  # key pairs (2qi, 2qi+1) and (2qi+8, 2qi+9): dims 2j, 2j+1 alternate
-            for pr in cutlass.range_constexpr(2 if const_expr(self.vb == 3) else 0):  # 3-bit: two 24-bit groups
-                x3 = v3_groups(cv[(4 * c + 2 * pr) * 2], cv[(4 * c + 2 * pr) * 2 + 1], v3_shift)
-                y3 = v3_groups(cv[(4 * c + 2 * pr + 1) * 2], cv[(4 * c + 2 * pr + 1) * 2 + 1], v3_shift)
-                for g in cutlass.range_constexpr(2):
-                    even, odd = interleave_codes(x3[g], y3[g], 3)
-                    for i in cutlass.range_constexpr(4):
-                        vdec[pr] += [_table_word(tables[3][0], pair_offset([even], i, tables[3][1])),
-                                     _table_word(tables[3][0], pair_offset([odd], i, tables[3][1]))]
-            for pr in cutlass.range_constexpr(0 if const_expr(self.vb == 3) else 2):
-                for w in cutlass.range_constexpr(vw):
-                    x = cv[(4 * c + 2 * pr) * vw + w]
-                    y = cv[(4 * c + 2 * pr + 1) * vw + w]
-                    even, odd = interleave_codes(x, y, self.vb)
-                    ev = decode_pairs(even, self.vb, dt, prmt, vtab)
-                    od = decode_pairs(odd, self.vb, dt, prmt, vtab)
-                    for i in cutlass.range_constexpr(len(ev)):
-                        vdec[pr] += [ev[i], od[i]]
+            for pr in cutlass.range_constexpr(2):
+                if const_expr(self.vb == 3):
+                    key = lambda t: (cv[(4 * c + t) * 2], cv[(4 * c + t) * 2 + 1])
+                    vdec[pr] = decode_key_pairs3(key(2 * pr), key(2 * pr + 1), v3_shift, tables[3][1], word3)
+                else:
+                    for w in cutlass.range_constexpr(vw):
+                        x = cv[(4 * c + 2 * pr) * vw + w]
+                        y = cv[(4 * c + 2 * pr + 1) * vw + w]
+                        even, odd = interleave_codes(x, y, self.vb)
+                        ev = decode_pairs(even, self.vb, dt, prmt, vtab)
+                        od = decode_pairs(odd, self.vb, dt, prmt, vtab)
+                        for i in cutlass.range_constexpr(len(ev)):
+                            vdec[pr] += [ev[i], od[i]]
             for j in cutlass.range_constexpr(d // 16):
                 for n in cutlass.range_constexpr(NT):
                     o = mma_16816((vdec[0][2 * j], vdec[0][2 * j + 1], vdec[1][2 * j], vdec[1][2 * j + 1]),
