@@ -5,13 +5,13 @@ bytes read (and, here, by their dequantisation), and a small batch has too few (
 head) tiles to occupy the GPU.
 
 Dense calls of at most 32 query rows per KV head (seqlen_q x GQA) at 2/4/8 bits and head_dim
-64/128, or with 3-bit codes at head_dim 128, run the decode kernel (``kernels/decode.py``, ``decode_kernel_runs``): swap-AB
-``mma.sync`` with the codes dequantised into registers (byte tables in shared memory), q's
-rotation and the output's un-rotation inside the kernel, split-KV inside the kernel, a combine
-kernel of ours across splits (``kernels/combine.py``: a programmatic dependent launch, which
-FA4's combine is not). Everything else (more rows, 3-bit codes at head_dim 64, skip-softmax)
-runs the packed-KV prefill kernel as below. Two things address the small batch there, neither of which
-changes FA4's kernel:
+64/128, or with 3-bit codes at head_dim 128, run the decode kernel (``kernels/decode.py``,
+``decode_kernel_runs``): swap-AB ``mma.sync`` with the codes dequantised into registers (byte
+tables in shared memory), q's rotation and the output's un-rotation inside the kernel, split-KV
+inside the kernel, a combine kernel of ours across splits (``kernels/combine.py``: a
+programmatic dependent launch, which FA4's combine is not). Everything else (more rows, 3-bit
+codes at head_dim 64, skip-softmax) runs the packed-KV prefill kernel as below. Two things
+address the small batch there, neither of which changes FA4's kernel:
 
 - pack-GQA: the ``seqlen_q x heads/kv_heads`` query rows of one KV head share one 128-row tile
   (FA4's ``PackGQA``), so each packed K/V tile is read and dequantised once for all of them.
@@ -221,8 +221,8 @@ def plan_num_splits(batch: int, kv_heads: int, rows_per_kv_head: int, max_pages:
 
 def decode_kernel_runs(prob) -> bool:
     """Whether a dense call runs the decode kernel (``kernels/decode.py``: SM90, head_dim 64/128,
-    2/4/8-bit K and V, 3-bit at head_dim 128, seqlen_q x GQA <= 32 rows per KV head) rather than the packed-KV prefill
-    kernel over split launches (everything else, and skip-softmax)."""
+    2/4/8-bit K and V, 3-bit at head_dim 128, seqlen_q x GQA <= 32 rows per KV head) rather than
+    the packed-KV prefill kernel over split launches (everything else, and skip-softmax)."""
     from .kernels import decode as decode_kernel
     from .kernels.launch import device_arch
 

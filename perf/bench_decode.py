@@ -10,9 +10,9 @@ V for ours, bf16 K and V for the baselines (q and o are negligible). Times are G
 with launches queued ahead (``time_gpu``), medians. "vs best bf16" is the faster of FA4 and SDPA
 divided by ours. FA4 has no split-KV on SM90 (its interface asserts so), SDPA picks its own
 backend. "kernel" says which of our kernels ran: "decode" (kernels/decode.py, dense calls of <= 32
-query rows per KV head at 2/4/8 bits, and 3-bit at head_dim 128) or "prefill" (the packed-KV FA4 subclass over split
-launches); where it is "decode", "prefill-kernel path" times the path it replaced on the same
-call. Writes perf/results/decode-<gpu>.md.
+query rows per KV head at 2/4/8 bits, and 3-bit at head_dim 128) or "prefill" (the packed-KV FA4
+subclass over split launches); where it is "decode", "prefill-kernel path" times the path it
+replaced on the same call. Writes perf/results/decode-<gpu>.md.
 
 Skip-softmax has its own table: on i.i.d. random data no block is skippable, so it runs on
 ``fa4_tq.skip_softmax.peaked_attention_inputs`` (LLM-like peaked attention: recent tokens and a
