@@ -345,10 +345,11 @@ class PackedDecode:
         self.k_bytes = self.chunks * 2 * 32 * 4 * self.k_words
         self.v_bytes = self.chunks * 4 * 32 * 4 * self.v_words
         # 3-bit rows are copied whole, row-major (``_issue_rows3``): a lane's K slice is three
-        # words at 12 qi, its V slice 6 bytes at 6 quad (``v3_slice_at``)
-        if const_expr(k_bits == 3):
+        # words at 12 qi, its V slice 6 bytes at 6 quad (``v3_slice_at``; the V words and pieces
+        # above are then unused)
+        if k_bits == 3:
             self.k_bytes = self.chunks * CHUNK * ROW3_BYTES
-        if const_expr(v_bits == 3):
+        if v_bits == 3:
             self.v_bytes = self.chunks * CHUNK * ROW3_BYTES
         # After the loop a warp's ring holds its unnormalised output rows (float32) for the merge:
         # a stage is padded where they would not fit (K2V8 at 16 rows).
