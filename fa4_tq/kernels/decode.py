@@ -345,10 +345,8 @@ class PackedDecode:
         self.k_bytes = self.chunks * 2 * 32 * 4 * self.k_words
         self.v_bytes = self.chunks * 4 * 32 * 4 * self.v_words
         # 3-bit rows are copied whole, row-major (``_issue_rows3``): a lane's K slice is three
-        # words at 12 qi, its V slice 6 bytes at 6 quad (``v3_slice_at``; the V words and pieces
-        # above are then unused)
-        if k_bits == 3:
-            self.k_bytes = self.chunks * CHUNK * ROW3_BYTES
+        # words at 12 qi (the K size above is already 16 rows of 48 bytes a chunk), its V slice 6
+        # bytes at 6 quad (``v3_slice_at``; the V words and pieces above are then unused)
         if v_bits == 3:
             self.v_bytes = self.chunks * CHUNK * ROW3_BYTES
         # After the loop a warp's ring holds its unnormalised output rows (float32) for the merge:
@@ -580,7 +578,7 @@ class PackedDecode:
             page, first = pages[c], cutlass.min(base, end - 1)
             slot0 = pages[self.chunks + c] - first  # + a key of this chunk = its slot
             if const_expr(self.kb == 3):
-                self._issue_rows3(stage + c * CHUNK * ROW3_BYTES, mKData, kv_head, base, end, page, slot0, lane)
+                self._issue_rows3(self._row3_at(stage, c, 0), mKData, kv_head, base, end, page, slot0, lane)
             elif const_expr(kp == 16):
                 for r in cutlass.range_constexpr(2):
                     slot = slot0 + cutlass.min(base + quad + 8 * r, end - 1)
@@ -596,7 +594,7 @@ class PackedDecode:
                         g = cute.domain_offset((page, slot, kv_head, m * 16), mKData).iterator.toint()
                         _async_copy(g, self._k_at(stage, c, key // 8, 0, at))
             if const_expr(self.vb == 3):
-                self._issue_rows3(stage + self.k_bytes + c * CHUNK * ROW3_BYTES, mVData, kv_head, base, end, page,
+                self._issue_rows3(self._row3_at(stage + self.k_bytes, c, 0), mVData, kv_head, base, end, page,
                                   slot0, lane)
             elif const_expr(self.v_lane_copies):  # 16-byte slices, or one chunk a block
                 for t in cutlass.range_constexpr(4):
