@@ -11,7 +11,8 @@ import torch
 from fa4_tq.codec import centroids, pack
 from fa4_tq.kernels.decode import (ROW3_BYTES, TABLE_BYTES, TABLE_ROW_BYTES, byte_table, decode_key_pairs3,
                                    decode_pairs, decode_pairs3, interleave_codes, k_dim, k_piece, lane_offset,
-                                   table_offset, v3_groups, v3_slice_at, v_dim, v_key, v_piece, v_slot)
+                                   pair_offsets, table_offset, v3_selectors, v3_slice_at, v_dim, v_key, v_piece,
+                                   v_slot)
 from fa4_tq.kernels.staging import prmt_reference
 
 
@@ -192,9 +193,9 @@ def _decode3(dtype: str, half: int, decode, *args) -> list:
     mem = _shared_tables({half: 3}, dtype)
 
     def word_at(at):
-        assert at % 4 == 0 and at < 64 * TABLE_ROW_BYTES
+        assert at % 4 == 0 and at < TABLE_BYTES
         return mem[at // 4]
-    outs = {tuple(decode(*args, lane_offset(half, 3, lane), word_at)) for lane in range(32)}
+    outs = {tuple(decode(*args, lane_offset(half, 3, lane), word_at, prmt_reference)) for lane in range(32)}
     assert len(outs) == 1
     return list(outs.pop())
 
@@ -234,37 +235,31 @@ def test_3bit_value_slices_of_two_keys_interleave_into_pairs_of_one_dim(dtype):
         cx, cy = (torch.randint(0, 8, (128,), generator=gen) for _ in range(2))
         rx, ry = pack(cx, 3).tolist(), pack(cy, 3).tolist()
         for quad in range(8):
-            word, shift = v3_slice_at(quad)
-            assert 4 * word <= 6 * quad and 6 * quad + 6 <= 4 * word + 8 and 4 * word + 8 <= ROW3_BYTES
+            word, byte = v3_slice_at(quad)
+            assert 4 * word + byte == 6 * quad and 4 * word + 8 <= ROW3_BYTES
             out = _decode3(dtype, 1, decode_key_pairs3, _row_words(rx, 4 * word, 2), _row_words(ry, 4 * word, 2),
-                           shift)
+                           v3_selectors(byte))
             assert len(out) == 16
             for k, w in enumerate(out):
                 dim = 16 * quad + k
                 assert _halves(w) == (_bits16(vals[cx[dim]], dtype), _bits16(vals[cy[dim]], dtype)), (quad, k)
 
 
-def test_3bit_v_groups_keep_every_shift_amount_below_32():
-    """``v3_groups`` runs on registers with a run-time shift; an LLVM shift by 32 or more is
-    poison. Its shifts on a recording value stay within 0-24 for both shifts."""
-    class Rec(int):
-        seen = []
-
-        def __rshift__(self, n):
-            Rec.seen.append(int(n))
-            return Rec(int(self) >> n)
-
-        def __lshift__(self, n):
-            Rec.seen.append(int(n))
-            return Rec((int(self) << n) & 0xFFFFFFFF)
-
-        def __or__(self, o):
-            return Rec(int(self) | int(o))
-
-    for shift in (0, 16):
-        Rec.seen = []
-        v3_groups(Rec(0x12345678), Rec(0x9ABCDEF0), shift)
-        assert Rec.seen and max(Rec.seen) < 32 and min(Rec.seen) >= 0
+def test_3bit_pair_offsets_name_each_pair_and_a_lanes_word():
+    """Every pair of a three-word stream, at every bit position (pairs 5 and 10 straddle two
+    words): its ``prmt`` offset lands in a table row congruent to the pair's six bits mod 64 (rows
+    repeat every 64), at the lane's word; a stream of one word (a V group) likewise for its four."""
+    gen = torch.Generator().manual_seed(34)
+    for _ in range(64):
+        words = [int(x) for x in torch.randint(0, 2**32, (3,), generator=gen, dtype=torch.int64)]
+        stream = words[0] | words[1] << 32 | words[2] << 64
+        for lane_off in (0, 4 * 31, 128 + 4 * 7):
+            offs = pair_offsets(words, 16, lane_off, prmt_reference)
+            assert [o % TABLE_ROW_BYTES for o in offs] == [lane_off] * 16
+            assert [o // TABLE_ROW_BYTES % 64 for o in offs] == [stream >> 6 * p & 63 for p in range(16)]
+            assert all(o < TABLE_BYTES for o in offs)
+            one = pair_offsets([words[0] & 0xFFFFFF], 4, lane_off, prmt_reference)
+            assert [o // TABLE_ROW_BYTES % 64 for o in one] == [words[0] >> 6 * p & 63 for p in range(4)]
 
 
 def test_3bit_ring_reads_hit_banks_evenly():

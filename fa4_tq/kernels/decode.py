@@ -33,9 +33,10 @@ combine kernel merges across splits. Per 16-key chunk a warp does:
   (``interleave_codes``) before the lookup and come out paired.
 - 3-bit codes (head_dim 128 only) are not byte-aligned: their 48-byte rows are copied whole and
   row-major into the ring (``_issue_rows3``), a lane reads its K slice as three words and its V
-  slice (6 bytes at ``6 quad``) from the two words around it (``v3_slice_at``, ``v3_groups``), and
-  each pair of codes (6 bits) is one lookup in a 64-row table (``pair_offset``: a shift and an
-  and-or, where a byte takes one ``prmt``).
+  slice (6 bytes at ``6 quad``) from the two words around it (``v3_slice_at``, ``v3_groups``: a
+  ``prmt`` a group of eight codes), and each pair of codes (6 bits) is one lookup in a table whose
+  rows repeat every 64, at the offset one ``prmt`` makes from the stream shifted to put the pair
+  at a byte's start (``pair_offsets``).
 
 The kernel rotates the query rows itself (K's R: signs, then the float32 butterflies of
 ``codec.rotation``, one rounding) and un-rotates each split's output (V's R^T) before writing it:
@@ -129,9 +130,9 @@ def byte_table(bits: int, dtype: str) -> tuple[tuple[int, int], ...]:
     """Row ``e`` of the kernel's lookup table: the two words a byte ``e`` of ``bits``-bit codes
     decodes to. 2-bit: codes 0-1 and 2-3 of the byte (code 0 in the low half); 4-bit: both codes
     in one word, repeated; 8-bit: the code's value in the low half, repeated; 3-bit: rows are
-    indexed by a pair of codes (6 bits, ``pair_offset``), its two values in one word, repeated
-    (rows 64-255 repeat 0-63, unused). In shared memory each row holds these two words 16 times
-    (``PackedDecode._fill_table``)."""
+    indexed by a pair of codes (6 bits, ``pair_offsets``), its two values in one word, repeated
+    (rows 64-255 repeat 0-63: a lookup's byte may carry two bits of the next pair). In shared
+    memory each row holds these two words 16 times (``PackedDecode._fill_table``)."""
     v = entry_bits(bits, dtype)
     if bits == 2:
         return tuple((v[e & 3] | v[e >> 2 & 3] << 16, v[e >> 4 & 3] | v[e >> 6] << 16) for e in range(256))
@@ -156,53 +157,74 @@ def table_offset(codes, i: int, lane_off, prmt_op):
     return prmt_op(codes, lane_off, 0x7604 | i << 4)
 
 
-def pair_offset(words, p: int, lane_off):
-    """3-bit codes: byte offset, in the tables, of the lane's word of the row that pair ``p``
-    names (codes ``2p`` and ``2p + 1``: bits ``6p`` to ``6p + 5`` of the little-endian stream
-    ``words``): ``pair * 256 + lane_off``. A shift (two and an or where the pair straddles two
-    words: pairs 5 and 10 of a 96-bit slice) and one and-or, where a byte-aligned code takes one
-    ``prmt`` (``table_offset``). Plain Python operators: the kernel calls it on registers (whose
-    shifts drop the bits past 32), the tests on ints (the mask drops them)."""
-    w, b = divmod(6 * p, 32)
-    if b + 6 <= 32:
-        x = words[w] >> (b - 8) if b >= 8 else words[w] << (8 - b)
-    else:
-        x = (words[w] >> (b - 8)) | (words[w + 1] << (40 - b))
-    return (x & 0x3F00) | lane_off
+def shifted_words(words, s: int) -> list:
+    """The little-endian stream ``words`` shifted right by ``s`` bits (0-7), a word at a time: one
+    funnel shift a word (the last word a plain shift). Plain Python operators: on registers the
+    shifts drop the bits past 32; on ints the bits past 32 stay, and ``prmt`` ignores them."""
+    if s == 0:
+        return list(words)
+    n = len(words)
+    return [(words[w] >> s) | (words[w + 1] << (32 - s)) if w + 1 < n else words[w] >> s for w in range(n)]
+
+
+def pair_offsets(words, pairs: int, lane_off, prmt_op) -> list:
+    """3-bit codes: byte offsets, in the tables, of the lane's word of the rows that pairs ``0`` to
+    ``pairs - 1`` of the stream ``words`` name (pair ``p``: codes ``2p`` and ``2p + 1``, bits ``6p``
+    to ``6p + 5``): ``pair * 256 + lane_off``. Pair ``p`` starts ``6p % 8`` bits into byte
+    ``6p // 8``; in the stream shifted right by that much (``shifted_words``: 0, 6, 4 or 2 bits,
+    each shift computed once) it is the low six bits of a byte, and the offset is one ``prmt``
+    (``table_offset``), where a shift and an and-or were needed. The two bits above the pair pick
+    rows 64-255, which repeat rows 0-63 (``byte_table``). A K slice (three words, 16 pairs): nine
+    shifts and 16 ``prmt``."""
+    streams, out = {}, []
+    for p in range(pairs):
+        s = 6 * p % 8
+        if s not in streams:
+            streams[s] = shifted_words(words, s)
+        w, i = divmod(6 * p // 8, 4)
+        out.append(table_offset(streams[s][w], i, lane_off, prmt_op))
+    return out
 
 
 def v3_slice_at(quad) -> tuple:
     """3-bit V at head_dim 128: lane ``(quad, *)``'s 16 codes of a key are the 6 bytes at ``6 quad``
     of its 48-byte row. They lie in the two 32-bit words from word ``3 (quad // 2) + quad % 2`` of
-    the row, from bit ``16 (quad % 2)``: (that word, that bit)."""
-    return 3 * (quad // 2) + quad % 2, 16 * (quad % 2)
+    the row, from byte ``2 (quad % 2)`` of the pair: (that word, that byte)."""
+    return 3 * (quad // 2) + quad % 2, 2 * (quad % 2)
 
 
-def v3_groups(a, b, shift) -> tuple:
-    """The 48 bits at bit ``shift`` (0 or 16, a run-time value) of the words ``a``, ``b`` as two
-    24-bit groups of eight codes (bits past 24 are garbage; ``interleave_codes`` masks them). Every
-    shift amount stays within 0-16 (an LLVM shift by 32 is poison, not 0)."""
-    lo = (a >> shift) | ((b << (16 - shift)) << 16)
-    return lo, (lo >> 24) | ((b >> shift) << 8)
+def v3_selectors(byte) -> tuple:
+    """The ``prmt`` selectors that cut the 6 bytes from ``byte`` (0 or 2, a run-time value: fixed per
+    lane) of two words into two 24-bit groups of eight codes: bytes ``byte`` to ``byte + 3`` and
+    ``byte + 3`` to ``byte + 5`` (the top byte of each group is garbage; ``interleave_codes``
+    masks it)."""
+    return 0x3210 + 0x1111 * byte, 0x5543 + 0x1111 * byte
 
 
-def decode_pairs3(words, lane_off, word_at) -> list:
+def v3_groups(a, b, sel, prmt_op) -> tuple:
+    """A V slice's two 24-bit groups out of the words ``a``, ``b``: one ``prmt`` each
+    (``v3_selectors``), where shifts by the slice's bit offset took about nine operations."""
+    return prmt_op(a, b, sel[0]), prmt_op(a, b, sel[1])
+
+
+def decode_pairs3(words, lane_off, word_at, prmt_op) -> list:
     """3-bit K: a lane's slice of a key (three words, 32 codes) -> 16 words, word ``i`` holding
     the codebook values of codes ``2i`` (low half) and ``2i + 1``; ``word_at(offset)`` is the
-    table word at a ``pair_offset`` (the kernel: its shared tables; tests: a model of them)."""
-    return [word_at(pair_offset(words, i, lane_off)) for i in range(16)]
+    table word at a ``pair_offsets`` offset (the kernel: its shared tables; tests: a model of them)."""
+    return [word_at(off) for off in pair_offsets(words, 16, lane_off, prmt_op)]
 
 
-def decode_key_pairs3(x, y, shift, lane_off, word_at) -> list:
-    """3-bit V: the two-word slices ``x`` and ``y`` of two keys (16 codes each at bit ``shift``,
-    ``v3_slice_at``) -> 16 words, word ``k`` holding dim ``k`` of key x (low half) and of key y:
-    the keys interleaved a 24-bit group at a time, then one lookup a pair."""
-    xg, yg = v3_groups(*x, shift), v3_groups(*y, shift)
+def decode_key_pairs3(x, y, sel, lane_off, word_at, prmt_op) -> list:
+    """3-bit V: the two-word slices ``x`` and ``y`` of two keys (16 codes each, cut out by the
+    selectors ``sel``, ``v3_selectors``) -> 16 words, word ``k`` holding dim ``k`` of key x (low
+    half) and of key y: the keys interleaved a 24-bit group at a time, then one lookup a pair."""
+    xg, yg = v3_groups(*x, sel, prmt_op), v3_groups(*y, sel, prmt_op)
     out = []
     for g in range(2):
         even, odd = interleave_codes(xg[g], yg[g], 3)
+        ev, od = pair_offsets([even], 4, lane_off, prmt_op), pair_offsets([odd], 4, lane_off, prmt_op)
         for i in range(4):
-            out += [word_at(pair_offset([even], i, lane_off)), word_at(pair_offset([odd], i, lane_off))]
+            out += [word_at(ev[i]), word_at(od[i])]
     return out
 
 
@@ -637,8 +659,8 @@ class PackedDecode:
         ck = cute.make_rmem_tensor((C * 2 * kw,), Uint32)
         cv = cute.make_rmem_tensor((C * 4 * (2 if const_expr(self.vb == 3) else vw),), Uint32)
         cs = cute.make_rmem_tensor((C * 4,), Float32)
-        v3_word, v3_shift = v3_slice_at(quad)
-        v3_shift = Uint32(v3_shift)
+        v3_word, v3_byte = v3_slice_at(quad)
+        v3_sel = tuple(Uint32(x) for x in v3_selectors(v3_byte))
         for c in cutlass.range_constexpr(C):
             for r in cutlass.range_constexpr(2):
                 if const_expr(self.kb == 3):  # three words at 12 qi of the row
@@ -676,7 +698,7 @@ class PackedDecode:
             kdec = [[], []]
             for r in cutlass.range_constexpr(2):
                 if const_expr(self.kb == 3):
-                    kdec[r] = decode_pairs3([ck[(2 * c + r) * kw + w] for w in range(kw)], tables[3][1], word3)
+                    kdec[r] = decode_pairs3([ck[(2 * c + r) * kw + w] for w in range(kw)], tables[3][1], word3, prmt)
                 else:
                     for w in cutlass.range_constexpr(kw):
                         kdec[r] += decode_pairs(ck[(2 * c + r) * kw + w], self.kb, dt, prmt, ktab)
@@ -743,7 +765,8 @@ class PackedDecode:
             for pr in cutlass.range_constexpr(2):
                 if const_expr(self.vb == 3):
                     key = lambda t: (cv[(4 * c + t) * 2], cv[(4 * c + t) * 2 + 1])
-                    vdec[pr] = decode_key_pairs3(key(2 * pr), key(2 * pr + 1), v3_shift, tables[3][1], word3)
+                    vdec[pr] = decode_key_pairs3(key(2 * pr), key(2 * pr + 1), v3_sel, tables[3][1], word3,
+                                                 prmt)
                 else:
                     for w in cutlass.range_constexpr(vw):
                         x = cv[(4 * c + 2 * pr) * vw + w]
@@ -835,7 +858,7 @@ def _table_row(table, lane_off, codes, i: cutlass.Constexpr[int], bits: cutlass.
 
 @cute.jit
 def _table_word(table, off):
-    """The word at byte offset ``off`` (``pair_offset``) of the tables at shared address ``table``."""
+    """The word at byte offset ``off`` (``pair_offsets``) of the tables at shared address ``table``."""
     w = cute.make_rmem_tensor((1,), Uint32)
     _shared_words(table + Int32(off), w, 0, 1)
     return w[0]
