@@ -464,8 +464,7 @@ class PackedDecode:
         tables = {}  # bits -> (the table's shared address, this lane's offset in a row)
         for half, bits in enumerate(self.widths):
             self._fill_table(mKTable if bits == self.kb else mVTable, tab, half, bits, tidx, bf16)
-            off = lane_offset(half, bits, lane)
-            tables[bits] = (tab.iterator.toint(), Uint32(off) if const_expr(bits == 3) else off)
+            tables[bits] = (tab.iterator.toint(), lane_offset(half, bits, lane))
         if const_expr(self.pdl):
             cute.arch.griddepcontrol_wait()
         self._rotate_query(mQ, mKSigns, sQ, b, kv_head, first_row, warp, lane, bf16)
