@@ -226,7 +226,7 @@ def test_3bit_key_slices_decode_to_consecutive_pairs(dtype, half):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_3bit_value_slices_of_two_keys_interleave_into_pairs_of_one_dim(dtype):
     """V side, 3-bit at head_dim 128: lane ``quad`` reads the two words ``v3_slice_at`` names in
-    each of two keys' rows; ``decode_key_pairs3`` cuts its 16 codes out at the shift (0 or 16),
+    each of two keys' rows; ``decode_key_pairs3`` cuts its 16 codes out (``v3_selectors``),
     pairs the keys and looks them up: 16 words, dims ``16 quad + k`` in order, key x in the low
     half. Every quad, many random rows."""
     gen = torch.Generator().manual_seed(33)
