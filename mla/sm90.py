@@ -13,10 +13,7 @@ layout is FlashMLA's and FA3's "large head_dim V" one, three warpgroups per CTA:
   a 2/3/4-bit block's codes are loaded into registers before the producer waits for its stage.
 - WG1, scores: ``S = Q_nope C^T + Q_pe K_pe^T`` (64 x 64 over 576 dims), FA4's mask and online
   softmax, P (bf16) and the row rescale factors into shared memory, then ``O[:, :256] += P C[:, :256]``.
-- WG2: ``O[:, 256:] += P C[:, 256:]`` once WG1 has published P. With a 2/3/4-bit latent it
-  also converts rows 32-63 of the block two ahead (the producer rows 0-31) while WG1 computes
-  the next scores and softmax, the time it would otherwise wait for P: the conversion, not the
-  MMAs, bounds the packed widths, and with one producer warp a scheduler it is latency-bound.
+- WG2: ``O[:, 256:] += P C[:, 256:]`` once WG1 has published P.
 
 8-bit latents run as pairs of CTAs (a cluster of two m-blocks): each producer converts 32 of a
 block's 64 rows into its own stage and bulk-copies them (``cp.async.bulk`` shared::cluster) into
@@ -71,7 +68,7 @@ TILE_N = 64
 class _Bar:
     """Named hardware barriers (0 is __syncthreads)."""
 
-    P_FULL = 1  # WG1 has written P and the row factors (WG1 arrives, WG2 syncs)
+    P_FULL = 1  # WG1 has written P and the row factors (WG1 + WG2 sync)
     P_FREE = 2  # WG2 has finished reading them (WG2 arrives, WG1 syncs)
     EPILOGUE = 3  # the output tile is in shared memory (WG1 + WG2)
     PRODUCER = 4  # the producer's 8-bit codebook is in shared memory
@@ -94,10 +91,6 @@ class FlashMLAForwardSm90:
     # (False: ``dequant_part``'s own loads, four of 16 bytes a loop trip, two trips a block).
     # Not for the 8-bit pairs: 1.01-1.02x there, and the loads spill at 72 producer registers.
     codes_first = True
-    # 2/3/4-bit: WG2 converts half of each block's rows (``pv_loop``), the producer the other
-    # half, four threads a row each (False: the producer converts all 64 rows, two threads a row).
-    pv_converts = True
-    wg2_rows = 32  # of a block's 64 rows, WG2 converts the last 32 (16: the producer converts 48)
 
     def __init__(self, num_heads: int, bits: Optional[int], is_causal: bool, scale_dtype=Float32):
         if bits not in (None, 2, 3, 4, 8):
@@ -111,19 +104,10 @@ class FlashMLAForwardSm90:
         # the addresses of the bf16 tile copies or converts packed codes in registers.
         self.pair = bits in self.pair_bits
         self.codes_in_registers = bits is not None and not self.pair and self.codes_first
-        self.split_rows = bits is not None and not self.pair and self.pv_converts
         # The codes loaded first take the producer from 56 to 72 (WG2's 200 still hold O;
         # 80/192 spilled, compile_check --ptxas).
         self.producer_regs, self.scores_regs, self.pv_regs = (
             (72, 232, 200) if self.codes_in_registers else (56, 232, 216))
-        # Threads a row of a converting warpgroup (each converts 1/parts of the row): the
-        # producer's rows 0-31 (all 64 rows without ``split_rows``), its rows 32-47 when WG2
-        # converts 16, and WG2's.
-        self.conv_parts = 4 if self.split_rows else 2
-        # (an eighth of a 3-bit row is 24 bytes, not 16-byte aligned: 3-bit keeps 32)
-        self.wg2_rows = 16 if self.wg2_rows == 16 and bits in (2, 4) else 32
-        self.extra_rows = self.split_rows and self.wg2_rows == 16
-        self.wg2_parts = 128 // self.wg2_rows
 
     # ------------------------------------------------------------------ host entry
     @cute.jit
@@ -245,10 +229,8 @@ class FlashMLAForwardSm90:
         )
         # In a pair, a stage is free once both CTAs' consumer warps have released it: each CTA's
         # producer writes half of its peer's stage.
-        # With ``split_rows`` WG2's 128 threads arrive on the full barriers beside the producer's.
         pipeline_kv = pipeline_custom.PipelineCpAsync.create(
-            barrier_storage=storage.mbar_kv.data_ptr(), num_stages=self.num_stages,
-            producer_group=threads(256 if self.split_rows else 128),
+            barrier_storage=storage.mbar_kv.data_ptr(), num_stages=self.num_stages, producer_group=threads(128),
             consumer_group=threads(16 if self.pair else 8), defer_sync=True, elect_one_release=True,
             syncwarp_before_release=False,
         )
@@ -294,9 +276,9 @@ class FlashMLAForwardSm90:
                     cute.arch.setmaxregister_increase(self.scores_regs)
                 else:
                     cute.arch.setmaxregister_increase(self.pv_regs)
-                self.mma(mO, mLSE, mLat, mScale, mRope, mPageTable, sQn, sQp, sC, sR, sP, sRowFactor,
-                         pipeline_q, pipeline_kv, tiled_mma_qk, tiled_mma_pv, softmax_scale_log2, seqlen,
-                         block_info, batch_idx, m_block, n_block_min, n_block_max, n_blocks)
+                self.mma(mO, mLSE, sQn, sQp, sC, sR, sP, sRowFactor, pipeline_q, pipeline_kv,
+                         tiled_mma_qk, tiled_mma_pv, softmax_scale_log2, seqlen, block_info,
+                         batch_idx, m_block, n_block_min, n_block_max, n_blocks)
         if const_expr(self.pair):
             # No CTA leaves while its peer may still arrive on its barriers.
             cute.arch.cluster_arrive()
@@ -321,8 +303,6 @@ class FlashMLAForwardSm90:
             # Rows 32 * rank .. + 31 of each block are converted here, four threads a row.
             rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
             kv_row, part = 32 * rank + tidx // 4, tidx % 4
-        elif const_expr(self.split_rows):
-            kv_row, part = tidx // 4, tidx % 4  # rows 0-31; WG2 converts the last rows (pv_loop)
         else:
             kv_row, part = row, half
         if const_expr(self.bits is not None and uses_shared_table(self.bits)):
@@ -342,40 +322,25 @@ class FlashMLAForwardSm90:
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.num_stages)
         page_size = mRope.shape[1]
         codes = None  # this thread's half row of 2/3/4-bit codes, loaded before the stage wait
-        codes2 = None  # and its eighth of row 32 + tidx // 8 when WG2 converts only 16 rows
         if const_expr(self.codes_in_registers):
-            codes = cute.make_rmem_tensor((D_LATENT // self.conv_parts * self.bits // 32,), Uint32)
-        kv_row2, part2 = 32 + tidx // 8, tidx % 8
-        if const_expr(self.extra_rows):
-            codes2 = cute.make_rmem_tensor((D_LATENT // 8 * self.bits // 32,), Uint32)
+            codes = cute.make_rmem_tensor((D_LATENT // 2 * self.bits // 32,), Uint32)
         # One block ahead: the next block's page-table entry and scale are read while this one
         # is converted, so no block starts with two dependent global loads.
         page, off, sigma = Int32(0), Int32(0), Float32(0.0)
-        page2, off2, sigma2 = Int32(0), Int32(0), Float32(0.0)
         if n_blocks > 0:
             page, off, sigma = self._row_page(mPageTable, mScale, page_size, seqlen, batch_idx, n_block_max - 1, kv_row)
-            if const_expr(self.extra_rows):
-                page2, off2, sigma2 = self._row_page(mPageTable, mScale, page_size, seqlen, batch_idx,
-                                                     n_block_max - 1, kv_row2)
         for i in cutlass.range(n_blocks, unroll=1):
             n_block = n_block_max - 1 - i
             page_next, off_next, sigma_next = page, off, sigma
-            page2_next, off2_next, sigma2_next = page2, off2, sigma2
             if i + 1 < n_blocks:
                 page_next, off_next, sigma_next = self._row_page(
                     mPageTable, mScale, page_size, seqlen, batch_idx, n_block - 1, kv_row)
-                if const_expr(self.extra_rows):
-                    page2_next, off2_next, sigma2_next = self._row_page(
-                        mPageTable, mScale, page_size, seqlen, batch_idx, n_block - 1, kv_row2)
             if const_expr(codes is not None):
                 # In flight behind the next block's page and scale loads (issued first: 1.03x over
                 # the other order) while the stage is acquired. Not a block earlier: ptxas sank
                 # such loads to the end of the conversion, just before the proxy fence (a MEMBAR)
                 # that precedes each arrive, where they were waited for (mla-<gpu>.md).
-                load_words(self._latent_part(mLat, page, off, part, self.conv_parts), codes, self.bits,
-                           D_LATENT // self.conv_parts)
-            if const_expr(self.extra_rows):
-                load_words(self._latent_part(mLat, page2, off2, part2, 8), codes2, self.bits, D_LATENT // 8)
+                load_words(self._latent_part(mLat, page, off, half, 2), codes, self.bits, D_LATENT // 2)
             pipeline_kv.producer_acquire(kv_state)
             stage = kv_state.index
             # A block's 64 keys are consecutive slots of one page (page_size % 64 == 0).
@@ -406,14 +371,15 @@ class FlashMLAForwardSm90:
                 cute.arch.fence_proxy("async.shared", space="cta")
                 self._send_half_to_peer(sC, stage, rank, pipeline_kv, tidx)
             else:
-                if const_expr(self.extra_rows):
-                    self._convert_rows(mLat, mRope, page2, off2, sigma2, sC, sR, stage, kv_row2, part2, 8, sTable,
-                                       codes2, None)
-                self._convert_rows(mLat, mRope, page, off, sigma, sC, sR, stage, kv_row, part, self.conv_parts,
-                                   sTable, codes, pipeline_kv)
+                # Per-row RoPE copies here: the tile copy measured 0-6% slower beside the conversion.
+                self._copy_row_async(mRope, (page, off), sR[row, None, stage], half, D_ROPE // 2)
+                cute.arch.cp_async_commit_group()  # the RoPE keys fly while the latent is converted
+                self._dequant_row(mLat, page, off, sigma, sC[row, None, stage], half, sTable, codes)
+                cute.arch.cp_async_wait_group(0)
+                cute.arch.fence_proxy("async.shared", space="cta")
+                cute.arch.mbarrier_arrive(pipeline_kv.sync_object_full.get_barrier(stage))
             kv_state.advance()
             page, off, sigma = page_next, off_next, sigma_next
-            page2, off2, sigma2 = page2_next, off2_next, sigma2_next
 
     @cute.jit
     def _row_page(self, mPageTable, mScale, page_size, seqlen, batch_idx, n_block, row):
@@ -430,21 +396,6 @@ class FlashMLAForwardSm90:
             if valid:
                 sigma = Float32(mScale[page, off])
         return page, off, sigma
-
-    @cute.jit
-    def _convert_rows(self, mLat, mRope, page, off, sigma, sC, sR, stage, kv_row, part, parts: cutlass.Constexpr[int],
-                      sTable, codes, pipeline_kv):
-        """This thread's part (of ``parts``) of row ``kv_row`` of a packed block into ``stage``:
-        its RoPE keys copied, its latent codes converted, then (``pipeline_kv`` given) its
-        arrival on the stage's full barrier."""
-        # Per-row RoPE copies here: the tile copy measured 0-6% slower beside the conversion.
-        self._copy_row_async(mRope, (page, off), sR[kv_row, None, stage], part, D_ROPE // parts)
-        cute.arch.cp_async_commit_group()  # the RoPE keys fly while the latent is converted
-        self._dequant_row(mLat, page, off, sigma, sC[kv_row, None, stage], part, sTable, codes, parts=parts)
-        if const_expr(pipeline_kv is not None):
-            cute.arch.cp_async_wait_group(0)
-            cute.arch.fence_proxy("async.shared", space="cta")
-            cute.arch.mbarrier_arrive(pipeline_kv.sync_object_full.get_barrier(stage))
 
     @cute.jit
     def _copy_row_async(self, mX, row_coord, s_row, half, cols: cutlass.Constexpr[int]):
@@ -530,9 +481,9 @@ class FlashMLAForwardSm90:
 
     # ------------------------------------------------------------------ consumers
     @cute.jit
-    def mma(self, mO, mLSE, mLat, mScale, mRope, mPageTable, sQn, sQp, sC, sR, sP, sRowFactor, pipeline_q,
-            pipeline_kv, tiled_mma_qk, tiled_mma_pv, softmax_scale_log2, seqlen, block_info, batch_idx, m_block,
-            n_block_min, n_block_max, n_blocks):
+    def mma(self, mO, mLSE, sQn, sQp, sC, sR, sP, sRowFactor, pipeline_q, pipeline_kv, tiled_mma_qk,
+            tiled_mma_pv, softmax_scale_log2, seqlen, block_info, batch_idx, m_block, n_block_min,
+            n_block_max, n_blocks):
         tidx = cute.arch.thread_idx()[0] - 128  # 0..255 over the two consumer warpgroups
         wg = cute.arch.make_warp_uniform(tidx // 128)
         sCt = layout_utils.transpose_view(sC)  # (512, 64, stages): the values, N-major
@@ -548,73 +499,23 @@ class FlashMLAForwardSm90:
             row_factor = softmax.finalize()
             cute.arch.barrier(barrier_id=_Bar.P_FREE, number_of_threads=256)
             self._publish_row_factor(tiled_mma_qk, tidx, row_factor, sRowFactor)
-            cute.arch.barrier_arrive(barrier_id=_Bar.P_FULL, number_of_threads=256)
+            cute.arch.barrier(barrier_id=_Bar.P_FULL, number_of_threads=256)
             softmax.rescale_O(acc_O, row_factor)
             if const_expr(mLSE is not None):
                 self._store_lse(mLSE, softmax.row_sum, tiled_mma_qk, tidx, seqlen, m_block)
         else:
-            self.pv_loop(mLat, mScale, mRope, mPageTable, sC, sR, sRowFactor, pipeline_kv, tiled_mma_pv, acc_O,
-                         tOrP, tOrCt, thr_mma_pv, kv_state, seqlen, batch_idx, n_block_max, n_blocks)
-        self.epilogue(acc_O, mO, sQn, tiled_mma_pv, tidx, seqlen, m_block)
-
-    @cute.jit
-    def pv_loop(self, mLat, mScale, mRope, mPageTable, sC, sR, sRowFactor, pipeline_kv, tiled_mma_pv, acc_O, tOrP,
-                tOrCt, thr_mma_pv, kv_state, seqlen, batch_idx, n_block_max, n_blocks):
-        """WG2: per block ``O[:, 256:] += P C[:, 256:]`` once WG1 has published P. With
-        ``split_rows`` it also converts rows 32-63 of block i + 2 after its product with block
-        i: that stage held block i, so it waits on the stage's empty barrier (WG1's release of
-        block i) as the producer does, and converts while WG1 computes block i + 1's scores.
-        The block's page, scale and codes are requested earlier, where WG2 waits anyway: the
-        page and scale before it waits for P, the codes before its product."""
-        conv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.num_stages)
-        page_size = mRope.shape[1]
-        tidx = cute.arch.thread_idx()[0] % 128
-        kv_row, part = TILE_N - self.wg2_rows + tidx // self.wg2_parts, tidx % self.wg2_parts
-        codes = None
-        if const_expr(self.split_rows):
-            codes = cute.make_rmem_tensor((D_LATENT // self.wg2_parts * self.bits // 32,), Uint32)
-            # Blocks 0 and 1 first: both stages start free.
-            for j in cutlass.range(cutlass.min(n_blocks, self.num_stages), unroll=1):
-                page, off, sigma = self._row_page(mPageTable, mScale, page_size, seqlen, batch_idx,
-                                                  n_block_max - 1 - j, kv_row)
-                load_words(self._latent_part(mLat, page, off, part, self.wg2_parts), codes, self.bits,
-                           D_LATENT // self.wg2_parts)
-                conv_state = self._pv_convert(mLat, mRope, sC, sR, pipeline_kv, conv_state, codes, page, off, sigma,
-                                              kv_row, part)
-        cute.arch.barrier_arrive(barrier_id=_Bar.P_FREE, number_of_threads=256)
-        for i in cutlass.range(n_blocks, unroll=1):
-            page, off, sigma = Int32(0), Int32(0), Float32(0.0)
-            if const_expr(self.split_rows):
-                if i + self.num_stages < n_blocks:
-                    page, off, sigma = self._row_page(mPageTable, mScale, page_size, seqlen, batch_idx,
-                                                      n_block_max - 1 - i - self.num_stages, kv_row)
+            cute.arch.barrier_arrive(barrier_id=_Bar.P_FREE, number_of_threads=256)
+            for _ in cutlass.range(n_blocks, unroll=1):
+                cute.arch.barrier(barrier_id=_Bar.P_FULL, number_of_threads=256)
+                self._rescale_from_smem(acc_O, thr_mma_pv, sRowFactor)
+                pipeline_kv.consumer_wait(kv_state, pipeline_kv.consumer_try_wait(kv_state))
+                sm90_utils.gemm_w_idx(tiled_mma_pv, acc_O, tOrP, tOrCt, zero_init=False, B_idx=kv_state.index, wg_wait=0)
+                cute.arch.barrier_arrive(barrier_id=_Bar.P_FREE, number_of_threads=256)
+                self._release(pipeline_kv, kv_state)
+                kv_state.advance()
             cute.arch.barrier(barrier_id=_Bar.P_FULL, number_of_threads=256)
             self._rescale_from_smem(acc_O, thr_mma_pv, sRowFactor)
-            pipeline_kv.consumer_wait(kv_state, pipeline_kv.consumer_try_wait(kv_state))
-            if const_expr(self.split_rows):
-                if i + self.num_stages < n_blocks:
-                    load_words(self._latent_part(mLat, page, off, part, self.wg2_parts), codes, self.bits,
-                               D_LATENT // self.wg2_parts)
-            sm90_utils.gemm_w_idx(tiled_mma_pv, acc_O, tOrP, tOrCt, zero_init=False, B_idx=kv_state.index, wg_wait=0)
-            cute.arch.barrier_arrive(barrier_id=_Bar.P_FREE, number_of_threads=256)
-            self._release(pipeline_kv, kv_state)
-            kv_state.advance()
-            if const_expr(self.split_rows):
-                if i + self.num_stages < n_blocks:
-                    conv_state = self._pv_convert(mLat, mRope, sC, sR, pipeline_kv, conv_state, codes, page, off,
-                                                  sigma, kv_row, part)
-        cute.arch.barrier(barrier_id=_Bar.P_FULL, number_of_threads=256)
-        self._rescale_from_smem(acc_O, thr_mma_pv, sRowFactor)
-
-    @cute.jit
-    def _pv_convert(self, mLat, mRope, sC, sR, pipeline_kv, conv_state, codes, page, off, sigma, kv_row, part):
-        """WG2's rows of a block (codes loaded) into the next stage once it is free; returns the
-        advanced state."""
-        pipeline_kv.producer_acquire(conv_state)
-        self._convert_rows(mLat, mRope, page, off, sigma, sC, sR, conv_state.index, kv_row, part, self.wg2_parts,
-                           None, codes, pipeline_kv)
-        conv_state.advance()
-        return conv_state
+        self.epilogue(acc_O, mO, sQn, tiled_mma_pv, tidx, seqlen, m_block)
 
     @cute.jit
     def scores(self, sQn, sQp, sC, sR, sP, sRowFactor, pipeline_q, pipeline_kv, tiled_mma_qk, tiled_mma_pv,
@@ -670,8 +571,7 @@ class FlashMLAForwardSm90:
         cute.copy(smem_thr_copy_P, smem_thr_copy_P.retile(rP), tPsP)
         self._publish_row_factor(tiled_mma_qk, tidx, row_factor, sRowFactor)
         cute.arch.fence_view_async_shared()
-        # Arrive, not sync: WG2 may still be converting (pv_loop), and WG1's next P waits on P_FREE.
-        cute.arch.barrier_arrive(barrier_id=_Bar.P_FULL, number_of_threads=256)
+        cute.arch.barrier(barrier_id=_Bar.P_FULL, number_of_threads=256)
         softmax.rescale_O(acc_O, row_factor)
         sm90_utils.gemm_w_idx(tiled_mma_pv, acc_O, tOrP, tOrCt, zero_init=False, B_idx=kv_state.index, wg_wait=0)
         self._release(pipeline_kv, kv_state)
