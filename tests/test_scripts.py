@@ -85,3 +85,27 @@ def test_attention_flops_counts_the_pairs_a_causal_mask_keeps():
         got = attention_flops(1, 1, sq, sk, 1, True) / 4
         assert abs(got - pairs) <= min(sq, sk) / 2 + 1, (sq, sk, got, pairs)  # the diagonal, half counted
         assert attention_flops(2, 3, sq, sk, 5, False) == 4 * 2 * 3 * 5 * sq * sk
+
+
+def _ab_mla():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ab_mla", os.path.join(ROOT, "scripts", "ab_mla.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ab_mla_parses_its_variants():
+    """``scripts/ab_mla.py --set`` makes a variant from class attributes given as Python literals;
+    a malformed one is refused before any GPU time is spent."""
+    ab = _ab_mla()
+    label, attrs = ab.parse_switches("16 rows:wg2_rows=16,pv_converts=True")
+    assert (label, attrs) == ("16 rows", {"wg2_rows": 16, "pv_converts": True})
+    assert ab.parse_shapes("128x8192,16x1024") == [(128, 8192), (16, 1024)]
+    for bad in ("wg2_rows=16", "label:", "label:wg2_rows", "label:1x=2"):
+        with pytest.raises(ValueError):
+            ab.parse_switches(bad)
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "ab_mla.py"), "--help"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0 and "--old" in res.stdout, res.stderr[-2000:]
