@@ -19,7 +19,10 @@ Skip-softmax has its own table: on i.i.d. random data no block is skippable, so 
 sink dominate; synthetic, not a model's) at K4V4, dense and skipping kernels side by side, at the
 documented default ``SKIP_SOFTMAX_DEFAULT_SCALE_FACTOR`` and at 10x it. It reports the share of
 KV blocks skipped, the speedup over the dense kernel on the same data, the relative error of the
-output against the dense kernel, and the largest mass bound ``eps`` of any row.
+output against the dense kernel, and the largest mass bound ``eps`` of any row. "skip host us" is
+the host's time per skipping call (``time_host``: Python, the small torch ops of the split and the
+launches, with the GPU kept busy): where it exceeds "skip us", an eager caller waits on the host;
+over ~1000 us it would also outrun the ~10 ms sleep that ``time_gpu`` queues 10 calls behind.
 
     python perf/bench_decode.py [--quick] [--reps N] [--out-dir D]
 """
@@ -33,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from fa4_tq import PagedKVCache, flash_attn_with_kvcache
-from fa4_tq.benchmark import bench_parser, copy_bandwidth, require_gpu, time_gpu, write_results
+from fa4_tq.benchmark import bench_parser, copy_bandwidth, require_gpu, time_gpu, time_host, write_results
 from fa4_tq.codec import row_bytes
 from fa4_tq.decode import SKIP_SOFTMAX_DEFAULT_SCALE_FACTOR
 from fa4_tq.skip_softmax import peaked_attention_inputs
@@ -160,8 +163,8 @@ def plan(quick: bool):
     return out
 
 
-SKIP_HEADER = ("| K/V bits | batch | context | q_len | scale factor | splits | dense us | skip us | speedup "
-               "| blocks skipped | rel err vs dense | max eps |")
+SKIP_HEADER = ("| K/V bits | batch | context | q_len | scale factor | splits | dense us | skip us | skip host us "
+               "| speedup | blocks skipped | rel err vs dense | max eps |")
 
 
 def skip_rows(batch: int, context: int, q_lens, reps: int, gen: torch.Generator) -> list[str]:
@@ -192,9 +195,10 @@ def skip_rows(batch: int, context: int, q_lens, reps: int, gen: torch.Generator)
                 kw = dict(num_splits=splits, skip_softmax_threshold_scale_factor=factor)
                 out, _, st = run(return_skip_stats=True, **kw)
                 t = time_gpu(lambda: run(**kw), reps=reps)
+                host = time_host(lambda: run(**kw), reps=reps)  # see the module docstring
                 err = float((out.float() - dense_out.float()).norm() / dense_out.float().norm())
                 rows.append(f"| K4V4 | {batch} | {context} | {q_len} | {factor:g} | {n_splits} "
-                            f"| {dense_t * 1e3:.1f} | {t * 1e3:.1f} | {dense_t / t:.2f}x "
+                            f"| {dense_t * 1e3:.1f} | {t * 1e3:.1f} | {host * 1e3:.1f} | {dense_t / t:.2f}x "
                             f"| {float(st.skipped.sum() / st.blocks.sum()):.0%} | {err:.1e} | {float(st.eps.max()):.3f} |")
                 print(rows[-1], flush=True)
     return rows
