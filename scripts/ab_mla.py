@@ -7,7 +7,7 @@ medians of ``--reps`` timings of 10 calls queued back to back), best round kept.
 is timed once per shape for the "vs bf16" column. The device's copy of the tree has no git
 history: write the other version first, e.g. ``git show fe94c77:mla/sm90.py > .scratch/sm90_old.py``.
 
-    python scripts/ab_mla.py --old .scratch/sm90_old.py --set "16 rows:wg2_rows=16" --bits 4,2
+    python scripts/ab_mla.py --old .scratch/sm90_old.py --set "loads in the conversion:codes_first=False"
 
 Written on 2026-12-07 from the scratch harness that measured the WG2-converts table in
 perf/results/mla-*.md; this generalised form has not run on a device yet.
@@ -86,6 +86,9 @@ def main(argv=None):
         variants["old"] = load_class(args.old)
     variants["tree"] = tree
     for label, attrs in switches:
+        unknown = [a for a in attrs if not hasattr(tree, a)]
+        if unknown:  # a subclass would carry it and change nothing
+            sys.exit(f"--set {label}: mla/sm90.py's kernel class has no attribute {', '.join(unknown)}")
         variants[label] = type(f"FlashMLAForwardSm90_{len(variants)}", (tree,), attrs)
     caches = {name: {} for name in variants}
     names = list(variants)
