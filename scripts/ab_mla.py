@@ -79,16 +79,17 @@ def main(argv=None):
 
     from fa4_tq.benchmark import require_gpu, time_gpu
 
-    gpu = require_gpu("ab_mla")
     tree = sm90.FlashMLAForwardSm90
+    for label, attrs in switches:
+        unknown = [a for a in attrs if not hasattr(tree, a)]
+        if unknown:  # a subclass would carry it and change nothing
+            sys.exit(f"--set {label}: mla/sm90.py's kernel class has no attribute {', '.join(unknown)}")
+    gpu = require_gpu("ab_mla")
     variants = {}
     if args.old:
         variants["old"] = load_class(args.old)
     variants["tree"] = tree
     for label, attrs in switches:
-        unknown = [a for a in attrs if not hasattr(tree, a)]
-        if unknown:  # a subclass would carry it and change nothing
-            sys.exit(f"--set {label}: mla/sm90.py's kernel class has no attribute {', '.join(unknown)}")
         variants[label] = type(f"FlashMLAForwardSm90_{len(variants)}", (tree,), attrs)
     caches = {name: {} for name in variants}
     names = list(variants)

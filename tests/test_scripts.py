@@ -109,3 +109,7 @@ def test_ab_mla_parses_its_variants():
     res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "ab_mla.py"), "--help"], capture_output=True,
                          text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 0 and "--old" in res.stdout, res.stderr[-2000:]
+    script = os.path.join(ROOT, "scripts", "ab_mla.py")
+    res = subprocess.run([sys.executable, script, "--set", "typo:codes_frist=False"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert res.returncode != 0 and "no attribute codes_frist" in res.stderr, res.stderr[-2000:]
