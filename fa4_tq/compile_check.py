@@ -421,13 +421,26 @@ def mla_variants():
     ]
 
 
-def _case_mla() -> list[str]:
+def mla_sm90_switch_variants():
+    """(label, kwargs) of SM90 MLA kernels behind switches that are off by default, compiled so
+    that they keep compiling (``kernel``: class attributes of ``mla.sm90.FlashMLAForwardSm90``)."""
+    return [("k4 latent h16 causal packed_ring (32, 4)", dict(bits=4, heads=16, kernel=dict(packed_ring=(32, 4))))]
+
+
+def _case_mla(switches: bool = False) -> list[str]:
     import torch
+
+    import mla.launch
+    import mla.sm90
     from mla.launch import mla_attention
 
     done = []
-    for label, kw in mla_variants():
+    for label, kw in mla_variants() + (mla_sm90_switch_variants() if switches else []):
         heads, bits = kw["heads"], kw["bits"]
+        kernel, cache = mla.sm90.FlashMLAForwardSm90, mla.launch._compile_cache
+        if "kernel" in kw:  # a subclass with the switches set, compiled apart from the defaults
+            mla.sm90.FlashMLAForwardSm90 = type("FlashMLAForwardSm90", (kernel,), kw["kernel"])
+            mla.launch._compile_cache = {}
         qn = torch.empty(300, heads, 512, dtype=torch.bfloat16, device="cuda")
         qp = torch.empty(300, heads, 64, dtype=torch.bfloat16, device="cuda")
         if bits is None:
@@ -436,9 +449,12 @@ def _case_mla() -> list[str]:
             latent = _fake_packed((32, 64, 1), 512, bits, getattr(torch, kw.get("scale_dtype", "float16")))
         rope = torch.empty(32, 64, 1, 64, dtype=torch.bfloat16, device="cuda")
         idx = dict(dtype=torch.int32, device="cuda")
-        mla_attention(qn, qp, latent, rope, torch.empty(2, 16, **idx), torch.empty(3, **idx),
-                      torch.empty(2, **idx), 200, softmax_scale=576 ** -0.5, causal=kw.get("causal", True),
-                      return_lse=kw.get("lse", False))
+        try:
+            mla_attention(qn, qp, latent, rope, torch.empty(2, 16, **idx), torch.empty(3, **idx),
+                          torch.empty(2, **idx), 200, softmax_scale=576 ** -0.5, causal=kw.get("causal", True),
+                          return_lse=kw.get("lse", False))
+        finally:
+            mla.sm90.FlashMLAForwardSm90, mla.launch._compile_cache = kernel, cache
         done.append(label)
     return done
 
@@ -451,8 +467,8 @@ CASES: dict[str, Callable[[], list[str]]] = {
     "decode": _case_decode,
     "decode-kernel": _case_decode_kernel,
     "tq-sm100": _case_tq_sm100,
-    "mla": _case_mla,
-    "mla-sm100": _case_mla,  # the same variants, for sm_100a (mla/sm100.py)
+    "mla": lambda: _case_mla(switches=True),
+    "mla-sm100": _case_mla,  # the same variants, for sm_100a (mla/sm100.py); no SM90 switches
 }
 
 

@@ -28,17 +28,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_switches(spec: str) -> tuple[str, dict]:
-    """``"label:attr=value,attr=value"`` -> (label, {attr: value}); values are Python literals."""
+    """``"label:attr=value,attr=value"`` -> (label, {attr: value}); values are Python literals
+    (tuples included: ``"ring:packed_ring=(32, 4)"``)."""
     label, _, body = spec.partition(":")
-    if not label or not body:
-        raise ValueError(f"--set wants 'label:attr=value[,attr=value]', got {spec!r}")
-    attrs = {}
-    for item in body.split(","):
-        name, eq, value = item.partition("=")
-        if not eq or not name.strip().isidentifier():
-            raise ValueError(f"--set: {item!r} is not attr=value")
-        attrs[name.strip()] = ast.literal_eval(value.strip())
-    return label, attrs
+    try:
+        call = ast.parse(f"f({body})", mode="eval").body
+        if not label or not body.strip() or call.args or any(k.arg is None for k in call.keywords):
+            raise SyntaxError
+        return label, {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    except (SyntaxError, ValueError):
+        raise ValueError(f"--set wants 'label:attr=value[,attr=value]' (Python literals), got {spec!r}") from None
 
 
 def parse_shapes(spec: str) -> list[tuple[int, int]]:

@@ -92,13 +92,15 @@ def test_decode_kernel_compiles(arch):
 
 
 def test_mla_prefill_kernel_compiles_for_sm90():
-    """mla's SM90 kernel: bf16 and every packed latent width, heads 16/64/128, causal and not."""
-    from fa4_tq.compile_check import mla_variants
+    """mla's SM90 kernel: bf16 and every packed latent width, heads 16/64/128, causal and not, and
+    the variants behind switches that are off by default."""
+    from fa4_tq.compile_check import mla_sm90_switch_variants, mla_variants
 
     res = run_in_subprocess("sm_90a", "mla")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("COMPILED")]
-    assert [ln.split(": ", 1)[1].rsplit(" -> ", 1)[0] for ln in lines] == [lb for lb, _ in mla_variants()]
+    expected = [lb for lb, _ in mla_variants() + mla_sm90_switch_variants()]
+    assert [ln.split(": ", 1)[1].rsplit(" -> ", 1)[0] for ln in lines] == expected
     assert all(ln.endswith("FlashMLAForwardSm90") for ln in lines), lines
 
 
