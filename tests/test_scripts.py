@@ -20,14 +20,18 @@ def _benchmarks() -> list[str]:
     return loop.group(1).split()
 
 
-def _bench_prefill():
-    """``perf/bench_prefill.py`` as a module (perf/ is not a package)."""
+def _module(folder: str, name: str):
+    """``<folder>/<name>.py`` as a module (perf/ and scripts/ are not packages)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_prefill", os.path.join(ROOT, "perf", "bench_prefill.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, folder, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _bench_prefill():
+    return _module("perf", "bench_prefill")
 
 
 def test_b200_script_parses():
@@ -87,19 +91,10 @@ def test_attention_flops_counts_the_pairs_a_causal_mask_keeps():
         assert attention_flops(2, 3, sq, sk, 5, False) == 4 * 2 * 3 * 5 * sq * sk
 
 
-def _ab_mla():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("ab_mla", os.path.join(ROOT, "scripts", "ab_mla.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_ab_mla_parses_its_variants():
     """``scripts/ab_mla.py --set`` makes a variant from class attributes given as Python literals;
     a malformed one is refused before any GPU time is spent."""
-    ab = _ab_mla()
+    ab = _module("scripts", "ab_mla")
     label, attrs = ab.parse_switches("16 rows:wg2_rows=16,pv_converts=True")
     assert (label, attrs) == ("16 rows", {"wg2_rows": 16, "pv_converts": True})
     assert ab.parse_switches("ring:packed_ring=(32, 4)") == ("ring", {"packed_ring": (32, 4)})
