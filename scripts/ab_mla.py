@@ -5,8 +5,9 @@ Each variant runs once on NaN-poisoned outputs (out and LSE compared bit for bit
 variant, else the outputs' relative difference is printed; all checked finite), then every
 variant is timed in alternating rounds (``time_gpu``: medians of ``--reps`` timings of 10 calls
 queued back to back), best round kept. The bf16 latent is timed once per shape for the "vs bf16"
-column. Correctness against the reference is tests/test_gpu_mla.py's job, not this script's. The device's copy of the tree has no git
-history: write the other version first, e.g. ``git show fe94c77:mla/sm90.py > .scratch/sm90_old.py``.
+column. Correctness against the reference is tests/test_gpu_mla.py's job, not this script's.
+The device's copy of the tree has no git history: write the other version first, e.g.
+``git show fe94c77:mla/sm90.py > .scratch/sm90_old.py``.
 
     python scripts/ab_mla.py --old .scratch/sm90_old.py --set "loads in the conversion:codes_first=False"
 
