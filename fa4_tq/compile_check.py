@@ -430,17 +430,15 @@ def mla_sm90_switch_variants():
 def _case_mla(switches: bool = False) -> list[str]:
     import torch
 
-    import mla.launch
     import mla.sm90
     from mla.launch import mla_attention
 
     done = []
     for label, kw in mla_variants() + (mla_sm90_switch_variants() if switches else []):
         heads, bits = kw["heads"], kw["bits"]
-        kernel, cache = mla.sm90.FlashMLAForwardSm90, mla.launch._compile_cache
-        if "kernel" in kw:  # a subclass with the switches set, compiled apart from the defaults
+        kernel = mla.sm90.FlashMLAForwardSm90
+        if "kernel" in kw:  # a subclass with the switches set (mla.launch caches per class)
             mla.sm90.FlashMLAForwardSm90 = type("FlashMLAForwardSm90", (kernel,), kw["kernel"])
-            mla.launch._compile_cache = {}
         qn = torch.empty(300, heads, 512, dtype=torch.bfloat16, device="cuda")
         qp = torch.empty(300, heads, 64, dtype=torch.bfloat16, device="cuda")
         if bits is None:
@@ -454,7 +452,7 @@ def _case_mla(switches: bool = False) -> list[str]:
                           torch.empty(2, **idx), 200, softmax_scale=576 ** -0.5, causal=kw.get("causal", True),
                           return_lse=kw.get("lse", False))
         finally:
-            mla.sm90.FlashMLAForwardSm90, mla.launch._compile_cache = kernel, cache
+            mla.sm90.FlashMLAForwardSm90 = kernel
         done.append(label)
     return done
 

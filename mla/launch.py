@@ -85,7 +85,8 @@ def mla_attention(
         out_align = 32  # as FA4's interface assumes for head_dim_v 512
     # bytes each pointer may be assumed aligned to (scales and index tensors: their element)
     aligns = (16, 16, 16, 2, 16, 16, out_align, 4, 4, 4, 4)
-    key = ("mla", arch, heads, bits, scales.dtype, causal, lse is not None, zero_strides(q_nope, q_pe))
+    # the class too: a subclass with other switches (compile_check, tests, scripts/ab_mla.py) is another kernel
+    key = ("mla", Kernel, arch, heads, bits, scales.dtype, causal, lse is not None, zero_strides(q_nope, q_pe))
     if key not in _compile_cache:
         kernel = Kernel(heads, bits, causal)
         args = [None if t is None else to_cute_tensor(t, assumed_align=a, leading_dim=_unit_stride_dim(t))

@@ -36,6 +36,12 @@ HEADER = ("| heads | L | latent | ms | TFLOP/s | vs bf16 latent | PyTorch bf16 m
           "speedup vs PyTorch | rot ms |")
 
 
+def causal_flops(heads: int, L: int) -> float:
+    """The docstring's count: 2 * (576 + 512) FLOPs per visible (query, key, head), L (L + 1) / 2
+    pairs a head."""
+    return 2 * (576 + 512) * heads * L * (L + 1) / 2
+
+
 def problem(heads: int, L: int, bits, gen):
     pages = L // PAGE
     cache = mla.MLACache(1, pages, PAGE, bits=bits, device="cuda")
@@ -60,7 +66,7 @@ def main(argv=None):
     lines = []
     print(HEADER, flush=True)
     for heads, L in shapes:
-        flops = 2 * (576 + 512) * heads * L * (L + 1) / 2
+        flops = causal_flops(heads, L)
         base_ms = None
         bf16_ms = None
         for bits in (None, 4, 2, 8):

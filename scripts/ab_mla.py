@@ -74,9 +74,8 @@ def main(argv=None):
     widths = [int(b) for b in args.bits.split(",")]
 
     sys.path.insert(0, os.path.join(ROOT, "perf"))
-    import mla.launch as launch
     import mla.sm90 as sm90
-    from bench_mla import SCALE, problem  # perf/bench_mla.py: the grid's inputs
+    from bench_mla import SCALE, causal_flops, problem  # perf/bench_mla.py: the grid's inputs and FLOP count
 
     from fa4_tq.benchmark import require_gpu, time_gpu
 
@@ -92,19 +91,17 @@ def main(argv=None):
     variants["tree"] = tree
     for label, attrs in switches:
         variants[label] = type(f"FlashMLAForwardSm90_{len(variants)}", (tree,), attrs)
-    caches = {name: {} for name in variants}
     names = list(variants)
 
-    def use(name):  # mla.launch reads the class and its compile cache at each call
+    def use(name):  # mla.launch reads the class at each call (and caches a compile per class)
         sm90.FlashMLAForwardSm90 = variants[name]
-        launch._compile_cache = caches[name]
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     header = ("| heads | L | latent | " + " | ".join(f"{n} ms (TFLOP/s, vs bf16)" for n in names) + " | "
               + " | ".join(f"{n} vs {names[0]}" for n in names[1:]) + " | outputs vs the first |")
     lines = []
     for heads, tokens in shapes:
-        flops = 2 * (576 + 512) * heads * tokens * (tokens + 1) / 2
+        flops = causal_flops(heads, tokens)
         bf16_ms = None
         for bits in [None] + widths:
             inputs, _, _ = problem(heads, tokens, bits, gen)

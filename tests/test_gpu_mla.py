@@ -101,11 +101,9 @@ def test_mla_packed_ring_switch(poisoned, monkeypatch, bits):
     """``packed_ring`` (off by default, not yet timed): 32-key blocks in four stages for the packed
     widths. Chunked prefill with ragged lengths, both page sizes, partial last blocks over
     NaN-poisoned unwritten slots, and a sequence shorter than one block."""
-    import mla.launch
     import mla.sm90
 
     ring = type("FlashMLAForwardSm90", (mla.sm90.FlashMLAForwardSm90,), dict(packed_ring=(32, 4)))
     monkeypatch.setattr(mla.sm90, "FlashMLAForwardSm90", ring)
-    monkeypatch.setattr(mla.launch, "_compile_cache", {})
     check_mla_prefill([70, 200, 1], [300, 200, 65], 64, 64, bits)
     check_mla_prefill([30, 100, 5], [100, 300, 20], 128, 128, bits, poison_unwritten=True)
