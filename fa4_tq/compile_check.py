@@ -424,7 +424,8 @@ def mla_variants():
 def mla_sm90_switch_variants():
     """(label, kwargs) of SM90 MLA kernels behind switches that are off by default, compiled so
     that they keep compiling (``kernel``: class attributes of ``mla.sm90.FlashMLAForwardSm90``)."""
-    return [("k4 latent h16 causal packed_ring (32, 4)", dict(bits=4, heads=16, kernel=dict(packed_ring=(32, 4))))]
+    return [(f"k{bits} latent h16 causal packed_row_threads {n}", dict(bits=bits, heads=16, kernel=dict(packed_row_threads=n)))
+            for n in (4, 8) for bits in (2, 3, 4)]
 
 
 def _case_mla(switches: bool = False) -> list[str]:

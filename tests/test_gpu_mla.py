@@ -96,14 +96,15 @@ def test_mla_rotated_space_skips_the_rotations(poisoned):
     assert err < 1e-2
 
 
+@pytest.mark.parametrize("row_threads", [4, 8])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_mla_packed_ring_switch(poisoned, monkeypatch, bits):
-    """``packed_ring`` (off by default, not yet timed): 32-key blocks in four stages for the packed
-    widths. Chunked prefill with ragged lengths, both page sizes, partial last blocks over
-    NaN-poisoned unwritten slots, and a sequence shorter than one block."""
+def test_mla_packed_row_threads_switch(poisoned, monkeypatch, bits, row_threads):
+    """``packed_row_threads`` (off by default): each producer thread converts a quarter or an
+    eighth of 2 or 4 rows of a block. Chunked prefill with ragged lengths, both page sizes, partial
+    last blocks over NaN-poisoned unwritten slots, and a sequence shorter than one block."""
     import mla.sm90
 
-    ring = type("FlashMLAForwardSm90", (mla.sm90.FlashMLAForwardSm90,), dict(packed_ring=(32, 4)))
-    monkeypatch.setattr(mla.sm90, "FlashMLAForwardSm90", ring)
+    kernel = type("FlashMLAForwardSm90", (mla.sm90.FlashMLAForwardSm90,), dict(packed_row_threads=row_threads))
+    monkeypatch.setattr(mla.sm90, "FlashMLAForwardSm90", kernel)
     check_mla_prefill([70, 200, 1], [300, 200, 65], 64, 64, bits)
     check_mla_prefill([30, 100, 5], [100, 300, 20], 128, 128, bits, poison_unwritten=True)

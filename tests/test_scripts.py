@@ -97,7 +97,7 @@ def test_ab_mla_parses_its_variants():
     ab = _module("scripts", "ab_mla")
     label, attrs = ab.parse_switches("16 rows:wg2_rows=16,pv_converts=True")
     assert (label, attrs) == ("16 rows", {"wg2_rows": 16, "pv_converts": True})
-    assert ab.parse_switches("ring:packed_ring=(32, 4)") == ("ring", {"packed_ring": (32, 4)})
+    assert ab.parse_switches("ring:ring=(32, 4)") == ("ring", {"ring": (32, 4)})
     assert ab.parse_shapes("128x8192,16x1024") == [(128, 8192), (16, 1024)]
     for bad in ("wg2_rows=16", "label:", "label:wg2_rows", "label:1x=2", "label:a=b", "label:a=1,2"):
         with pytest.raises(ValueError):
