@@ -11,8 +11,8 @@ The device's copy of the tree has no git history: write the other version first,
 
     python scripts/ab_mla.py --old .scratch/sm90_old.py --set "loads in the conversion:codes_first=False"
 
-Written on 2026-12-07 from the scratch harness that measured the WG2-converts table in
-perf/results/mla-*.md; this generalised form has not run on a device yet.
+It measured the ring and the conversion-cost tables of perf/results/mla-*.md (twenty-fourth
+session, H100).
 """
 
 from __future__ import annotations
