@@ -78,8 +78,8 @@ class FlashMLAForwardSm90:
     {2, 3, 4, 8} (packed, format v1) or None (bf16), causal or not, LSE written or not."""
 
     tile_n, num_stages = 64, 2  # keys a block (one stage), stages in the ring
-    # 2/3/4-bit latents: producer threads sharing one row of a block. 2: half a row each, one row
-    # a thread; 4 or 8: a quarter or an eighth of 2 or 4 rows each, so that a warp's code loads
+    # 2/3/4-bit latents: producer threads sharing one row of a block. 2: half of one row each; 4 or
+    # 8: a quarter or an eighth of each of 2 or 4 rows, so that a warp's code loads
     # cover whole 128-byte lines (at 2, each thread's 16-byte load is in its own line: 32 lines an
     # instruction) at the price of one codebook scaling per row and thread. Off (2): not yet timed.
     packed_row_threads = 2
