@@ -108,7 +108,9 @@ class FlashMLAForwardSm90:
         # the addresses of the bf16 tile copies or converts packed codes in registers.
         self.pair = bits in self.pair_bits
         self.row_threads = self.packed_row_threads if bits in (2, 3, 4) and not self.pair else 2
-        assert self.row_threads in (2, 4, 8), "a row part is whole 16-byte RoPE copies"
+        if self.row_threads not in (2, 4, 8) or (bits or 16) * D_LATENT // self.row_threads % 128:
+            raise ValueError(f"packed_row_threads={self.row_threads} at {bits} bits: a thread's part of a row "
+                             "must be whole 16-byte code loads and RoPE copies (2, 4, or 8 but not at 3 bits)")
         self.rows_per_thread = self.tile_n * self.row_threads // 128  # rows of a block a producer thread converts
         self.codes_in_registers = bits is not None and not self.pair and self.codes_first
         # The codes loaded first take the producer from 56 to 72 (WG2's 200 still hold O;

@@ -96,8 +96,7 @@ def test_mla_rotated_space_skips_the_rotations(poisoned):
     assert err < 1e-2
 
 
-@pytest.mark.parametrize("row_threads", [4, 8])
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits, row_threads", [(2, 4), (3, 4), (4, 4), (2, 8), (4, 8)])
 def test_mla_packed_row_threads_switch(poisoned, monkeypatch, bits, row_threads):
     """``packed_row_threads`` (off by default): each producer thread converts a quarter or an
     eighth of 2 or 4 rows of a block. Chunked prefill with ragged lengths, both page sizes, partial
