@@ -62,6 +62,7 @@ from fa4_tq.kernels.staging import table_floats, uses_shared_table
 D_LATENT = 512
 D_ROPE = 64
 TILE_M = 64
+TILE_N = 64
 
 
 class _Bar:
@@ -77,7 +78,7 @@ class FlashMLAForwardSm90:
     """One compiled variant: ``num_heads`` query heads sharing one latent, latent ``bits`` in
     {2, 3, 4, 8} (packed, format v1) or None (bf16), causal or not, LSE written or not."""
 
-    tile_n, num_stages = 64, 2  # keys a block (one stage), stages in the ring
+    num_stages = 2
     # 2/3/4-bit latents: producer threads sharing one row of a block. 2: half of one row each; 4 or
     # 8: a quarter or an eighth of each of 2 or 4 rows, so that a warp's code loads
     # cover whole 128-byte lines (at 2, each thread's 16-byte load is in its own line: 32 lines an
@@ -111,7 +112,7 @@ class FlashMLAForwardSm90:
         if self.row_threads not in (2, 4, 8) or (bits or 16) * D_LATENT // self.row_threads % 128:
             raise ValueError(f"packed_row_threads={self.row_threads} at {bits} bits: a thread's part of a row "
                              "must be whole 16-byte code loads and RoPE copies (2, 4, or 8 but not at 3 bits)")
-        self.rows_per_thread = self.tile_n * self.row_threads // 128  # rows of a block a producer thread converts
+        self.rows_per_thread = TILE_N * self.row_threads // 128  # rows of a block a producer thread converts
         self.codes_in_registers = bits is not None and not self.pair and self.codes_first
         # The codes loaded first take the producer from 56 to 72 (WG2's 200 still hold O;
         # 80/192 spilled, compile_check --ptxas).
@@ -139,13 +140,12 @@ class FlashMLAForwardSm90:
     ):
         self.sQn_layout = sm90_utils.make_smem_layout(self.dtype, LayoutEnum.ROW_MAJOR, (TILE_M, D_LATENT))
         self.sQp_layout = sm90_utils.make_smem_layout(self.dtype, LayoutEnum.ROW_MAJOR, (TILE_M, D_ROPE))
-        ring_layout = partial(sm90_utils.make_smem_layout, self.dtype, LayoutEnum.ROW_MAJOR)
-        self.sC_layout = ring_layout((self.tile_n, D_LATENT), self.num_stages)
-        self.sR_layout = ring_layout((self.tile_n, D_ROPE), self.num_stages)
-        self.sP_layout = sm90_utils.make_smem_layout(self.dtype, LayoutEnum.ROW_MAJOR, (TILE_M, self.tile_n))
+        self.sC_layout = sm90_utils.make_smem_layout(self.dtype, LayoutEnum.ROW_MAJOR, (TILE_N, D_LATENT), self.num_stages)
+        self.sR_layout = sm90_utils.make_smem_layout(self.dtype, LayoutEnum.ROW_MAJOR, (TILE_N, D_ROPE), self.num_stages)
+        self.sP_layout = sm90_utils.make_smem_layout(self.dtype, LayoutEnum.ROW_MAJOR, (TILE_M, TILE_N))
         tiled_mma_qk = sm90_utils_basic.make_trivial_tiled_mma(
             self.dtype, self.dtype, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K, Float32,
-            atom_layout_mnk=(1, 1, 1), tiler_mn=(64, self.tile_n),
+            atom_layout_mnk=(1, 1, 1), tiler_mn=(64, TILE_N),
         )
         # P @ C: the two consumer warpgroups side by side along the 512 value columns.
         tiled_mma_pv = sm90_utils_basic.make_trivial_tiled_mma(
@@ -158,8 +158,8 @@ class FlashMLAForwardSm90:
         # (one page holds whole 64-key blocks); RoPE keys with them on the same barrier.
         tma_lat = tma_rope = (None, None)
         if const_expr(self.bits is None):
-            tma_lat = self._make_tma(mLat, self.sC_layout, D_LATENT, self.tile_n)
-            tma_rope = self._make_tma(mRope, self.sR_layout, D_ROPE, self.tile_n)
+            tma_lat = self._make_tma(mLat, self.sC_layout, D_LATENT)
+            tma_rope = self._make_tma(mRope, self.sR_layout, D_ROPE)
 
         @cute.struct
         class SharedStorage:
@@ -190,12 +190,12 @@ class FlashMLAForwardSm90:
         )
 
     @staticmethod
-    def _make_tma(mX: cute.Tensor, s_layout, cols: int, tile_n: int):
-        """(TMA atom, TMA coordinate tensor (page_size, cols, pages)) for ``tile_n``-row tiles of a
-        paged bf16 cache (pages, page_size, cols) into one stage of ``s_layout``."""
+    def _make_tma(mX: cute.Tensor, s_layout, cols: int):
+        """(TMA atom, TMA coordinate tensor (page_size, cols, pages)) for 64-row tiles of a paged
+        bf16 cache (pages, page_size, cols) into one stage of ``s_layout``."""
         paged = cute.make_tensor(mX.iterator, cute.select(mX.layout, mode=[1, 2, 0]))
         return cpasync.make_tiled_tma_atom(
-            cpasync.CopyBulkTensorTileG2SOp(), paged, cute.select(s_layout, mode=[0, 1]), (tile_n, cols), 1)
+            cpasync.CopyBulkTensorTileG2SOp(), paged, cute.select(s_layout, mode=[0, 1]), (TILE_N, cols), 1)
 
     # ------------------------------------------------------------------ kernel
     @cute.kernel
@@ -257,9 +257,9 @@ class FlashMLAForwardSm90:
 
         seqlen = SeqlenInfoQK.create(
             batch_idx, Int32(0), Int32(0), mCuSeqlensQ=mCuSeqlensQ, mSeqUsedK=mSeqUsedK,
-            tile_m=TILE_M, tile_n=self.tile_n,
+            tile_m=TILE_M, tile_n=TILE_N,
         )
-        block_info = BlockInfo(TILE_M, self.tile_n, self.is_causal, qhead_per_kvhead_packgqa=self.num_heads)
+        block_info = BlockInfo(TILE_M, TILE_N, self.is_causal, qhead_per_kvhead_packgqa=self.num_heads)
         n_block_min, n_block_max = block_info.get_n_block_min_max(seqlen, m_block)
         first_m_block = m_block
         if const_expr(self.pair):
@@ -277,8 +277,8 @@ class FlashMLAForwardSm90:
                 cute.arch.setmaxregister_decrease(self.producer_regs)
                 tma = None
                 if const_expr(self.bits is None):
-                    tma = (self._tma_tiles(tma_atom_lat, mLatTma, sC, D_LATENT, self.tile_n),
-                           self._tma_tiles(tma_atom_rope, mRopeTma, sR, D_ROPE, self.tile_n))
+                    tma = (self._tma_tiles(tma_atom_lat, mLatTma, sC, D_LATENT),
+                           self._tma_tiles(tma_atom_rope, mRopeTma, sR, D_ROPE))
                 self.load(mQn, mQp, mLat, mScale, mTable, mRope, mPageTable, sQn, sQp, sC, sR, sTable,
                           pipeline_q, pipeline_kv, seqlen, batch_idx, m_block, n_block_max, n_blocks, tma)
             else:
@@ -296,9 +296,9 @@ class FlashMLAForwardSm90:
 
     # ------------------------------------------------------------------ producer
     @staticmethod
-    def _tma_tiles(atom, mX_tma, sX, cols: int, tile_n: int):
+    def _tma_tiles(atom, mX_tma, sX, cols: int):
         """(atom, global tiles indexed [None, block in page, page], shared tiles [None, stage])."""
-        gX = cute.local_tile(mX_tma, (tile_n, cols), (None, 0, None))  # (tile_n, cols, blocks/page, pages)
+        gX = cute.local_tile(mX_tma, (TILE_N, cols), (None, 0, None))  # (64, cols, blocks/page, pages)
         tXsX, tXgX = cpasync.tma_partition(atom, 0, cute.make_layout(1), cute.group_modes(sX, 0, 2),
                                            cute.group_modes(gX, 0, 2))
         return atom, tXgX, tXsX
@@ -366,18 +366,18 @@ class FlashMLAForwardSm90:
             pipeline_kv.producer_acquire(kv_state)
             stage = kv_state.index
             # A block's 64 keys are consecutive slots of one page (page_size % 64 == 0).
-            first = n_block * self.tile_n % page_size
-            last = first + seqlen.seqlen_k - 1 - n_block * self.tile_n
+            first = n_block * TILE_N % page_size
+            last = first + seqlen.seqlen_k - 1 - n_block * TILE_N
             if const_expr(self.bits is None):
-                if const_expr(self.bf16_tma) and last >= first + self.tile_n - 1:
+                if const_expr(self.bf16_tma) and last >= first + TILE_N - 1:
                     # A whole block by TMA: one thread declares its bytes, the other 127 arrive
                     # (the full barrier counts the 128 producer threads), and warp 0 issues the
                     # copies (a TMA copy elects its issuing lane: the whole warp must run it).
                     full = pipeline_kv.sync_object_full.get_barrier(stage)
-                    self._arrive_expecting(full, self.tile_n * (D_LATENT + D_ROPE) * 2, tidx)
+                    self._arrive_expecting(full, TILE_N * (D_LATENT + D_ROPE) * 2, tidx)
                     if tidx < 32:
                         for atom, tXgX, tXsX in tma:
-                            cute.copy(atom, tXgX[None, first // self.tile_n, page[0]], tXsX[None, stage],
+                            cute.copy(atom, tXgX[None, first // TILE_N, page[0]], tXsX[None, stage],
                                       tma_bar_ptr=full)
                 else:
                     # The sequence's last, partial block: slots past its end may hold anything
@@ -416,7 +416,7 @@ class FlashMLAForwardSm90:
         """(page, offset in the page, latent scale) of this thread's row of ``n_block``. Rows past the sequence
         read its last key (finite data: the mask zeroes their P, and 0 * finite = 0 where
         unwritten cache memory could hold NaN) and get scale 0."""
-        token = n_block * self.tile_n + row
+        token = n_block * TILE_N + row
         valid = token < seqlen.seqlen_k
         token = cutlass.min(token, seqlen.seqlen_k - 1)
         page = mPageTable[batch_idx, token // page_size]
@@ -452,7 +452,7 @@ class FlashMLAForwardSm90:
         chunk = tidx % per_row
         atom = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), self.dtype,
                                    num_bits_per_copy=128)
-        for i in cutlass.range(self.tile_n * per_row // 128, unroll=self.copy_unroll):
+        for i in cutlass.range(TILE_N * per_row // 128, unroll=self.copy_unroll):
             r = (i * 128 + tidx) // per_row
             src_t = cute.domain_offset((page, cutlass.min(first + r, last), chunk * 8), mX)
             ptr = cute.make_ptr(self.dtype, src_t.iterator.toint(), cute.AddressSpace.gmem, assumed_align=16)
@@ -491,11 +491,11 @@ class FlashMLAForwardSm90:
         layout expects them."""
         cute.arch.barrier(barrier_id=_Bar.PRODUCER, number_of_threads=128)
         full = pipeline_kv.sync_object_full.get_barrier(stage)
-        half_bytes = self.tile_n // 2 * D_LATENT * 2
+        half_bytes = TILE_N // 2 * D_LATENT * 2
         if tidx == 0:
             base = sC[None, None, stage].iterator
             for k in cutlass.range_constexpr(D_LATENT // 64):
-                src = base + (k * self.tile_n * 64 + rank * (self.tile_n // 2) * 64)
+                src = base + (k * TILE_N * 64 + rank * (TILE_N // 2) * 64)
                 copy_utils.cpasync_bulk_s2cluster(src, src, full, half_bytes // (D_LATENT // 64), 1 - rank)
         self._arrive_expecting(full, half_bytes, tidx)
 
@@ -518,7 +518,7 @@ class FlashMLAForwardSm90:
         wg = cute.arch.make_warp_uniform(tidx // 128)
         sCt = layout_utils.transpose_view(sC)  # (512, 64, stages): the values, N-major
         wg_mma_pv = tiled_mma_pv.get_slice(cute.make_layout(2, stride=128)(wg))
-        acc_O, tOrP, tOrCt = sm90_utils.partition_fragment_ABC(wg_mma_pv, (TILE_M, D_LATENT, self.tile_n), sP, sCt)
+        acc_O, tOrP, tOrCt = sm90_utils.partition_fragment_ABC(wg_mma_pv, (TILE_M, D_LATENT, TILE_N), sP, sCt)
         thr_mma_pv = tiled_mma_pv.get_slice(tidx)
         acc_O.fill(0.0)
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.num_stages)
@@ -555,14 +555,14 @@ class FlashMLAForwardSm90:
         tidx = cute.arch.thread_idx()[0] - 128  # 0..127
         thr_mma_qk = tiled_mma_qk.get_slice(tidx)
         wg_mma_qk = tiled_mma_qk.get_slice(0)
-        _, tSrQn, tSrC = sm90_utils.partition_fragment_ABC(wg_mma_qk, (TILE_M, self.tile_n, D_LATENT), sQn, sC)
-        _, tSrQp, tSrR = sm90_utils.partition_fragment_ABC(wg_mma_qk, (TILE_M, self.tile_n, D_ROPE), sQp, sR)
+        _, tSrQn, tSrC = sm90_utils.partition_fragment_ABC(wg_mma_qk, (TILE_M, TILE_N, D_LATENT), sQn, sC)
+        _, tSrQp, tSrR = sm90_utils.partition_fragment_ABC(wg_mma_qk, (TILE_M, TILE_N, D_ROPE), sQp, sR)
         smem_thr_copy_P = cute.make_tiled_copy_C(
             fa_utils.get_smem_store_atom(90, self.dtype), tiled_mma_qk).get_slice(tidx)
         tPsP = smem_thr_copy_P.partition_D(sP)
         softmax = Softmax.create(softmax_scale_log2, num_rows=acc_O.shape[0][0] * acc_O.shape[1], arch=90)
         softmax.reset()
-        mask = AttentionMask(TILE_M, self.tile_n, seqlen, qhead_per_kvhead_packgqa=self.num_heads)
+        mask = AttentionMask(TILE_M, TILE_N, seqlen, qhead_per_kvhead_packgqa=self.num_heads)
         mask_fn = partial(mask.apply_mask, batch_idx=batch_idx, head_idx=Int32(0), m_block=m_block,
                           thr_mma=thr_mma_qk, mask_causal=self.is_causal)
         block = partial(self._score_block, tiled_mma_qk=tiled_mma_qk, tiled_mma_pv=tiled_mma_pv,
@@ -588,7 +588,7 @@ class FlashMLAForwardSm90:
     def _score_block(self, kv_state, n_block, *, mask_fn, tiled_mma_qk, tiled_mma_pv, tSrQn, tSrC, tSrQp,
                      tSrR, smem_thr_copy_P, tPsP, sRowFactor, softmax, pipeline_kv, acc_O, tOrP, tOrCt, tidx):
         pipeline_kv.consumer_wait(kv_state, pipeline_kv.consumer_try_wait(kv_state))
-        acc_S = sm90_utils.gemm_zero_init(tiled_mma_qk, (TILE_M, self.tile_n), tSrQn, tSrC, B_idx=kv_state.index,
+        acc_S = sm90_utils.gemm_zero_init(tiled_mma_qk, (TILE_M, TILE_N), tSrQn, tSrC, B_idx=kv_state.index,
                                           wg_wait=-1)
         sm90_utils.gemm_w_idx(tiled_mma_qk, acc_S, tSrQp, tSrR, zero_init=False, B_idx=kv_state.index, wg_wait=0)
         if const_expr(mask_fn is not None):
@@ -626,7 +626,7 @@ class FlashMLAForwardSm90:
     def _publish_row_factor(self, tiled_mma_qk, tidx, row_factor, sRowFactor):
         """One thread of each row's quad writes the row's factor for WG2."""
         tScS = layout_utils.reshape_acc_to_mn(
-            tiled_mma_qk.get_slice(tidx).partition_C(cute.make_identity_tensor((TILE_M, self.tile_n))))
+            tiled_mma_qk.get_slice(tidx).partition_C(cute.make_identity_tensor((TILE_M, TILE_N))))
         if tScS[0, 0][1] == 0:
             for r in cutlass.range_constexpr(cute.size(row_factor)):
                 sRowFactor[tScS[r, 0][0]] = row_factor[r]
@@ -642,7 +642,7 @@ class FlashMLAForwardSm90:
     @cute.jit
     def _store_lse(self, mLSE, lse, tiled_mma_qk, tidx, seqlen, m_block):
         tScS = layout_utils.reshape_acc_to_mn(
-            tiled_mma_qk.get_slice(tidx).partition_C(cute.make_identity_tensor((TILE_M, self.tile_n))))
+            tiled_mma_qk.get_slice(tidx).partition_C(cute.make_identity_tensor((TILE_M, TILE_N))))
         if tScS[0, 0][1] == 0:
             for r in cutlass.range_constexpr(cute.size(lse)):
                 q_row = m_block * TILE_M + tScS[r, 0][0]

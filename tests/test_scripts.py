@@ -102,10 +102,9 @@ def test_ab_mla_parses_its_variants():
     for bad in ("wg2_rows=16", "label:", "label:wg2_rows", "label:1x=2", "label:a=b", "label:a=1,2"):
         with pytest.raises(ValueError):
             ab.parse_switches(bad)
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "ab_mla.py"), "--help"], capture_output=True,
-                         text=True, cwd=ROOT, timeout=120)
-    assert res.returncode == 0 and "--old" in res.stdout, res.stderr[-2000:]
     script = os.path.join(ROOT, "scripts", "ab_mla.py")
+    res = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0 and "--old" in res.stdout, res.stderr[-2000:]
     res = subprocess.run([sys.executable, script, "--set", "typo:codes_frist=False"], capture_output=True, text=True,
                          cwd=ROOT, timeout=300)
     assert res.returncode != 0 and "no attribute codes_frist" in res.stderr, res.stderr[-2000:]
