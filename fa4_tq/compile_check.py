@@ -291,19 +291,19 @@ def _case_tq_sm100() -> list[str]:
 
 def decode_variants():
     """(label, kwargs) of flash_attn_with_kvcache's split path (fa4_tq.decode) at GQA 8:1, pages of
-    64: the non-causal chunk kernel at every bit pair and head_dim 64, FA4's combine kernel, and
-    the causal tail of a verification step (seqlen_q 4) with the LSE returned."""
+    64: the non-causal chunk kernel at every bit pair and head_dim 64, the split combine
+    (``kernels/combine.py``) on bf16 partials, and the causal tail of a verification step
+    (seqlen_q 4) with the LSE returned."""
     from itertools import product
 
     out = []
     for i, (kb, vb) in enumerate(product((2, 3, 4, 8), repeat=2)):
         out.append((f"k{kb}v{vb} d128 decode chunks", dict(kb=kb, vb=vb)))
         if i == 0:
-            out.append(("combine d128", None))
+            out.append(("combine d128 bf16 partials", None))
     out.append(("k4v4 d64 decode chunks", dict(d=64)))
-    out.append(("combine d64", None))
+    out.append(("combine d64 bf16 partials", None))
     out.append(("k4v4 d128 verify tail (causal)", dict(sq=4, lse=True)))
-    out.append(("combine d128 with lse", None))
     # skip-softmax (kernels/skip_softmax.py): decode at head_dim 64 and verification at 128
     out.append(("k2v2 d64 decode chunks skip-softmax", dict(d=64, kb=2, vb=2, skip=True)))
     out.append(("k4v4 d128 verify chunks + tail skip-softmax", dict(sq=8, lse=True, skip=True)))

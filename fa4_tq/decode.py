@@ -9,7 +9,7 @@ Dense calls of at most 32 query rows per KV head (seqlen_q x GQA) at 2/4/8 bits 
 ``decode_kernel_runs``): swap-AB ``mma.sync`` with the codes dequantised into registers (byte
 tables in shared memory), q's rotation and the output's un-rotation inside the kernel, split-KV
 inside the kernel, a combine kernel of ours across splits (``kernels/combine.py``: a
-programmatic dependent launch, which FA4's combine is not). Everything else (more rows, 3-bit
+programmatic dependent launch, which FA4's combine is not; the split launches below use it too). Everything else (more rows, 3-bit
 codes at head_dim 64, skip-softmax) runs the packed-KV prefill kernel as below. Two things
 address the small batch there, neither of which changes FA4's kernel:
 
@@ -17,8 +17,8 @@ address the small batch there, neither of which changes FA4's kernel:
   (FA4's ``PackGQA``), so each packed K/V tile is read and dequantised once for all of them.
 - split-KV as a virtual batch: each sequence's context is cut on page boundaries into chunks;
   every (chunk, sequence) pair is one entry of a virtual batch (its slice of the page table, its
-  own ``seqused_k``), the packed-KV kernel runs once over all of them, and FA4's combine kernel
-  merges the partial outputs by their log-sum-exp. FA4's SM90 forward has no split-KV (b36 runs
+  own ``seqused_k``), the packed-KV kernel runs once over all of them, and ``kernels/combine.py``
+  merges the partial outputs (in q's dtype, read as they are) by their log-sum-exp. FA4's SM90 forward has no split-KV (b36 runs
   one split and its ``mma`` loop ignores the split index); adding one in the subclass would mean
   copying that loop, the virtual batch needs nothing from the kernel (docs/UPSTREAM.md).
 
@@ -56,7 +56,7 @@ __all__ = ["flash_attn_with_kvcache", "choose_num_splits", "plan_num_splits", "c
            "plan_decode_splits", "MAX_SEQLEN_Q", "MAX_SPLITS", "SKIP_SOFTMAX_DEFAULT_SCALE_FACTOR"]
 
 MAX_SEQLEN_Q = 16  # decode (1) and verification of up to 16 draft tokens
-MAX_SPLITS = 128  # FA4's combine kernel (the split path's) takes at most 256 partials; FA4's heuristic stops at 128
+MAX_SPLITS = 128  # FA4's num_splits_heuristic stops at 128 (the combine takes any count)
 SM90_TILE_M = 128  # query rows per tile of the packed-KV kernel (pack-GQA fills them)
 ROWS_PER_VOTE = 64  # skip-softmax votes per consumer warpgroup (64 of the tile's rows)
 # The documented skip-softmax setting: lambda = 0.1 / seqlen_k. It bounds the dropped softmax mass
@@ -321,13 +321,11 @@ def split_launches(q: torch.Tensor, page_table: torch.Tensor, seqused_k: torch.T
 
 def _run_split(prob, num_splits: Optional[int], return_lse: bool, lam: Optional[torch.Tensor] = None,
                want_stats: bool = True, **knobs):
-    """The packed-KV kernel over the split's launches, merged by FA4's combine kernel. With
+    """The packed-KV kernel over the split's launches, merged by ``kernels/combine.py``. With
     ``lam`` (skip-softmax) also returns the summed ``SkipStats`` (None unless ``want_stats``: the
     kernel writes its counters either way, summing them costs a few small launches). ``knobs``
     are ``packed_attention``'s private ablation arguments (``_ablate``, ``_tiles``)."""
-    from flash_attn.cute.interface import _flash_attn_fwd_combine
-
-    from .kernels.launch import packed_attention, sm90_tile_n
+    from .kernels.launch import packed_attention, sm90_tile_n, split_combine
 
     q, k, v = prob.q, prob.k, prob.v
     batch, seqlen_q, heads, d = q.shape
@@ -373,11 +371,11 @@ def _run_split(prob, num_splits: Optional[int], return_lse: bool, lam: Optional[
         # A chunk without keys (a short sequence beside long ones) gets no weight in the combine.
         lse_part.masked_fill_(empty.view(parts, batch, 1, 1), float("-inf"))
         out = torch.empty_like(q)
-        lse = torch.empty(batch, heads, seqlen_q, dtype=torch.float32, device=q.device) if return_lse else None
-        # float32 partials: FA4's combine accepts bf16/fp16 ones but merges them wrongly (measured on
-        # the H100: errors of order 1 on random partials; docs/UPSTREAM.md).
-        _flash_attn_fwd_combine(out_part.float(), lse_part.transpose(-1, -2), out,
-                                lse.transpose(-1, -2) if return_lse else None)
+        lse = torch.empty(batch, heads, seqlen_q, dtype=torch.float32, device=q.device)
+        # Our combine (kernels/combine.py) reads the partials in q's dtype as they are: FA4's
+        # merges bf16/fp16 partials wrongly (docs/UPSTREAM.md) and needed a float32 copy of them.
+        split_combine(out_part, lse_part, out, lse)
+        lse = lse if return_lse else None
     if lam is None:
         return out, lse
     if not want_stats:

@@ -50,12 +50,17 @@ def test_reference_weights_the_splits_and_skips_empty_ones():
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("splits", [1, 2, 5, 40, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_combine_kernel_is_the_reference(d, splits, dtype):
+@pytest.mark.parametrize("part_dtype", ["float32", "output"])
+def test_combine_kernel_is_the_reference(d, splits, dtype, part_dtype):
+    """Float32 partials (the decode kernel's) and partials in the output dtype (the packed-KV
+    kernel's split launches), against the float64 reference of the same partials."""
     from fa4_tq.kernels.launch import split_combine
 
     gen = torch.Generator().manual_seed(splits * d)
     batch, seqlen_q, heads = 3, 2, 8
     out_part, lse_part = _partials(splits, batch, seqlen_q, heads, d, gen=gen, device="cuda")
+    if part_dtype == "output":
+        out_part = out_part.to(dtype)
     want, want_lse = combine_reference(out_part, lse_part)
     for pdl in (True, False):
         out = torch.full((batch, seqlen_q, heads, d), float("nan"), dtype=dtype, device="cuda")

@@ -65,7 +65,7 @@ def test_cache_write_kernel_compiles_for(arch):
 
 def test_decode_split_path_compiles_for_sm90():
     """flash_attn_with_kvcache's kernels: the non-causal chunk kernel at every bit pair (and
-    head_dim 64), the causal verification tail, and FA4's combine kernel."""
+    head_dim 64), the causal verification tail, and the split combine on bf16 partials."""
     from fa4_tq.compile_check import decode_variants
 
     res = run_in_subprocess("sm_90a", "decode")
@@ -73,7 +73,7 @@ def test_decode_split_path_compiles_for_sm90():
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("COMPILED")]
     assert [ln.split(": ", 1)[1].rsplit(" -> ", 1)[0] for ln in lines] == [lb for lb, _ in decode_variants()]
     for ln, (_, kw) in zip(lines, decode_variants()):
-        assert ln.endswith("FlashAttentionForwardCombine" if kw is None else "FlashAttentionForwardSm90TQ"), ln
+        assert ln.endswith("SplitCombine" if kw is None else "FlashAttentionForwardSm90TQ"), ln
 
 
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_100a"])

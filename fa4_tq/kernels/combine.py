@@ -1,14 +1,15 @@
 """Split-KV combine for the decode kernel (CuTeDSL), and its plain PyTorch twin ``combine_reference``.
 
 The decode kernel (``kernels/decode.py``) writes, per split ``j`` of the keys, a normalised float32
-output row ``o_j`` and its log-sum-exp ``lse_j``. Per (batch, query, head) row this kernel
+output row ``o_j`` and its log-sum-exp ``lse_j``; the packed-KV prefill kernel's split launches
+(``fa4_tq.decode._run_split``) write ``o_j`` in q's dtype, read here as they are (no float32 copy). Per (batch, query, head) row this kernel
 computes ``lse = log sum_j exp(lse_j)`` and ``o = sum_j exp(lse_j - lse) o_j`` in the output
 dtype; one split is the cast. A row whose every split is empty (``lse_j = -inf``) gets ``o = 0``
 and ``lse = -inf``, as FA4's combine gives; a split of weight 0 is not read (its partial may
 hold anything).
 
-Why not FA4's combine (``flash_attn.cute.flash_fwd_combine``, which the prefill split path still
-uses): it is launched plainly (FA4 b36 has no ``use_pdl`` switch, ``docs/UPSTREAM.md``), so after
+Why not FA4's combine (``flash_attn.cute.flash_fwd_combine``): b36 merges bf16/fp16 partials
+wrongly (``docs/UPSTREAM.md``), so it needed a float32 copy of them, and it is launched plainly (FA4 b36 has no ``use_pdl`` switch, ``docs/UPSTREAM.md``), so after
 the decode kernel it starts only once that kernel has completed; this one is a programmatic
 dependent launch (its CTAs start as the decode kernel's exit and wait on ``griddepcontrol.wait``),
 and the same launch does the unsplit path's cast, which was a PyTorch kernel of its own.
@@ -60,7 +61,7 @@ class SplitCombine:
     @cute.jit
     def __call__(
         self,
-        mOPart: cute.Tensor,  # (splits, batch, seqlen_q, heads, d) float32, rows 16-byte aligned
+        mOPart: cute.Tensor,  # (splits, batch, seqlen_q, heads, d) float32, bf16 or fp16, rows 16-byte aligned
         mLSEPart: cute.Tensor,  # (splits, batch, heads, seqlen_q) float32
         mO: cute.Tensor,  # (batch, seqlen_q, heads, d) bf16/fp16, contiguous
         mLSE: cute.Tensor,  # (batch, heads, seqlen_q) float32
@@ -97,18 +98,21 @@ class SplitCombine:
             inv = Float32(0.0) if total == Float32(0.0) else Float32(1.0) / total
             acc = cute.make_rmem_tensor((E,), Float32)
             acc.fill(0.0)
-            part = cute.make_rmem_tensor((E,), Float32)
+            part = cute.make_rmem_tensor((E,), mOPart.element_type)
+            part_f32 = cute.make_rmem_tensor((E,), Float32)
             # Every split's loads are issued whatever its weight (none depends on another
             # iteration, so the unrolled loop keeps several in flight: a branch around them
             # serialised the loads, 1.5-2.9 us slower at 16 splits); the product is then selected
             # away where the weight is 0, NaN partials included.
             for j in cutlass.range(splits, unroll=self.unroll):
                 src = cute.domain_offset((j, b, q, h, lane * E), mOPart).iterator.toint()
-                src = cute.make_ptr(Float32, src, cute.AddressSpace.gmem, assumed_align=4 * E)
+                src = cute.make_ptr(mOPart.element_type, src, cute.AddressSpace.gmem,
+                                    assumed_align=mOPart.element_type.width // 8 * E)
                 cute.autovec_copy(cute.make_tensor(src, cute.make_layout((E,))), part)
+                part_f32.store(part.load().to(Float32))
                 w = cute.math.exp2((mLSEPart[j, b, h, q] - m_off) * log2e, fastmath=True) * inv
                 for i in cutlass.range_constexpr(E):
-                    acc[i] += w * part[i] if w > Float32(0.0) else Float32(0.0)
+                    acc[i] += w * part_f32[i] if w > Float32(0.0) else Float32(0.0)
             res = cute.make_rmem_tensor((E,), mO.element_type)
             res.store(acc.load().to(mO.element_type))
             dst = cute.domain_offset((b, q, h, lane * E), mO).iterator.toint()

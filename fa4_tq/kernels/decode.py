@@ -15,8 +15,8 @@ or, past 8 rows, 8 warps and 16 rows (two n-tiles: each dequantised fragment fee
 as many row groups as the rows need (32 rows: two CTAs on the same keys). Each warp walks its own
 blocks of ``CHUNKS x 16`` keys (blocks ``warp, warp + W, ...`` of the split, W warps) with its
 own online softmax, the next block's bytes loading while this one is computed; the warps merge
-through shared memory and write the split's normalised output and LSE (float32), which FA4's
-combine kernel merges across splits. Per 16-key chunk a warp does:
+through shared memory and write the split's normalised output and LSE (float32), which
+``kernels/combine.py`` merges across splits. Per 16-key chunk a warp does:
 
 - ``S^T = K Q^T``: ``d/16`` m16n8k16 MMAs; lane ``(quad, qi)`` owns keys ``quad`` and
   ``quad + 8`` and the head-dim slice ``[qi*d/4, (qi+1)*d/4)``: one contiguous load per key. The
@@ -41,7 +41,7 @@ combine kernel merges across splits. Per 16-key chunk a warp does:
 The kernel rotates the query rows itself (K's R: signs, then the float32 butterflies of
 ``codec.rotation``, one rounding) and un-rotates each split's output (V's R^T) before writing it:
 the rotation is linear, so the splits' combine may come after it. A decode call is then this
-kernel and FA4's combine (or one cast, unsplit). The plain PyTorch twins: ``fa4_tq.reference``
+kernel and ``kernels/combine.py`` (one cast, unsplit). The plain PyTorch twins: ``fa4_tq.reference``
 for the attention, ``decode_pairs`` and ``byte_table`` (on ints) for the register layout, tested
 in tests/test_decode_layout.py.
 """

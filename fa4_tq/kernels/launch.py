@@ -374,8 +374,8 @@ def packed_decode(q: torch.Tensor, k: PackedKV, v: PackedKV, page_table: torch.T
 
 def split_combine(out_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
                   pdl: bool = True) -> None:
-    """``kernels/combine.py``: the decode kernel's float32 partials ``out_part [S, B, Q, H, D]``,
-    ``lse_part [S, B, H, Q]`` merged into ``out [B, Q, H, D]`` (q's dtype, contiguous) and
+    """``kernels/combine.py``: the partials ``out_part [S, B, Q, H, D]`` (float32 from the decode
+    kernel, q's dtype from the split launches of the packed-KV kernel), ``lse_part [S, B, H, Q]`` merged into ``out [B, Q, H, D]`` (q's dtype, contiguous) and
     ``lse [B, H, Q]`` (float32). ``pdl``: a programmatic dependent launch."""
     import cutlass.cute as cute
     from flash_attn.cute.cute_dsl_utils import to_cute_tensor
@@ -383,7 +383,7 @@ def split_combine(out_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Ten
 
     from .combine import SplitCombine
 
-    key = ("combine", device_arch(), out.dtype, out.shape[-1], pdl)
+    key = ("combine", device_arch(), out_part.dtype, out.dtype, out.shape[-1], pdl)
     if key not in _compile_cache:
         cargs = [to_cute_tensor(out_part, assumed_align=16), to_cute_tensor(lse_part, assumed_align=4),
                  to_cute_tensor(out, assumed_align=16), to_cute_tensor(lse, assumed_align=4),
