@@ -424,8 +424,8 @@ def mla_variants():
 def mla_sm90_switch_variants():
     """(label, kwargs) of SM90 MLA kernels behind switches that are off by default, compiled so
     that they keep compiling (``kernel``: class attributes of ``mla.sm90.FlashMLAForwardSm90``)."""
-    return [(f"k{bits} latent h16 causal packed_row_threads {n}", dict(bits=bits, heads=16, kernel=dict(packed_row_threads=n)))
-            for n, bits in ((4, 2), (4, 3), (4, 4), (8, 2), (8, 4))]  # 3-bit eighths are 24 bytes
+    return [("k4 latent h16 causal codes_first=False", dict(bits=4, heads=16, kernel=dict(codes_first=False))),
+            ("bf16 latent h16 causal bf16_tma=False", dict(bits=None, heads=16, kernel=dict(bf16_tma=False)))]
 
 
 def _case_mla(switches: bool = False) -> list[str]:

@@ -79,11 +79,6 @@ class FlashMLAForwardSm90:
     {2, 3, 4, 8} (packed, format v1) or None (bf16), causal or not, LSE written or not."""
 
     num_stages = 2
-    # 2/3/4-bit latents: producer threads sharing one row of a block. 2: half of one row each; 4 or
-    # 8: a quarter or an eighth of each of 2 or 4 rows, so that a warp's code loads
-    # cover whole 128-byte lines (at 2, each thread's 16-byte load is in its own line: 32 lines an
-    # instruction) at the price of one codebook scaling per row and thread. Off (2): not yet timed.
-    packed_row_threads = 2
     copy_unroll = 4  # 16-byte copies per loop trip of a bf16 tile (1, 2 and 8 measured slower)
     # Latent widths whose blocks two CTAs of a cluster load half each (mla-<gpu>.md: 1.18x at 8
     # bits, whose shared-memory codebook lookups bound the producer; 0.87-0.98x for bf16 and
@@ -108,11 +103,10 @@ class FlashMLAForwardSm90:
         # WG1 holds O (128), S (32) and P (16) per thread, WG2 O alone; the producer computes
         # the addresses of the bf16 tile copies or converts packed codes in registers.
         self.pair = bits in self.pair_bits
-        self.row_threads = self.packed_row_threads if bits in (2, 3, 4) and not self.pair else 2
-        if self.row_threads not in (2, 4, 8) or (bits or 16) * D_LATENT // self.row_threads % 128:
-            raise ValueError(f"packed_row_threads={self.row_threads} at {bits} bits: a thread's part of a row "
-                             "must be whole 16-byte code loads and RoPE copies (2, 4, or 8 but not at 3 bits)")
-        self.rows_per_thread = TILE_N * self.row_threads // 128  # rows of a block a producer thread converts
+        # Producer threads converting one row of a packed block: two, half a row each. Four or
+        # eight (a quarter or an eighth of 2 or 4 rows, so a warp's code loads cover whole 128-byte
+        # lines) measured 0.80-0.90x and 0.52-0.54x (mla-<gpu>.md, twenty-fifth session).
+        self.row_threads = 128 // TILE_N
         self.codes_in_registers = bits is not None and not self.pair and self.codes_first
         # The codes loaded first take the producer from 56 to 72 (WG2's 200 still hold O;
         # 80/192 spilled, compile_check --ptxas).
@@ -331,38 +325,27 @@ class FlashMLAForwardSm90:
 
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.num_stages)
         page_size = mRope.shape[1]
-        # This thread's rows of a block (one unless packed_row_threads splits rows finer) and,
-        # one block ahead, their page-table entries and scales: read while this block is
-        # converted, so no block starts with two dependent global loads.
-        n_rows = self.rows_per_thread
-        rows = [kv_row + 128 // self.row_threads * j for j in range(n_rows)]
-        page, off, sigma = (cute.make_rmem_tensor((n_rows,), t) for t in (Int32, Int32, Float32))
-        page_next, off_next, sigma_next = (cute.make_rmem_tensor((n_rows,), t) for t in (Int32, Int32, Float32))
-        for j in cutlass.range_constexpr(n_rows):
-            page[j], off[j], sigma[j] = Int32(0), Int32(0), Float32(0.0)
-            if n_blocks > 0:
-                page[j], off[j], sigma[j] = self._row_page(
-                    mPageTable, mScale, page_size, seqlen, batch_idx, n_block_max - 1, rows[j])
-        codes = None  # this thread's row parts of 2/3/4-bit codes, loaded before the stage wait
-        words = 0  # code words of a row part
+        codes = None  # this thread's part of a row of 2/3/4-bit codes, loaded before the stage wait
         if const_expr(self.codes_in_registers):
-            words = D_LATENT // self.row_threads * self.bits // 32
-            codes = cute.make_rmem_tensor((n_rows * words,), Uint32)
+            codes = cute.make_rmem_tensor((D_LATENT // self.row_threads * self.bits // 32,), Uint32)
+        # One block ahead: the next block's page-table entry and scale are read while this one
+        # is converted, so no block starts with two dependent global loads.
+        page, off, sigma = Int32(0), Int32(0), Float32(0.0)
+        if n_blocks > 0:
+            page, off, sigma = self._row_page(mPageTable, mScale, page_size, seqlen, batch_idx, n_block_max - 1, kv_row)
         for i in cutlass.range(n_blocks, unroll=1):
             n_block = n_block_max - 1 - i
-            for j in cutlass.range_constexpr(n_rows):
-                page_next[j], off_next[j], sigma_next[j] = page[j], off[j], sigma[j]
-                if i + 1 < n_blocks:
-                    page_next[j], off_next[j], sigma_next[j] = self._row_page(
-                        mPageTable, mScale, page_size, seqlen, batch_idx, n_block - 1, rows[j])
+            page_next, off_next, sigma_next = page, off, sigma
+            if i + 1 < n_blocks:
+                page_next, off_next, sigma_next = self._row_page(
+                    mPageTable, mScale, page_size, seqlen, batch_idx, n_block - 1, kv_row)
             if const_expr(codes is not None):
                 # In flight behind the next block's page and scale loads (issued first: 1.03x over
                 # the other order) while the stage is acquired. Not a block earlier: ptxas sank
                 # such loads to the end of the conversion, just before the proxy fence (a MEMBAR)
                 # that precedes each arrive, where they were waited for (mla-<gpu>.md).
-                for j in cutlass.range_constexpr(n_rows):
-                    load_words(self._latent_part(mLat, page[j], off[j], part, self.row_threads),
-                               cute.local_tile(codes, (words,), (j,)), self.bits, D_LATENT // self.row_threads)
+                load_words(self._latent_part(mLat, page, off, part, self.row_threads), codes, self.bits,
+                           D_LATENT // self.row_threads)
             pipeline_kv.producer_acquire(kv_state)
             stage = kv_state.index
             # A block's 64 keys are consecutive slots of one page (page_size % 64 == 0).
@@ -377,39 +360,32 @@ class FlashMLAForwardSm90:
                     self._arrive_expecting(full, TILE_N * (D_LATENT + D_ROPE) * 2, tidx)
                     if tidx < 32:
                         for atom, tXgX, tXsX in tma:
-                            cute.copy(atom, tXgX[None, first // TILE_N, page[0]], tXsX[None, stage],
-                                      tma_bar_ptr=full)
+                            cute.copy(atom, tXgX[None, first // TILE_N, page], tXsX[None, stage], tma_bar_ptr=full)
                 else:
                     # The sequence's last, partial block: slots past its end may hold anything
                     # (NaN * P = 0 is NaN), so these threads copy the last key in their place.
-                    self._copy_tile_async(mRope, page[0], first, last, sR[None, None, stage], D_ROPE)
-                    self._copy_tile_async(mLat, page[0], first, last, sC[None, None, stage], D_LATENT)
+                    self._copy_tile_async(mRope, page, first, last, sR[None, None, stage], D_ROPE)
+                    self._copy_tile_async(mLat, page, first, last, sC[None, None, stage], D_LATENT)
                     # The stage's barrier arrives when this thread's copies land.
                     pipeline_kv.producer_commit(kv_state)
             elif const_expr(self.pair):
-                self._copy_tile_async(mRope, page[0], first, last, sR[None, None, stage], D_ROPE)
+                self._copy_tile_async(mRope, page, first, last, sR[None, None, stage], D_ROPE)
                 cute.arch.cp_async_commit_group()  # the RoPE keys fly while the latent is converted
-                self._dequant_row(mLat, page[0], off[0], sigma[0], sC[kv_row, None, stage], part, sTable, None,
-                                  parts=4)
+                self._dequant_row(mLat, page, off, sigma, sC[kv_row, None, stage], part, sTable, None, parts=4)
                 cute.arch.cp_async_wait_group(0)
                 cute.arch.fence_proxy("async.shared", space="cta")
                 self._send_half_to_peer(sC, stage, rank, pipeline_kv, tidx)
             else:
                 # Per-row RoPE copies here: the tile copy measured 0-6% slower beside the conversion.
-                for j in cutlass.range_constexpr(n_rows):
-                    self._copy_row_async(mRope, (page[j], off[j]), sR[rows[j], None, stage], part,
-                                         D_ROPE // self.row_threads)
+                self._copy_row_async(mRope, (page, off), sR[kv_row, None, stage], part, D_ROPE // self.row_threads)
                 cute.arch.cp_async_commit_group()  # the RoPE keys fly while the latent is converted
-                for j in cutlass.range_constexpr(n_rows):
-                    self._dequant_row(mLat, page[j], off[j], sigma[j], sC[rows[j], None, stage], part, sTable,
-                                      None if codes is None else cute.local_tile(codes, (words,), (j,)),
-                                      parts=self.row_threads)
+                self._dequant_row(mLat, page, off, sigma, sC[kv_row, None, stage], part, sTable, codes,
+                                  parts=self.row_threads)
                 cute.arch.cp_async_wait_group(0)
                 cute.arch.fence_proxy("async.shared", space="cta")
                 cute.arch.mbarrier_arrive(pipeline_kv.sync_object_full.get_barrier(stage))
             kv_state.advance()
-            for j in cutlass.range_constexpr(n_rows):
-                page[j], off[j], sigma[j] = page_next[j], off_next[j], sigma_next[j]
+            page, off, sigma = page_next, off_next, sigma_next
 
     @cute.jit
     def _row_page(self, mPageTable, mScale, page_size, seqlen, batch_idx, n_block, row):

@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def parse_switches(spec: str) -> tuple[str, dict]:
     """``"label:attr=value,attr=value"`` -> (label, {attr: value}); values are Python literals
-    (tuples included: ``"split:packed_row_threads=4,codes_first=False"``)."""
+    (tuples included: ``"both:codes_first=False,bf16_tma=False"``)."""
     label, _, body = spec.partition(":")
     try:
         call = ast.parse(f"f({body})", mode="eval").body

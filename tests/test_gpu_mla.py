@@ -94,16 +94,3 @@ def test_mla_rotated_space_skips_the_rotations(poisoned):
     err = rel_err(out_rot, rotate(plain.double(), seed))
     print(f"ERRS rotated_space: {err:.2e}")
     assert err < 1e-2
-
-
-@pytest.mark.parametrize("bits, row_threads", [(2, 4), (3, 4), (4, 4), (2, 8), (4, 8)])
-def test_mla_packed_row_threads_switch(poisoned, monkeypatch, bits, row_threads):
-    """``packed_row_threads`` (off by default): each producer thread converts a quarter or an
-    eighth of 2 or 4 rows of a block. Chunked prefill with ragged lengths, both page sizes, partial
-    last blocks over NaN-poisoned unwritten slots, and a sequence shorter than one block."""
-    import mla.sm90
-
-    kernel = type("FlashMLAForwardSm90", (mla.sm90.FlashMLAForwardSm90,), dict(packed_row_threads=row_threads))
-    monkeypatch.setattr(mla.sm90, "FlashMLAForwardSm90", kernel)
-    check_mla_prefill([70, 200, 1], [300, 200, 65], 64, 64, bits)
-    check_mla_prefill([30, 100, 5], [100, 300, 20], 128, 128, bits, poison_unwritten=True)

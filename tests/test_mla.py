@@ -240,15 +240,3 @@ def test_pages_must_be_16_byte_aligned(which):
     args[which] = torch.as_strided(buf, t.shape, (page_size * d + 4, d, d, 1))
     with pytest.raises(ValueError, match=f"{which} rows and pages must be contiguous and 16-byte aligned"):
         mla.flash_mla_prefill(**args)
-
-
-@pytest.mark.parametrize("bits, row_threads", [(3, 8), (4, 3), (2, 16)])
-def test_producer_row_split_switch_refuses_unaligned_parts(bits, row_threads):
-    """``packed_row_threads`` (a switch of the SM90 kernel class) takes only splits whose row parts
-    are whole 16-byte loads; the check runs when the kernel object is built, before any compile."""
-    from mla.sm90 import FlashMLAForwardSm90
-
-    kernel = type("K", (FlashMLAForwardSm90,), dict(packed_row_threads=row_threads))
-    with pytest.raises(ValueError, match="packed_row_threads"):
-        kernel(16, bits, True)
-    assert FlashMLAForwardSm90(16, bits, True).row_threads == 2  # the default split takes every width
