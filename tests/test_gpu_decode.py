@@ -326,3 +326,41 @@ def test_decode_kernel_takes_only_what_it_supports():
     assert runs(1, 16, 2, 128, 3, 4) and runs(1, 16, 2, 128, 8, 3) and runs(4, 64, 8, 128, 3, 3)
     assert not runs(8, 64, 8, 128, 4, 4) and not runs(1, 8, 1, 64, 4, 2)
     assert not runs(1, 8, 1, 64, 3, 4) and not runs(1, 8, 1, 64, 4, 3)
+
+
+# ----------------------------------------------------------------------------- CUDA graphs
+@pytest.mark.parametrize("seqlen_q,skip", [(1, False), (4, False), (8, False), (4, True)])
+def test_a_decode_step_replays_in_a_cuda_graph(poisoned, seqlen_q, skip):
+    """Serving engines capture the decode step once and replay it with new contents in the same
+    buffers (q, seqused_k, the page table). With ``check_indices=False`` the call must capture
+    (no host sync, no host-to-device copy) and each replay must equal an eager call on the
+    replay's inputs bit for bit: the decode kernel and its combine (seqlen_q 1 and 4 at GQA 8),
+    the packed-KV kernel's split launches (seqlen_q 8: 64 rows) and skip-softmax."""
+    q, cache, table, used = _peaked([3000, 70, 1200], seqlen_q, 32, 4, 128, 64, 4, 4, seed=3)
+    q_buf, used_buf, table_buf = q.clone(), used.clone(), table.clone()
+    kw = dict(return_lse=True, check_indices=False, backend="inline")
+    if skip:
+        kw["skip_softmax_threshold_scale_factor"] = 1.0
+
+    def step():
+        return flash_attn_with_kvcache(q_buf, cache, table_buf, used_buf, **kw)
+
+    side = torch.cuda.Stream()  # warm-up (compiles, per-device constants) off the capture stream
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_g, lse_g = step()
+    gen = torch.Generator().manual_seed(4)
+    for new_used in ([2990, 64, 1200], [17, 70, 901]):  # shorter contexts on the same pages
+        q_buf.copy_(torch.randn(q.shape, generator=gen).to(q.dtype))
+        used_buf.copy_(torch.tensor(new_used, dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        out_e, lse_e = step()
+        assert torch.isfinite(out_g).all()
+        assert torch.equal(out_g, out_e) and torch.equal(lse_g, lse_e), new_used
+        ref, _ = attention_reference(q_buf, *cache, page_table=table_buf, seqused_k=used_buf, dtype=torch.float64)
+        assert rel_err(out_g, ref) < 0.1  # the replay ran on the new inputs (peaked: skipping bounded)
