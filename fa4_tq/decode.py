@@ -9,8 +9,9 @@ Dense calls of at most 32 query rows per KV head (seqlen_q x GQA) at 2/4/8 bits 
 ``decode_kernel_runs``): swap-AB ``mma.sync`` with the codes dequantised into registers (byte
 tables in shared memory), q's rotation and the output's un-rotation inside the kernel, split-KV
 inside the kernel, a combine kernel of ours across splits (``kernels/combine.py``: a
-programmatic dependent launch, which FA4's combine is not; the split launches below use it too). Everything else (more rows, 3-bit
-codes at head_dim 64, skip-softmax) runs the packed-KV prefill kernel as below. Two things
+programmatic dependent launch, which FA4's combine is not; the split launches below use it too).
+Everything else (more rows, 3-bit codes at head_dim 64, skip-softmax) runs the packed-KV prefill
+kernel as below. Two things
 address the small batch there, neither of which changes FA4's kernel:
 
 - pack-GQA: the ``seqlen_q x heads/kv_heads`` query rows of one KV head share one 128-row tile
@@ -18,9 +19,10 @@ address the small batch there, neither of which changes FA4's kernel:
 - split-KV as a virtual batch: each sequence's context is cut on page boundaries into chunks;
   every (chunk, sequence) pair is one entry of a virtual batch (its slice of the page table, its
   own ``seqused_k``), the packed-KV kernel runs once over all of them, and ``kernels/combine.py``
-  merges the partial outputs (in q's dtype, read as they are) by their log-sum-exp. FA4's SM90 forward has no split-KV (b36 runs
-  one split and its ``mma`` loop ignores the split index); adding one in the subclass would mean
-  copying that loop, the virtual batch needs nothing from the kernel (docs/UPSTREAM.md).
+  merges the partial outputs (in q's dtype, read as they are) by their log-sum-exp. FA4's SM90
+  forward has no split-KV (b36 runs one split and its ``mma`` loop ignores the split index);
+  adding one in the subclass would mean copying that loop, the virtual batch needs nothing from
+  the kernel (docs/UPSTREAM.md).
 
 Causal verification (``seqlen_q = K > 1``): query ``i`` sees the keys up to ``L - K + i``. A
 chunk that ends on or before key ``L - K`` is seen whole by every query, so the chunks of the

@@ -1,18 +1,19 @@
-"""Split-KV combine for the decode kernel (CuTeDSL), and its plain PyTorch twin ``combine_reference``.
+"""Split-KV combine for decode (CuTeDSL), and its plain PyTorch twin ``combine_reference``.
 
-The decode kernel (``kernels/decode.py``) writes, per split ``j`` of the keys, a normalised float32
-output row ``o_j`` and its log-sum-exp ``lse_j``; the packed-KV prefill kernel's split launches
-(``fa4_tq.decode._run_split``) write ``o_j`` in q's dtype, read here as they are (no float32 copy). Per (batch, query, head) row this kernel
-computes ``lse = log sum_j exp(lse_j)`` and ``o = sum_j exp(lse_j - lse) o_j`` in the output
+Per split ``j`` of the keys, a normalised output row ``o_j`` and its log-sum-exp ``lse_j``: float32
+from the decode kernel (``kernels/decode.py``), q's dtype from the packed-KV kernel's split
+launches (``fa4_tq.decode._run_split``), read as they are. Per (batch, query, head) row this
+kernel computes ``lse = log sum_j exp(lse_j)`` and ``o = sum_j exp(lse_j - lse) o_j`` in the output
 dtype; one split is the cast. A row whose every split is empty (``lse_j = -inf``) gets ``o = 0``
 and ``lse = -inf``, as FA4's combine gives; a split of weight 0 is not read (its partial may
 hold anything).
 
 Why not FA4's combine (``flash_attn.cute.flash_fwd_combine``): b36 merges bf16/fp16 partials
-wrongly (``docs/UPSTREAM.md``), so it needed a float32 copy of them, and it is launched plainly (FA4 b36 has no ``use_pdl`` switch, ``docs/UPSTREAM.md``), so after
-the decode kernel it starts only once that kernel has completed; this one is a programmatic
-dependent launch (its CTAs start as the decode kernel's exit and wait on ``griddepcontrol.wait``),
-and the same launch does the unsplit path's cast, which was a PyTorch kernel of its own.
+wrongly, so it needed a float32 copy of them, and it is launched plainly (no ``use_pdl`` switch;
+both in ``docs/UPSTREAM.md``), so after the decode kernel it starts only once that kernel has
+completed; this one is a programmatic dependent launch (its CTAs start as the decode kernel's
+exit and wait on ``griddepcontrol.wait``), and the same launch does the unsplit path's cast, which
+was a PyTorch kernel of its own.
 
 One warp a row, ``d / 32`` values a lane: the row's split count is small (at most
 ``decode.MAX_SPLITS``), so each lane first reads every 32nd ``lse_j`` for the max and the sum,

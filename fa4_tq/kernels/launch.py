@@ -375,7 +375,8 @@ def packed_decode(q: torch.Tensor, k: PackedKV, v: PackedKV, page_table: torch.T
 def split_combine(out_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
                   pdl: bool = True) -> None:
     """``kernels/combine.py``: the partials ``out_part [S, B, Q, H, D]`` (float32 from the decode
-    kernel, q's dtype from the split launches of the packed-KV kernel), ``lse_part [S, B, H, Q]`` merged into ``out [B, Q, H, D]`` (q's dtype, contiguous) and
+    kernel, q's dtype from the split launches of the packed-KV kernel) and ``lse_part [S, B, H,
+    Q]`` merged into ``out [B, Q, H, D]`` (q's dtype, contiguous) and
     ``lse [B, H, Q]`` (float32). ``pdl``: a programmatic dependent launch."""
     import cutlass.cute as cute
     from flash_attn.cute.cute_dsl_utils import to_cute_tensor
