@@ -298,26 +298,34 @@ def split_launches(q: torch.Tensor, page_table: torch.Tensor, seqused_k: torch.T
     n_prefix = num_splits
     pages_per_chunk = -(-max_pages // n_prefix)
     n_prefix = -(-max_pages // pages_per_chunk)  # no chunk that starts past the table
-    used = seqused_k.long()
-    prefix = ((used - seqlen_q).clamp_min(0) // page_size) * page_size if tail else used
-    starts = torch.arange(n_prefix, device=q.device).view(-1, 1) * (pages_per_chunk * page_size)
-    chunk_used = (prefix.view(1, -1) - starts).clamp(0, pages_per_chunk * page_size)  # [n_prefix, batch]
-    table = F.pad(page_table, (0, n_prefix * pages_per_chunk - max_pages))
+    chunk_keys = pages_per_chunk * page_size
+    # int32 throughout (seqused_k is): each op here is a launch and ~5-10 us of host time a call
+    used = seqused_k
+    if tail:
+        prefix_pages = (used - seqlen_q).clamp_min(0) // page_size
+        prefix = prefix_pages * page_size
+    else:
+        prefix = used
+    starts = torch.arange(0, n_prefix * chunk_keys, chunk_keys, dtype=torch.int32, device=q.device)
+    chunk_used = (prefix.view(1, -1) - starts.view(-1, 1)).clamp(0, chunk_keys)  # [n_prefix, batch]
+    table = page_table
+    if n_prefix * pages_per_chunk != max_pages:
+        table = F.pad(page_table, (0, n_prefix * pages_per_chunk - max_pages))
     table = table.view(batch, n_prefix, pages_per_chunk).transpose(0, 1)
     vb = n_prefix * batch  # chunk-major: entry j * batch + b
     launches = [Launch(
         q.unsqueeze(0).expand(n_prefix, *q.shape).reshape(vb, *q.shape[1:]),
-        table.reshape(vb, pages_per_chunk), chunk_used.reshape(vb).int(), False, slice(0, n_prefix),
+        table.reshape(vb, pages_per_chunk), chunk_used.view(vb), False, slice(0, n_prefix),
     )]
     empty = chunk_used == 0
     if tail:
         tail_pages = -(-(page_size + seqlen_q - 1) // page_size)
-        first = (prefix // page_size).view(-1, 1) + torch.arange(tail_pages, device=q.device).view(1, -1)
+        first = prefix_pages.view(-1, 1) + torch.arange(tail_pages, device=q.device).view(1, -1)  # int64: gather's
+        tail_used = used - prefix
         launches.append(Launch(
-            q, page_table.gather(1, first.clamp_max(max_pages - 1)), (used - prefix).int(), True,
-            slice(n_prefix, n_prefix + 1),
+            q, page_table.gather(1, first.clamp_max(max_pages - 1)), tail_used, True, slice(n_prefix, n_prefix + 1),
         ))
-        empty = torch.cat([empty, (used - prefix == 0).view(1, -1)])
+        empty = torch.cat([empty, (tail_used == 0).view(1, -1)])
     return launches, empty
 
 
@@ -361,7 +369,7 @@ def _run_split(prob, num_splits: Optional[int], return_lse: bool, lam: Optional[
         n = ln.parts.stop - ln.parts.start
         skip = {}
         if lam is not None:
-            skip = dict(skip_log2_threshold=log2_lam.repeat(n),
+            skip = dict(skip_log2_threshold=log2_lam if n == 1 else log2_lam.repeat(n),
                         skip_stats=stats.narrow(0, ln.parts.start, n).view(vb, *stats.shape[2:]))
         packed_attention(ln.q, k, v, causal=ln.causal, page_table=ln.page_table, seqused_k=ln.seqused_k,
                          out=out_part if single else out_part.narrow(0, ln.parts.start, n).view(vb, seqlen_q, heads, d),
