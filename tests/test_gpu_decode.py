@@ -362,5 +362,6 @@ def test_a_decode_step_replays_in_a_cuda_graph(poisoned, seqlen_q, skip):
         out_e, lse_e = step()
         assert torch.isfinite(out_g).all()
         assert torch.equal(out_g, out_e) and torch.equal(lse_g, lse_e), new_used
-        ref, _ = attention_reference(q_buf, *cache, page_table=table_buf, seqused_k=used_buf, dtype=torch.float64)
-        assert rel_err(out_g, ref) < 0.1  # the replay ran on the new inputs (peaked: skipping bounded)
+        ref, _ = attention_reference(q_buf, *cache, page_table=table_buf, seqused_k=used_buf, causal=True,
+                                     dtype=torch.float64)
+        assert rel_err(out_g, ref) < 2e-2  # the replay read the new inputs (the old ones: error ~1)
