@@ -11,8 +11,7 @@ tables in shared memory), q's rotation and the output's un-rotation inside the k
 inside the kernel, a combine kernel of ours across splits (``kernels/combine.py``: a
 programmatic dependent launch, which FA4's combine is not; the split launches below use it too).
 Everything else (more rows, 3-bit codes at head_dim 64, skip-softmax) runs the packed-KV prefill
-kernel as below. Two things
-address the small batch there, neither of which changes FA4's kernel:
+kernel as below. Two things address the small batch there, neither of which changes FA4's kernel:
 
 - pack-GQA: the ``seqlen_q x heads/kv_heads`` query rows of one KV head share one 128-row tile
   (FA4's ``PackGQA``), so each packed K/V tile is read and dequantised once for all of them.
@@ -299,7 +298,7 @@ def split_launches(q: torch.Tensor, page_table: torch.Tensor, seqused_k: torch.T
     pages_per_chunk = -(-max_pages // n_prefix)
     n_prefix = -(-max_pages // pages_per_chunk)  # no chunk that starts past the table
     chunk_keys = pages_per_chunk * page_size
-    # int32 throughout (seqused_k is): each op here is a launch and ~5-10 us of host time a call
+    # int32 throughout (seqused_k is): on the GPU each op here is a launch, paid in host time per call
     used = seqused_k
     if tail:
         prefix_pages = (used - seqlen_q).clamp_min(0) // page_size
@@ -320,11 +319,11 @@ def split_launches(q: torch.Tensor, page_table: torch.Tensor, seqused_k: torch.T
     empty = chunk_used == 0
     if tail:
         tail_pages = -(-(page_size + seqlen_q - 1) // page_size)
-        first = prefix_pages.view(-1, 1) + torch.arange(tail_pages, device=q.device).view(1, -1)  # int64: gather's
+        # int64, as gather takes its indices
+        first = prefix_pages.view(-1, 1) + torch.arange(tail_pages, device=q.device).view(1, -1)
         tail_used = used - prefix
-        launches.append(Launch(
-            q, page_table.gather(1, first.clamp_max(max_pages - 1)), tail_used, True, slice(n_prefix, n_prefix + 1),
-        ))
+        launches.append(Launch(q, page_table.gather(1, first.clamp_max(max_pages - 1)), tail_used, True,
+                               slice(n_prefix, n_prefix + 1)))
         empty = torch.cat([empty, (tail_used == 0).view(1, -1)])
     return launches, empty
 

@@ -62,7 +62,7 @@ class SplitCombine:
     @cute.jit
     def __call__(
         self,
-        mOPart: cute.Tensor,  # (splits, batch, seqlen_q, heads, d) float32, bf16 or fp16, rows 16-byte aligned
+        mOPart: cute.Tensor,  # (splits, batch, seqlen_q, heads, d) float32/bf16/fp16, rows 16-byte aligned
         mLSEPart: cute.Tensor,  # (splits, batch, heads, seqlen_q) float32
         mO: cute.Tensor,  # (batch, seqlen_q, heads, d) bf16/fp16, contiguous
         mLSE: cute.Tensor,  # (batch, heads, seqlen_q) float32

@@ -41,9 +41,9 @@ through shared memory and write the split's normalised output and LSE (float32),
 The kernel rotates the query rows itself (K's R: signs, then the float32 butterflies of
 ``codec.rotation``, one rounding) and un-rotates each split's output (V's R^T) before writing it:
 the rotation is linear, so the splits' combine may come after it. A decode call is then this
-kernel and ``kernels/combine.py`` (one cast, unsplit). The plain PyTorch twins: ``fa4_tq.reference``
-for the attention, ``decode_pairs`` and ``byte_table`` (on ints) for the register layout, tested
-in tests/test_decode_layout.py.
+kernel and ``kernels/combine.py`` (one cast, unsplit). The plain PyTorch twins:
+``fa4_tq.reference`` for the attention, ``decode_pairs`` and ``byte_table`` (on ints) for the
+register layout, tested in tests/test_decode_layout.py.
 """
 
 from __future__ import annotations
