@@ -63,6 +63,10 @@ D_LATENT = 512
 D_ROPE = 64
 TILE_M = 64
 TILE_N = 64
+# Producer threads converting one row of a packed block: two, half a row each. Four or eight (a
+# quarter or an eighth of 2 or 4 rows, so a warp's code loads cover whole 128-byte lines) measured
+# 0.80-0.90x and 0.52-0.54x (mla-<gpu>.md, twenty-fifth session).
+ROW_THREADS = 128 // TILE_N
 
 
 class _Bar:
@@ -103,10 +107,6 @@ class FlashMLAForwardSm90:
         # WG1 holds O (128), S (32) and P (16) per thread, WG2 O alone; the producer computes
         # the addresses of the bf16 tile copies or converts packed codes in registers.
         self.pair = bits in self.pair_bits
-        # Producer threads converting one row of a packed block: two, half a row each. Four or
-        # eight (a quarter or an eighth of 2 or 4 rows, so a warp's code loads cover whole 128-byte
-        # lines) measured 0.80-0.90x and 0.52-0.54x (mla-<gpu>.md, twenty-fifth session).
-        self.row_threads = 128 // TILE_N
         self.codes_in_registers = bits is not None and not self.pair and self.codes_first
         # The codes loaded first take the producer from 56 to 72 (WG2's 200 still hold O;
         # 80/192 spilled, compile_check --ptxas).
@@ -308,7 +308,7 @@ class FlashMLAForwardSm90:
             rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
             kv_row, part = 32 * rank + tidx // 4, tidx % 4
         else:
-            kv_row, part = tidx // self.row_threads, tidx % self.row_threads
+            kv_row, part = tidx // ROW_THREADS, tidx % ROW_THREADS
         if const_expr(self.bits is not None and uses_shared_table(self.bits)):
             for i in cutlass.range(tidx, table_floats(self.bits), 128, unroll=1):
                 sTable[i] = mTable[i]
@@ -327,7 +327,7 @@ class FlashMLAForwardSm90:
         page_size = mRope.shape[1]
         codes = None  # this thread's part of a row of 2/3/4-bit codes, loaded before the stage wait
         if const_expr(self.codes_in_registers):
-            codes = cute.make_rmem_tensor((D_LATENT // self.row_threads * self.bits // 32,), Uint32)
+            codes = cute.make_rmem_tensor((D_LATENT // ROW_THREADS * self.bits // 32,), Uint32)
         # One block ahead: the next block's page-table entry and scale are read while this one
         # is converted, so no block starts with two dependent global loads.
         page, off, sigma = Int32(0), Int32(0), Float32(0.0)
@@ -344,8 +344,8 @@ class FlashMLAForwardSm90:
                 # the other order) while the stage is acquired. Not a block earlier: ptxas sank
                 # such loads to the end of the conversion, just before the proxy fence (a MEMBAR)
                 # that precedes each arrive, where they were waited for (mla-<gpu>.md).
-                load_words(self._latent_part(mLat, page, off, part, self.row_threads), codes, self.bits,
-                           D_LATENT // self.row_threads)
+                load_words(self._latent_part(mLat, page, off, part, ROW_THREADS), codes, self.bits,
+                           D_LATENT // ROW_THREADS)
             pipeline_kv.producer_acquire(kv_state)
             stage = kv_state.index
             # A block's 64 keys are consecutive slots of one page (page_size % 64 == 0).
@@ -377,10 +377,10 @@ class FlashMLAForwardSm90:
                 self._send_half_to_peer(sC, stage, rank, pipeline_kv, tidx)
             else:
                 # Per-row RoPE copies here: the tile copy measured 0-6% slower beside the conversion.
-                self._copy_row_async(mRope, (page, off), sR[kv_row, None, stage], part, D_ROPE // self.row_threads)
+                self._copy_row_async(mRope, (page, off), sR[kv_row, None, stage], part, D_ROPE // ROW_THREADS)
                 cute.arch.cp_async_commit_group()  # the RoPE keys fly while the latent is converted
                 self._dequant_row(mLat, page, off, sigma, sC[kv_row, None, stage], part, sTable, codes,
-                                  parts=self.row_threads)
+                                  parts=ROW_THREADS)
                 cute.arch.cp_async_wait_group(0)
                 cute.arch.fence_proxy("async.shared", space="cta")
                 cute.arch.mbarrier_arrive(pipeline_kv.sync_object_full.get_barrier(stage))

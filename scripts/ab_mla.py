@@ -11,8 +11,8 @@ The device's copy of the tree has no git history: write the other version first,
 
     python scripts/ab_mla.py --old .scratch/sm90_old.py --set "loads in the conversion:codes_first=False"
 
-It measured the ring and the conversion-cost tables of perf/results/mla-*.md (twenty-fourth
-session, H100).
+It measured the ring and the conversion-cost tables (twenty-fourth session) and the whole-line
+code loads table (twenty-fifth) of perf/results/mla-*.md, on an H100.
 """
 
 from __future__ import annotations
