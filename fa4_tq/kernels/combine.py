@@ -74,50 +74,59 @@ class SplitCombine:
 
     @cute.kernel
     def kernel(self, mOPart, mLSEPart, mO, mLSE):
-        E = self.per_lane
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
         lane = tidx % 32
         row = bidx * WARPS + tidx // 32
-        splits, batch, seqlen_q, heads = mOPart.shape[0], mO.shape[0], mO.shape[1], mO.shape[2]
+        batch, seqlen_q, heads = mO.shape[0], mO.shape[1], mO.shape[2]
         if const_expr(self.pdl):  # the partials are the previous kernel's output
             cute.arch.griddepcontrol_wait()
         if row < batch * seqlen_q * heads:
             h = row % heads
             q = row // heads % seqlen_q
             b = row // (heads * seqlen_q)
-            log2e = Float32(math.log2(math.e))
-            m = -Float32.inf
-            for j in cutlass.range(lane, splits, 32, unroll=1):
-                m = cute.arch.fmax(m, mLSEPart[j, b, h, q])
-            m = cute.arch.warp_reduction(m, cute.arch.fmax)
-            m_off = Float32(0.0) if m == -Float32.inf else m  # every split empty: all weights 0
-            total = Float32(0.0)
-            for j in cutlass.range(lane, splits, 32, unroll=1):
-                total += cute.math.exp2((mLSEPart[j, b, h, q] - m_off) * log2e, fastmath=True)
-            total = cute.arch.warp_reduction(total, lambda x, y: x + y)
-            inv = Float32(0.0) if total == Float32(0.0) else Float32(1.0) / total
-            acc = cute.make_rmem_tensor((E,), Float32)
-            acc.fill(0.0)
-            part = cute.make_rmem_tensor((E,), mOPart.element_type)
-            part_f32 = cute.make_rmem_tensor((E,), Float32)
-            # Every split's loads are issued whatever its weight (none depends on another
-            # iteration, so the unrolled loop keeps several in flight: a branch around them
-            # serialised the loads, 1.5-2.9 us slower at 16 splits); the product is then selected
-            # away where the weight is 0, NaN partials included.
-            for j in cutlass.range(splits, unroll=self.unroll):
-                src = cute.domain_offset((j, b, q, h, lane * E), mOPart).iterator.toint()
-                src = cute.make_ptr(mOPart.element_type, src, cute.AddressSpace.gmem,
-                                    assumed_align=mOPart.element_type.width // 8 * E)
-                cute.autovec_copy(cute.make_tensor(src, cute.make_layout((E,))), part)
-                part_f32.store(part.load().to(Float32))
-                w = cute.math.exp2((mLSEPart[j, b, h, q] - m_off) * log2e, fastmath=True) * inv
-                for i in cutlass.range_constexpr(E):
-                    acc[i] += w * part_f32[i] if w > Float32(0.0) else Float32(0.0)
-            res = cute.make_rmem_tensor((E,), mO.element_type)
-            res.store(acc.load().to(mO.element_type))
-            dst = cute.domain_offset((b, q, h, lane * E), mO).iterator.toint()
-            dst = cute.make_ptr(mO.element_type, dst, cute.AddressSpace.gmem, assumed_align=2 * E)
-            cute.autovec_copy(res, cute.make_tensor(dst, cute.make_layout((E,))))
-            if lane == 0:
-                mLSE[b, h, q] = cute.math.log(total, fastmath=True) + m_off if total > Float32(0.0) else -Float32.inf
+            merge_row(mOPart, mLSEPart, mO, mLSE, b, q, h, lane, self.per_lane, self.unroll)
+
+
+@cute.jit
+def merge_row(mOPart: cute.Tensor, mLSEPart: cute.Tensor, mO: cute.Tensor, mLSE: cute.Tensor, b, q, h, lane,
+              E: cutlass.Constexpr[int], unroll: cutlass.Constexpr[int]):
+    """Row ``(b, q, h)`` of ``mO`` and ``mLSE`` from every split's partials, by one warp (``lane``),
+    ``E = d / 32`` values a lane: the combine's work per row, which the decode kernel's last CTA
+    of a row group also does (``PackedDecode``), so both give the same bits."""
+    splits = mOPart.shape[0]
+    log2e = Float32(math.log2(math.e))
+    m = -Float32.inf
+    for j in cutlass.range(lane, splits, 32, unroll=1):
+        m = cute.arch.fmax(m, mLSEPart[j, b, h, q])
+    m = cute.arch.warp_reduction(m, cute.arch.fmax)
+    m_off = Float32(0.0) if m == -Float32.inf else m  # every split empty: all weights 0
+    total = Float32(0.0)
+    for j in cutlass.range(lane, splits, 32, unroll=1):
+        total += cute.math.exp2((mLSEPart[j, b, h, q] - m_off) * log2e, fastmath=True)
+    total = cute.arch.warp_reduction(total, lambda x, y: x + y)
+    inv = Float32(0.0) if total == Float32(0.0) else Float32(1.0) / total
+    acc = cute.make_rmem_tensor((E,), Float32)
+    acc.fill(0.0)
+    part = cute.make_rmem_tensor((E,), mOPart.element_type)
+    part_f32 = cute.make_rmem_tensor((E,), Float32)
+    # Every split's loads are issued whatever its weight (none depends on another
+    # iteration, so the unrolled loop keeps several in flight: a branch around them
+    # serialised the loads, 1.5-2.9 us slower at 16 splits); the product is then selected
+    # away where the weight is 0, NaN partials included.
+    for j in cutlass.range(splits, unroll=unroll):
+        src = cute.domain_offset((j, b, q, h, lane * E), mOPart).iterator.toint()
+        src = cute.make_ptr(mOPart.element_type, src, cute.AddressSpace.gmem,
+                            assumed_align=mOPart.element_type.width // 8 * E)
+        cute.autovec_copy(cute.make_tensor(src, cute.make_layout((E,))), part)
+        part_f32.store(part.load().to(Float32))
+        w = cute.math.exp2((mLSEPart[j, b, h, q] - m_off) * log2e, fastmath=True) * inv
+        for i in cutlass.range_constexpr(E):
+            acc[i] += w * part_f32[i] if w > Float32(0.0) else Float32(0.0)
+    res = cute.make_rmem_tensor((E,), mO.element_type)
+    res.store(acc.load().to(mO.element_type))
+    dst = cute.domain_offset((b, q, h, lane * E), mO).iterator.toint()
+    dst = cute.make_ptr(mO.element_type, dst, cute.AddressSpace.gmem, assumed_align=2 * E)
+    cute.autovec_copy(res, cute.make_tensor(dst, cute.make_layout((E,))))
+    if lane == 0:
+        mLSE[b, h, q] = cute.math.log(total, fastmath=True) + m_off if total > Float32(0.0) else -Float32.inf
