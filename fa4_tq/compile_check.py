@@ -353,6 +353,11 @@ def decode_kernel_variants():
     out += [(f"k{kb}v{vb} d128 verify seqlen_q 4 gqa8 causal", dict(kb=kb, vb=vb, sq=4))
             for kb, vb in ((4, 4), (2, 2), (8, 8), (2, 8), (8, 2), (3, 3))]
     out += [("k4v4 d64 verify seqlen_q 4 gqa8 causal", dict(d=64, sq=4))]
+    # the splits merged in the kernel (``combine_in_kernel``; not the default until GPU-tested)
+    out += [(f"{lb} combine in kernel", dict(kw, in_kernel=True)) for lb, kw in (
+        ("k4v4 d128 gqa8", {}), ("k2v2 d128 gqa8", dict(kb=2, vb=2)), ("k4v4 d64 gqa8", dict(d=64)),
+        ("k4v4 d128 verify seqlen_q 4 gqa8 causal", dict(sq=4, lse=True)),
+        ("k4v2 d128 fp16 fp32-scales", dict(vb=2, dtype="float16", scale_dtype="float32")))]
     return out
 
 
@@ -374,7 +379,7 @@ def _case_decode_kernel() -> list[str]:
         prob = _Problem(q, k, v, 2, d ** -0.5, True, (None, None),
                         seqused_k=torch.empty(2, dtype=torch.int32, device="cuda"),
                         page_table=torch.empty(2, 16, dtype=torch.int32, device="cuda"))
-        _run_decode_kernel(prob, 4, kw.get("lse", False))
+        _run_decode_kernel(prob, 4, kw.get("lse", False), kw.get("in_kernel", False))
         done.append(label)
     return done
 

@@ -256,24 +256,28 @@ def choose_decode_splits(q: torch.Tensor, k: PackedKV, v: PackedKV, page_table: 
                               resident_ctas(q.shape[-1], k.bits, v.bits, n_tiles(rows)), row_groups(rows))
 
 
-def _run_decode_kernel(prob, num_splits: Optional[int], return_lse: bool):
+# Whether the decode kernel merges its own splits (its last CTA of each row group, one launch a
+# call) rather than leaving them to kernels/combine.py. Off until its GPU tests have run (written
+# on 2026-12-08 with no GPU lent): tests/test_gpu_decode.py runs both ways.
+DECODE_COMBINE_IN_KERNEL = False
+
+
+def _run_decode_kernel(prob, num_splits: Optional[int], return_lse: bool, combine_in_kernel: Optional[bool] = None):
     """The decode kernel over ``num_splits`` KV splits: it rotates q and un-rotates its float32
     partials itself; ``kernels/combine.py`` merges the splits into the output dtype (one split:
-    a cast), both programmatic dependent launches."""
-    from .kernels.launch import packed_decode, split_combine
+    a cast), both programmatic dependent launches; or, with ``combine_in_kernel`` (default
+    ``DECODE_COMBINE_IN_KERNEL``), the kernel merges them itself, one launch."""
+    from .kernels.launch import packed_decode
 
     q, k, v = prob.q.contiguous(), prob.k, prob.v
     batch, seqlen_q, heads, d = q.shape
     if num_splits is None:
         num_splits = choose_decode_splits(q, k, v, prob.page_table)
-    f32 = dict(dtype=torch.float32, device=q.device)
-    out_part = torch.empty(num_splits, batch, seqlen_q, heads, d, **f32)
-    lse_part = torch.empty(num_splits, batch, heads, seqlen_q, **f32)
-    packed_decode(q, k, v, prob.page_table, prob.seqused_k, out_part, lse_part,
-                  softmax_scale=prob.softmax_scale, causal=prob.causal)
     out = torch.empty(batch, seqlen_q, heads, d, dtype=q.dtype, device=q.device)
-    lse = torch.empty(batch, heads, seqlen_q, **f32)
-    split_combine(out_part, lse_part, out, lse)
+    lse = torch.empty(batch, heads, seqlen_q, dtype=torch.float32, device=q.device)
+    packed_decode(q, k, v, prob.page_table, prob.seqused_k, out, lse, num_splits,
+                  softmax_scale=prob.softmax_scale, causal=prob.causal,
+                  combine_in_kernel=DECODE_COMBINE_IN_KERNEL if combine_in_kernel is None else combine_in_kernel)
     return out, (lse if return_lse else None)
 
 

@@ -80,7 +80,7 @@ def test_decode_split_path_compiles_for_sm90():
 def test_decode_kernel_compiles(arch):
     """The decode kernel (kernels/decode.py; run on SM90, compile-checked for sm_100a too): every
     2/3/4/8-bit pair at head_dim 128, head_dim 64, verification rows, fp16 with float32 scales, and the split
-    combine on its float32 partials."""
+    combine on its float32 partials; and five of them merging their splits in the kernel."""
     from fa4_tq.compile_check import decode_kernel_variants
 
     res = run_in_subprocess(arch, "decode-kernel")

@@ -80,6 +80,65 @@ def test_split_and_unsplit_agree(poisoned):
         assert rel_err(o, outs[0]) < 1e-2
 
 
+def _decode_inputs(lens, seqlen_q, h, h_k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    cache, table, used, _ = ragged_paged_cache(lens, 64, h_k, 128, gen, k_bits=4, v_bits=4, k_seed=5, v_seed=6,
+                                               device=DEV)
+    q = torch.randn(len(lens), seqlen_q, h, 128, generator=gen).to(torch.bfloat16).to(DEV)
+    return q, cache, table, used
+
+
+@pytest.mark.parametrize("seqlen_q,num_splits", [(1, 16), (4, 16), (1, 1), (4, 1)])
+def test_in_kernel_combine_equals_the_combine_kernel(poisoned, monkeypatch, seqlen_q, num_splits):
+    """``DECODE_COMBINE_IN_KERNEL``: the CTA of a row group that draws the last ticket (an atomic
+    counter per row group) merges every split's partials with the combine kernel's own code, so
+    the output and LSE must equal the two-launch path's bit for bit (one split: the direct write
+    equals the combine's cast). The counters must be back at zero after each call, or the next
+    call would pick no CTA (rows left NaN) or the wrong one (partials not yet written): three
+    calls in a row. Sequences of 0 and 5 keys make empty splits, whose weight is 0."""
+    import fa4_tq.decode as dec
+    from fa4_tq.interface import _Problem
+    from fa4_tq.kernels.launch import _tickets
+
+    lens = [0, 5, 3000, 9000]
+    q, cache, table, used = _decode_inputs(lens, seqlen_q, 32, 4, seed=7)
+    assert dec.decode_kernel_runs(_Problem(q, *cache, 4, 1.0, True, (None, None)))
+    call = lambda: flash_attn_with_kvcache(q, cache, table, used, num_splits=num_splits, return_lse=True)
+    want, want_lse = call()
+    monkeypatch.setattr(dec, "DECODE_COMBINE_IN_KERNEL", True)
+    calls = [call() for _ in range(3)]
+    torch.cuda.synchronize()
+    assert _tickets and all(int(t.abs().sum()) == 0 for t in _tickets.values())
+    for out, lse in calls:
+        assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    assert torch.equal(want[0], torch.zeros_like(want[0])) and bool((want_lse[0] == float("-inf")).all())
+    ref, ref_lse = attention_reference(q[1:], *cache, page_table=table[1:], seqused_k=used[1:], causal=True,
+                                       dtype=torch.float64)
+    print(f"IN-KERNEL q{seqlen_q} splits={num_splits}: out {rel_err(want[1:], ref):.2e} "
+          f"lse {rel_err(want_lse[1:], ref_lse):.2e}")
+    assert rel_err(want[1:], ref) < 2e-2 and rel_err(want_lse[1:], ref_lse) < 1e-3
+
+
+def test_in_kernel_combine_on_two_streams_at_once(poisoned, monkeypatch):
+    """Launches on different streams may run at the same time, so each stream has its own
+    tickets: 2 x 20 calls of 16 splits, alternating between two streams, each equal to the call
+    on the default stream bit for bit."""
+    import fa4_tq.decode as dec
+
+    monkeypatch.setattr(dec, "DECODE_COMBINE_IN_KERNEL", True)
+    q, cache, table, used = _decode_inputs([3000, 70, 9000], 1, 32, 4, seed=8)
+    want, _ = flash_attn_with_kvcache(q, cache, table, used, num_splits=16)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    got = []
+    for i in range(40):
+        with torch.cuda.stream(streams[i % 2]):
+            got.append(flash_attn_with_kvcache(q, cache, table, used, num_splits=16)[0])
+    torch.cuda.synchronize()
+    assert all(torch.equal(o, want) for o in got), sum(not torch.equal(o, want) for o in got)
+
+
 # ----------------------------------------------------------------------------- skip-softmax
 def _peaked(lens, seqlen_q, h, h_k, d, page_size, k_bits, v_bits, seed):
     from fa4_tq.skip_softmax import peaked_attention_inputs
@@ -329,13 +388,18 @@ def test_decode_kernel_takes_only_what_it_supports():
 
 
 # ----------------------------------------------------------------------------- CUDA graphs
-@pytest.mark.parametrize("seqlen_q,skip", [(1, False), (4, False), (8, False), (4, True)])
-def test_a_decode_step_replays_in_a_cuda_graph(poisoned, seqlen_q, skip):
+@pytest.mark.parametrize("seqlen_q,skip,in_kernel", [(1, False, False), (4, False, False), (8, False, False),
+                                                     (4, True, False), (1, False, True), (4, False, True)])
+def test_a_decode_step_replays_in_a_cuda_graph(poisoned, monkeypatch, seqlen_q, skip, in_kernel):
     """Serving engines capture the decode step once and replay it with new contents in the same
     buffers (q, seqused_k, the page table). With ``check_indices=False`` the call must capture
     (no host sync, no host-to-device copy) and each replay must equal an eager call on the
     replay's inputs bit for bit: the decode kernel and its combine (seqlen_q 1 and 4 at GQA 8),
-    the packed-KV kernel's split launches (seqlen_q 8: 64 rows) and skip-softmax."""
+    the packed-KV kernel's split launches (seqlen_q 8: 64 rows) and skip-softmax; and the decode
+    kernel merging its own splits (``in_kernel``: its tickets are captured with it)."""
+    import fa4_tq.decode as dec
+
+    monkeypatch.setattr(dec, "DECODE_COMBINE_IN_KERNEL", in_kernel)
     q, cache, table, used = _peaked([3000, 70, 1200], seqlen_q, 32, 4, 128, 64, 4, 4, seed=3)
     q_buf, used_buf, table_buf = q.clone(), used.clone(), table.clone()
     kw = dict(return_lse=True, check_indices=False, backend="inline")

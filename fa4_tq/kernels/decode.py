@@ -16,7 +16,10 @@ as many row groups as the rows need (32 rows: two CTAs on the same keys). Each w
 blocks of ``CHUNKS x 16`` keys (blocks ``warp, warp + W, ...`` of the split, W warps) with its
 own online softmax, the next block's bytes loading while this one is computed; the warps merge
 through shared memory and write the split's normalised output and LSE (float32), which
-``kernels/combine.py`` merges across splits. Per 16-key chunk a warp does:
+``kernels/combine.py`` merges across splits. With ``combine_in_kernel`` (off until tested on a
+GPU) the CTA of a (sequence, KV head, row group) that finishes last merges them instead
+(``_combine_if_last``, with the combine's ``merge_row``), and one split writes the output
+directly: one launch a call. Per 16-key chunk a warp does:
 
 - ``S^T = K Q^T``: ``d/16`` m16n8k16 MMAs; lane ``(quad, qi)`` owns keys ``quad`` and
   ``quad + 8`` and the head-dim slice ``[qi*d/4, (qi+1)*d/4)``: one contiguous load per key. The
@@ -59,6 +62,7 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 from flash_attn.cute import utils as fa_utils
 
+from .combine import SplitCombine, merge_row
 from .hadamard import butterflies
 from .load_stage import copy_part_async, mma_16816, pack_x2, prmt
 from .staging import decode_four, entry_bits
@@ -68,6 +72,7 @@ ROWS = 8  # query rows of one MMA n-tile: the MMA's N
 # packed-KV prefill kernel (64-row wgmma tiles) is faster: at 64 rows this kernel measured 1.5x
 # slower (perf/results/decode-*.md).
 MAX_ROWS = 32
+COMBINE_UNROLL = SplitCombine.unroll
 CHUNK = 16  # keys per MMA: M of K Q^T, K of V^T P^T
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -335,7 +340,7 @@ class PackedDecode:
     warps_by_tiles = {1: 12, 2: 8}
 
     def __init__(self, head_dim: int, k_bits: int, v_bits: int, seqlen_q: int, group: int, causal: bool,
-                 pdl: bool = True):
+                 pdl: bool = True, combine_in_kernel: bool = False):
         rows = seqlen_q * group
         if not supports(head_dim, k_bits, v_bits, rows, CHUNK):
             raise ValueError(f"PackedDecode does not run head_dim {head_dim}, K{k_bits}V{v_bits}, {rows} rows")
@@ -345,6 +350,10 @@ class PackedDecode:
         # table or the cache, or write a partial. The codebooks read before the wait are made on
         # the host and copied once (``staging.lookup_table``): no kernel writes them.
         self.pdl = pdl
+        # Whether the kernel merges its splits itself (``_combine_if_last``; at one split it writes
+        # the output directly) instead of leaving float32 partials to ``kernels/combine.py``
+        # (``fa4_tq.decode.DECODE_COMBINE_IN_KERNEL`` says which the calls use, and why).
+        self.combine_in_kernel = combine_in_kernel
         self.seqlen_q, self.group, self.rows = seqlen_q, group, rows
         self.causal = causal and seqlen_q > 1
         self.tiles = n_tiles(rows)
@@ -378,9 +387,10 @@ class PackedDecode:
 
     def smem_bytes(self) -> int:
         """Shared memory a CTA allocates: the rings, the byte tables, the merge's row stats, the
-        rotated query rows."""
+        rotated query rows, the combine's ticket."""
         return (self.warps * self.stages * self.stage_bytes + TABLE_BYTES
-                + self.warps * self.cta_rows * 2 * 4 + self.cta_rows * self.d * 2)
+                + self.warps * self.cta_rows * 2 * 4 + self.cta_rows * self.d * 2
+                + 4 * self.combine_in_kernel)
 
     def ctas_per_sm(self) -> int:
         """CTAs of this kernel an SM holds at once (shared memory and registers); the same for every
@@ -423,19 +433,23 @@ class PackedDecode:
         mSeqused: cute.Tensor,  # (batch,) int32
         mO: cute.Tensor,  # (splits, batch, seqlen_q, heads, d) float32, un-rotated
         mLSE: cute.Tensor,  # (splits, batch, heads, seqlen_q) float32
+        # with ``combine_in_kernel`` only (the partials are then unused at one split):
+        mOut: cute.Tensor,  # (batch, seqlen_q, heads, d) q's dtype: the output
+        mLseOut: cute.Tensor,  # (batch, heads, seqlen_q) float32
+        mTickets: cute.Tensor,  # (batch * kv_heads * row_groups,) int32, zeros; left zeros
         softmax_scale: Float32,
         stream: cuda.CUstream = None,
     ):
         splits, batch = mO.shape[0], mO.shape[1]
         kv_heads = mKData.shape[2]
         self.kernel(mQ, mKData, mVData, mKScale, mVScale, mKTable, mVTable, mKSigns, mVSigns, mPageTable, mSeqused,
-                    mO, mLSE, softmax_scale).launch(grid=[kv_heads * self.row_groups, splits, batch],
-                                                    block=[32 * self.warps, 1, 1],
-                                                    stream=stream, use_pdl=self.pdl)
+                    mO, mLSE, mOut, mLseOut, mTickets, softmax_scale).launch(
+            grid=[kv_heads * self.row_groups, splits, batch], block=[32 * self.warps, 1, 1], stream=stream,
+            use_pdl=self.pdl)
 
     @cute.kernel
     def kernel(self, mQ, mKData, mVData, mKScale, mVScale, mKTable, mVTable, mKSigns, mVSigns, mPageTable, mSeqused,
-               mO, mLSE, softmax_scale: Float32):
+               mO, mLSE, mOut, mLseOut, mTickets, softmax_scale: Float32):
         d = self.d
         bf16 = const_expr(mQ.element_type == cutlass.BFloat16)
         tidx, _, _ = cute.arch.thread_idx()
@@ -461,6 +475,9 @@ class PackedDecode:
         # the rotated query rows, as pairs (row-major: a lane's fragment words are contiguous)
         sQ = smem.allocate_tensor(Uint32, cute.make_layout((R, d // 2), stride=(d // 2, 1)), byte_alignment=128)
         tab = smem.allocate_tensor(Uint32, cute.make_layout((TABLE_BYTES // 4,)), byte_alignment=16)
+        sTicket = None
+        if const_expr(self.combine_in_kernel):
+            sTicket = smem.allocate_tensor(Int32, cute.make_layout((1,)), byte_alignment=4)
         tables = {}  # bits -> (the table's shared address, this lane's offset in a row)
         for half, bits in enumerate(self.widths):
             self._fill_table(mKTable if bits == self.kb else mVTable, tab, half, bits, tidx, bf16)
@@ -526,7 +543,11 @@ class PackedDecode:
 
         self._merge(sO, sML, acc, ml, warp, quad, qi)
         cute.arch.sync_threads()
-        self._epilogue(sO, sML, mO, mLSE, mVSigns, split, b, kv_head, first_row, warp, lane)
+        self._epilogue(sO, sML, mO, mLSE, mOut, mLseOut, mVSigns, splits, split, b, kv_head, first_row, warp, lane)
+        if const_expr(self.combine_in_kernel):
+            if splits > 1:
+                self._combine_if_last(mO, mLSE, mOut, mLseOut, mTickets, sTicket, splits, b, head_group, kv_head,
+                                      first_row, tidx, warp, lane)
 
     # ------------------------------------------------------------------------- loads
     @cute.jit
@@ -800,11 +821,12 @@ class PackedDecode:
                     sO[warp, ROWS * n + 2 * qi + t % 2, v_dim(d, j, quad + 8 * (t // 2))] = acc[j, n, t]
 
     @cute.jit
-    def _epilogue(self, sO, sML, mO, mLSE, mSigns, split, b, kv_head, first_row, warp, lane):
+    def _epilogue(self, sO, sML, mO, mLSE, mOut, mLseOut, mSigns, splits, split, b, kv_head, first_row, warp, lane):
         """Merge the warps' rows, un-rotate them (V's R^T: the butterflies, then the signs and
-        1/sqrt(d)) and write the split's output and LSE (empty split: 0, -inf). Half a warp a row,
-        ``d/16`` consecutive dims a lane, as in ``_rotate_query``."""
-        d, per, part, W = self.d, self.d // 16, lane % 16, self.warps
+        1/sqrt(d)) and write the split's output and LSE (empty split: 0, -inf): the partials, or,
+        combining in the kernel at one split, the output itself. Half a warp a row, ``d/16``
+        consecutive dims a lane, as in ``_rotate_query``."""
+        per, part, W = self.d // 16, lane % 16, self.warps
         for rr in cutlass.range_constexpr(-(-self.cta_rows // (2 * W))):
             row = (warp + W * rr) * 2 + lane // 16
             if row < self.cta_rows:  # both halves of a warp alike: the butterflies shuffle
@@ -827,11 +849,69 @@ class PackedDecode:
                 if first_row + row < self.rows:
                     i, g = (first_row + row) // self.group, (first_row + row) % self.group
                     head = kv_head * self.group + g
-                    for j in cutlass.range_constexpr(per):
-                        mO[split, b, i, head, part * per + j] = o[j] * mSigns[part * per + j] * Float32(d ** -0.5)
-                    if part == 0:
-                        mLSE[split, b, head, i] = ((base + cute.math.log2(total, fastmath=True)) * Float32(math.log(2.0))
-                                                   if total > Float32(0.0) else -Float32.inf)
+                    if const_expr(self.combine_in_kernel):
+                        if splits == 1:
+                            self._store_output(o, base, total, mOut, mLseOut, mSigns, b, i, head, part)
+                        else:
+                            self._store_partial(o, base, total, mO, mLSE, mSigns, split, b, i, head, part)
+                    else:
+                        self._store_partial(o, base, total, mO, mLSE, mSigns, split, b, i, head, part)
+
+    @cute.jit
+    def _store_partial(self, o, base, total, mO, mLSE, mSigns, split, b, i, head, part):
+        """A lane's slice of a row's split partial (un-rotated: the signs and 1/sqrt(d)) and its LSE."""
+        d, per = self.d, self.d // 16
+        for j in cutlass.range_constexpr(per):
+            mO[split, b, i, head, part * per + j] = o[j] * mSigns[part * per + j] * Float32(d ** -0.5)
+        if part == 0:
+            mLSE[split, b, head, i] = _row_lse(base, total)
+
+    @cute.jit
+    def _store_output(self, o, base, total, mOut, mLseOut, mSigns, b, i, head, part):
+        """The same slice as the output itself, in its dtype (one split: what the combine's cast of
+        the partial gives, bit for bit), one vector store a lane."""
+        d, per = self.d, self.d // 16
+        res = cute.make_rmem_tensor((per,), mOut.element_type)
+        for j in cutlass.range_constexpr(per):
+            res[j] = (o[j] * mSigns[part * per + j] * Float32(d ** -0.5)).to(mOut.element_type)
+        dst = cute.domain_offset((b, i, head, part * per), mOut).iterator.toint()
+        dst = cute.make_ptr(mOut.element_type, dst, cute.AddressSpace.gmem, assumed_align=2 * per)
+        cute.autovec_copy(res, cute.make_tensor(dst, cute.make_layout((per,))))
+        if part == 0:
+            mLseOut[b, head, i] = _row_lse(base, total)
+
+    @cute.jit
+    def _combine_if_last(self, mO, mLSE, mOut, mLseOut, mTickets, sTicket, splits, b, head_group, kv_head, first_row,
+                         tidx, warp, lane):
+        """The split combine, by the CTA of this (sequence, KV head and row group) that finishes last:
+        each CTA takes a ticket (an atomic add on its counter) once its partials are written and
+        fenced; the one that draws ``splits - 1`` knows every partial is visible, merges its rows
+        as ``kernels/combine.py`` would (``merge_row``, the same bits) and puts the counter back to
+        0 for the next launch. This saves the combine's launch and its wait on this kernel."""
+        cute.arch.fence_acq_rel_gpu()  # this thread's partials, before the CTA's ticket
+        cute.arch.sync_threads()
+        counter = b * cute.arch.grid_dim()[0] + head_group
+        if tidx == 0:
+            sTicket[0] = cute.arch.atomic_add(mTickets.iterator + counter, Int32(1), sem="acq_rel", scope="gpu")
+        cute.arch.sync_threads()
+        if sTicket[0] == splits - 1:
+            cute.arch.fence_acq_rel_gpu()  # the other CTAs' partials, for every thread's loads
+            W = self.warps
+            for rr in cutlass.range_constexpr(-(-self.cta_rows // W)):
+                row = warp + W * rr
+                if row < self.cta_rows and first_row + row < self.rows:  # warp-uniform
+                    i, g = (first_row + row) // self.group, (first_row + row) % self.group
+                    merge_row(mO, mLSE, mOut, mLseOut, b, i, kv_head * self.group + g, lane, self.d // 32,
+                              COMBINE_UNROLL)
+            if tidx == 0:
+                mTickets[counter] = Int32(0)
+
+
+@cute.jit
+def _row_lse(base, total):
+    """A row's natural-log LSE from its max (log2 domain, 0 for an empty row) and its sum."""
+    return ((base + cute.math.log2(total, fastmath=True)) * Float32(math.log(2.0))
+            if total > Float32(0.0) else -Float32.inf)
 
 
 @cute.jit

@@ -333,18 +333,19 @@ def _packed_attention_sm100(cls, arch, q, k, v, softmax_scale, qhead_per_kvhead,
 
 
 def packed_decode(q: torch.Tensor, k: PackedKV, v: PackedKV, page_table: torch.Tensor, seqused_k: torch.Tensor,
-                  out_part: torch.Tensor, lse_part: torch.Tensor, *, softmax_scale: float, causal: bool,
-                  pdl: bool = True) -> None:
+                  out: torch.Tensor, lse: torch.Tensor, num_splits: int, *, softmax_scale: float, causal: bool,
+                  pdl: bool = True, combine_in_kernel: bool = False) -> None:
     """The decode kernel (``kernels/decode.py``) on paged K/V: ``q [batch, seqlen_q, heads, d]``
-    (as given: the kernel rotates it by K's R) into the float32 partials ``out_part [splits,
-    batch, seqlen_q, heads, d]`` (normalised, un-rotated by V's R) and ``lse_part [splits, batch,
-    heads, seqlen_q]``, one split per entry of their first dim. Inputs are assumed validated
-    (``fa4_tq.decode``). ``pdl``: a programmatic dependent launch (``PackedDecode``)."""
+    (as given: the kernel rotates it by K's R) into ``out [batch, seqlen_q, heads, d]`` (q's dtype,
+    un-rotated by V's R) and ``lse [batch, heads, seqlen_q]`` (float32) over ``num_splits`` KV
+    splits: float32 partials merged by ``kernels/combine.py`` (``split_combine``), or, with
+    ``combine_in_kernel``, merged by the kernel's last CTA of each row group (one launch). Inputs
+    are assumed validated (``fa4_tq.decode``). ``pdl``: programmatic dependent launches."""
     import cutlass.cute as cute
     from flash_attn.cute.cute_dsl_utils import to_cute_tensor
     from flash_attn.cute.testing import is_fake_mode
 
-    from .decode import PackedDecode
+    from .decode import PackedDecode, row_groups
 
     batch, seqlen_q, heads, d = q.shape
     group = heads // k.shape[2]
@@ -353,10 +354,14 @@ def packed_decode(q: torch.Tensor, k: PackedKV, v: PackedKV, page_table: torch.T
         k_signs, v_signs = (torch.empty(d, dtype=torch.float32, device=q.device) for _ in range(2))
     else:
         k_signs, v_signs = (_signs_on(d, p.seed, q.device) for p in (k, v))
+    f32 = dict(dtype=torch.float32, device=q.device)
+    out_part = torch.empty(num_splits, batch, seqlen_q, heads, d, **f32)
+    lse_part = torch.empty(num_splits, batch, heads, seqlen_q, **f32)
+    tickets = split_tickets(q.device, batch * k.shape[2] * row_groups(seqlen_q * group))
     key = ("decode", device_arch(), q.dtype, d, k.bits, v.bits, k.scales.dtype, v.scales.dtype, seqlen_q, group,
-           bool(causal), pdl)
+           bool(causal), pdl, combine_in_kernel)
     args = (q, k.data, v.data, k.scales, v.scales, k_table, v_table, k_signs, v_signs, page_table, seqused_k,
-            out_part, lse_part)
+            out_part, lse_part, out, lse, tickets)
     if key not in _compile_cache:
         small = dict(assumed_align=4, leading_dim=0)
         cargs = [to_cute_tensor(q), to_cute_tensor(k.data), to_cute_tensor(v.data),
@@ -365,11 +370,39 @@ def packed_decode(q: torch.Tensor, k: PackedKV, v: PackedKV, page_table: torch.T
                  to_cute_tensor(k_signs, assumed_align=16), to_cute_tensor(v_signs, assumed_align=16),
                  to_cute_tensor(page_table, assumed_align=4, leading_dim=1), to_cute_tensor(seqused_k, **small),
                  to_cute_tensor(out_part, assumed_align=16), to_cute_tensor(lse_part, assumed_align=4),
+                 to_cute_tensor(out, assumed_align=16), to_cute_tensor(lse, assumed_align=4),
+                 to_cute_tensor(tickets, **small),
                  softmax_scale, cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)]
-        kernel = PackedDecode(d, k.bits, v.bits, seqlen_q, group, causal, pdl)
+        kernel = PackedDecode(d, k.bits, v.bits, seqlen_q, group, causal, pdl, combine_in_kernel)
         _compile_cache[key] = cute.compile(kernel, *cargs, options="--enable-tvm-ffi")
     if not is_fake_mode() and batch:
         _compile_cache[key](*args, softmax_scale)
+    if not combine_in_kernel:
+        split_combine(out_part, lse_part, out, lse, pdl=pdl)
+
+
+# (device index, stream) -> int32 zeros: the decode kernel's split tickets (``split_tickets``)
+_tickets: dict = {}
+
+
+def split_tickets(device: torch.device, n: int) -> torch.Tensor:
+    """``n`` int32 counters, zero, for the decode kernel's in-launch combine (passed, unused,
+    without it: one buffer per stream, allocated once, costs nothing a call). Each launch leaves
+    them zero (the last CTA of a row group resets its counter), so one buffer per stream serves
+    every call on that stream in turn; launches on different streams may overlap, so they get
+    different buffers. Under CUDA-graph capture a fresh buffer is made (its zeroing is captured
+    too), so a graph owns its own and eager calls never share it."""
+    from flash_attn.cute.testing import is_fake_mode
+
+    if is_fake_mode() or torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    stream = torch.cuda.current_stream(device)
+    key = (stream.device_index, stream.cuda_stream)
+    buf = _tickets.get(key)
+    if buf is None or buf.numel() < n:
+        # replaced on this stream, after the launches that used the old one (stream order)
+        buf = _tickets[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return buf
 
 
 def split_combine(out_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
