@@ -358,11 +358,25 @@ def decode_kernel_variants():
         ("k4v4 d128 gqa8", {}), ("k2v2 d128 gqa8", dict(kb=2, vb=2)), ("k4v4 d64 gqa8", dict(d=64)),
         ("k4v4 d128 verify seqlen_q 4 gqa8 causal", dict(sq=4, lse=True)),
         ("k4v2 d128 fp16 fp32-scales", dict(vb=2, dtype="float16", scale_dtype="float32")))]
+    # switches of PackedDecode that are off by default (``kernel``: its class attributes)
+    fast = dict(kernel=dict(fast_page_divmod=True))
+    out += [("k4v4 d128 gqa8 fast_page_divmod", fast), ("k2v2 d128 verify seqlen_q 4 gqa8 causal fast_page_divmod",
+                                                          dict(fast, kb=2, vb=2, sq=4)),
+            ("k4v4 d64 gqa8 fast_page_divmod combine in kernel", dict(fast, d=64, in_kernel=True))]
+    paired = dict(kernel=dict(paired_2bit_lookups=True))
+    out += [(f"k{kb}v{vb} d128 gqa8 paired_2bit_lookups", dict(paired, kb=kb, vb=vb))
+            for kb, vb in ((2, 2), (2, 4), (4, 2), (2, 8), (8, 2), (3, 2), (2, 3))]
+    out += [("k2v2 d128 verify seqlen_q 4 gqa8 causal paired_2bit_lookups", dict(paired, kb=2, vb=2, sq=4)),
+            ("k2v4 d64 gqa8 paired_2bit_lookups", dict(paired, d=64, kb=2)),
+            ("k2v2 d128 fp16 fp32-scales paired_2bit_lookups",
+             dict(paired, kb=2, vb=2, dtype="float16", scale_dtype="float32"))]
     return out
 
 
 def _case_decode_kernel() -> list[str]:
     import torch
+
+    import fa4_tq.kernels.decode
     from fa4_tq.decode import _run_decode_kernel
     from fa4_tq.interface import _Problem
 
@@ -379,7 +393,13 @@ def _case_decode_kernel() -> list[str]:
         prob = _Problem(q, k, v, 2, d ** -0.5, True, (None, None),
                         seqused_k=torch.empty(2, dtype=torch.int32, device="cuda"),
                         page_table=torch.empty(2, 16, dtype=torch.int32, device="cuda"))
-        _run_decode_kernel(prob, 4, kw.get("lse", False), kw.get("in_kernel", False))
+        kernel = fa4_tq.kernels.decode.PackedDecode
+        if "kernel" in kw:  # a subclass with the switches set (launch.packed_decode caches per class)
+            fa4_tq.kernels.decode.PackedDecode = type("PackedDecode", (kernel,), kw["kernel"])
+        try:
+            _run_decode_kernel(prob, 4, kw.get("lse", False), kw.get("in_kernel", False))
+        finally:
+            fa4_tq.kernels.decode.PackedDecode = kernel
         done.append(label)
     return done
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from fa4_tq.codec import centroids, pack
-from fa4_tq.kernels.decode import (ROW3_BYTES, TABLE_BYTES, TABLE_ROW_BYTES, byte_table, decode_key_pairs3,
-                                   decode_pairs, decode_pairs3, interleave_codes, k_dim, k_piece, lane_offset,
-                                   pair_offsets, table_offset, v3_selectors, v3_slice_at, v_dim, v_key, v_piece,
-                                   v_slot)
+from fa4_tq.kernels.decode import (ROW3_BYTES, TABLE_BYTES, TABLE_ROW_BYTES, byte_table, decode_key_pairs2,
+                                   decode_key_pairs3, decode_pairs, decode_pairs3, decode_value_pairs2,
+                                   interleave_codes, k_dim, k_piece, lane_offset, pair_offsets, table_offset,
+                                   v3_selectors, v3_slice_at, v_dim, v_key, v_piece, v_slot)
 from fa4_tq.kernels.staging import prmt_reference
 
 
@@ -31,11 +31,12 @@ def _words(codes: torch.Tensor, bits: int) -> list[int]:
 
 def _shared_tables(widths: dict, dtype: str) -> list[int]:
     """The kernel's shared tables as words, filled as ``PackedDecode._fill_table`` fills them:
-    ``widths`` maps a row half to its bits; each half of row ``e`` holds ``byte_table``'s two
-    words of ``e`` 16 times."""
+    ``widths`` maps a row half to its bits (or its table kind, ``(bits, crossed)``); each half of
+    row ``e`` holds ``byte_table``'s two words of ``e`` 16 times."""
     mem = [None] * (TABLE_BYTES // 4)
-    for half, bits in widths.items():
-        table = byte_table(bits, dtype)
+    for half, kind in widths.items():
+        bits, crossed = kind if isinstance(kind, tuple) else (kind, False)
+        table = byte_table(bits, dtype, crossed)
         assert len(table) == 256 and all(len(row) == 2 for row in table)
         for e in range(256):
             for pos in range(32):
@@ -43,13 +44,14 @@ def _shared_tables(widths: dict, dtype: str) -> list[int]:
     return mem
 
 
-def _lookup(bits: int, dtype: str, path: str):
+def _lookup(bits: int, dtype: str, path: str, crossed: bool = False):
     """What ``decode_pairs`` looks bytes up in: the kernel's shared tables (K's width in the first
     half of a row, another width in the second), addressed as the kernel addresses them, by every
-    lane of a warp in both halves; or nothing (the ``prmt`` register lookup, 2/4-bit only)."""
+    lane of a warp in both halves; or nothing (the ``prmt`` register lookup, 2/4-bit only).
+    ``crossed``: the 2-bit table of ``decode_value_pairs2``."""
     if path == "registers":
         return None
-    mem = _shared_tables({0: bits, 1: bits}, dtype)
+    mem = _shared_tables({0: (bits, crossed), 1: (bits, crossed)}, dtype)
 
     def lookup(w, i):
         seen = set()
@@ -102,6 +104,58 @@ def test_two_keys_interleave_into_pairs_of_one_dim(bits, path):
     assert len(out) == 32
     for dim, w in enumerate(out):
         assert _halves(w) == (_bits16(vals[cx[dim]], "bfloat16"), _bits16(vals[cy[dim]], "bfloat16")), dim
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_paired_2bit_key_lookups_give_each_fragment_register_pair(dtype):
+    """``paired_2bit_lookups``, K side: the codes of keys quad and quad + 8 (one word each, 16
+    codes) nibble-interleaved, then one 64-bit lookup a byte, give the same decoded words as each
+    key's own lookups (``decode_pairs``), word ``k`` of each key = codes ``2k``, ``2k + 1``; and each
+    lookup returns word ``k`` of both keys, the fragment's ``(a0, a1)`` (even ``k``) or ``(a2, a3)``."""
+    gen = torch.Generator().manual_seed(22)
+    vals = centroids(2).float().tolist()
+    for _ in range(20):
+        cx, cy = (torch.randint(0, 4, (16,), generator=gen) for _ in range(2))
+        (x,), (y,) = _words(cx, 2), _words(cy, 2)
+        calls = []
+        table = _lookup(2, dtype, "table")
+
+        def lookup(w, i):
+            calls.append(table(w, i))
+            return calls[-1]
+        kx, ky = decode_key_pairs2(x, y, lookup)
+        assert kx == decode_pairs(x, 2, dtype, prmt_reference, table)
+        assert ky == decode_pairs(y, 2, dtype, prmt_reference, table)
+        for k in range(8):
+            assert _halves(kx[k]) == (_bits16(vals[cx[2 * k]], dtype), _bits16(vals[cx[2 * k + 1]], dtype))
+            assert _halves(ky[k]) == (_bits16(vals[cy[2 * k]], dtype), _bits16(vals[cy[2 * k + 1]], dtype))
+        assert sorted(calls) == sorted((kx[k], ky[k]) for k in range(8))  # one key x word, one key y word
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_paired_2bit_value_lookups_give_each_fragment_register_pair(dtype):
+    """``paired_2bit_lookups``, V side: two keys' words (16 dims) nibble-interleaved and looked up
+    in the crossed table give the words the plain path gives (word ``m``: dim ``m`` of key x, then
+    of key y), each 64-bit lookup returning dims ``2j`` and ``2j + 1``, an ``(a0, a1)`` pair."""
+    gen = torch.Generator().manual_seed(23)
+    vals = centroids(2).float().tolist()
+    crossed = _lookup(2, dtype, "table", crossed=True)
+    plain = _lookup(2, dtype, "table")
+    for _ in range(20):
+        cx, cy = (torch.randint(0, 4, (16,), generator=gen) for _ in range(2))
+        (x,), (y,) = _words(cx, 2), _words(cy, 2)
+        calls = []
+
+        def lookup(w, i):
+            calls.append(crossed(w, i))
+            return calls[-1]
+        out = decode_value_pairs2(x, y, lookup)
+        even, odd = interleave_codes(x, y, 2)
+        ev, od = (decode_pairs(w, 2, dtype, prmt_reference, plain) for w in (even, odd))
+        assert out == [w for pair in zip(ev, od) for w in pair]
+        for dim, w in enumerate(out):
+            assert _halves(w) == (_bits16(vals[cx[dim]], dtype), _bits16(vals[cy[dim]], dtype)), dim
+        assert sorted(calls) == sorted((out[2 * j], out[2 * j + 1]) for j in range(8))
 
 
 @pytest.mark.parametrize("d", [64, 128])

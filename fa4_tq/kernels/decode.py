@@ -131,14 +131,17 @@ def interleave_codes(x, y, bits: int):
     return even, odd
 
 
-def byte_table(bits: int, dtype: str) -> tuple[tuple[int, int], ...]:
+def byte_table(bits: int, dtype: str, crossed: bool = False) -> tuple[tuple[int, int], ...]:
     """Row ``e`` of the kernel's lookup table: the two words a byte ``e`` of ``bits``-bit codes
-    decodes to. 2-bit: codes 0-1 and 2-3 of the byte (code 0 in the low half); 4-bit: both codes
+    decodes to. 2-bit: codes 0-1 and 2-3 of the byte (code 0 in the low half), or ``crossed``
+    (``decode_value_pairs2``): codes 0 and 2, then 1 and 3; 4-bit: both codes
     in one word, repeated; 8-bit: the code's value in the low half, repeated; 3-bit: rows are
     indexed by a pair of codes (6 bits, ``pair_offsets``), its two values in one word, repeated
     (rows 64-255 repeat 0-63: a lookup's byte may carry two bits of the next pair). In shared
     memory each row holds these two words 16 times (``PackedDecode._fill_table``)."""
     v = entry_bits(bits, dtype)
+    if bits == 2 and crossed:
+        return tuple((v[e & 3] | v[e >> 4 & 3] << 16, v[e >> 2 & 3] | v[e >> 6] << 16) for e in range(256))
     if bits == 2:
         return tuple((v[e & 3] | v[e >> 2 & 3] << 16, v[e >> 4 & 3] | v[e >> 6] << 16) for e in range(256))
     if bits == 3:
@@ -253,6 +256,36 @@ def decode_pairs(w, bits: int, dtype: str, prmt_op, byte_lookup=None) -> list:
     return [x for ws in words for x in ws[:4 // bits]]
 
 
+def decode_key_pairs2(x, y, byte_lookup) -> tuple[list, list]:
+    """2-bit K in MMA fragment order: one word of codes of key ``quad`` (``x``) and of key
+    ``quad + 8`` (``y``) -> their 8 decoded words each (word ``k``: codes ``2k``, ``2k + 1``), with
+    each 64-bit lookup returning one word of each key, the ``(a0, a1)`` or ``(a2, a3)`` register
+    pair of an MMA's A fragment (the nibbles of the two keys interleaved first, four ops), where
+    a byte of one key gave words ``2k`` and ``2k + 1``, which sit two registers apart in the
+    fragment and cost a move each. ``byte_lookup``: the plain 2-bit table (``byte_table``)."""
+    even, odd = interleave_codes(x, y, 4)  # byte b: nibble 2b (even) or 2b + 1 (odd) of x, then of y
+    kx, ky = [None] * 8, [None] * 8
+    for b in range(4):
+        kx[2 * b], ky[2 * b] = byte_lookup(even, b)
+        kx[2 * b + 1], ky[2 * b + 1] = byte_lookup(odd, b)
+    return kx, ky
+
+
+def decode_value_pairs2(x, y, byte_lookup) -> list:
+    """2-bit V in MMA fragment order: one word of codes of two keys (``x``, ``y``; 16 dims) -> 16
+    words, word ``m`` holding dim ``m`` of key x (low half) and of key y, with each 64-bit lookup
+    returning dims ``2j`` and ``2j + 1``, the ``(a0, a1)`` or ``(a2, a3)`` register pair of m-tile
+    ``j``'s A fragment. The keys' nibbles are interleaved (as ``interleave_codes`` at 4 bits: the
+    same four ops as at 2), so a byte holds dims ``2j``, ``2j + 1`` of x then of y, and the table
+    crosses them (``byte_table(2, dtype, crossed=True)``: codes 0 and 2, then 1 and 3)."""
+    even, odd = interleave_codes(x, y, 4)
+    out = [None] * 16
+    for b in range(4):
+        out[4 * b], out[4 * b + 1] = byte_lookup(even, b)
+        out[4 * b + 2], out[4 * b + 3] = byte_lookup(odd, b)
+    return out
+
+
 def v_slot(quad, qi, v_words: int):
     """Where lane ``(quad, qi)``'s V slice of a key sits among the 32 slices of the ring's row of
     that key index ``t`` (in slices): the ``g = 4 / v_words`` quads of one 16-byte piece of a V row
@@ -338,6 +371,16 @@ class PackedDecode:
     # measured 1.04-1.09x slower at K4V4, 1.17x at K2V4, level at K2V2, 1.02x faster at K8V8);
     # 8 at two tiles, all the registers allow, level with two CTAs of 4 (perf/results/decode-*.md).
     warps_by_tiles = {1: 12, 2: 8}
+    # The page and slot of a chunk's first key by FA4's own ``FastDivmodDivisorV2`` (a multiply-high
+    # and a shift, as its paged K/V loads do) instead of a division by the run-time page size
+    # (SASS: ~20 instructions each, two a block, in the loop). Off until its GPU tests have run
+    # (written 2026-12-08 with no GPU lent; ``scripts/ab_decode.py --set`` measures it).
+    fast_page_divmod = False
+    # 2-bit lookups in MMA fragment order (``decode_key_pairs2``, ``decode_value_pairs2``): each
+    # 64-bit lookup fills an A fragment's register pair, where ptxas moved nearly every word it
+    # loaded (SASS of K2V2's loop: 138 moves in 706 instructions a block, K4V4: 15 in 785). Off
+    # until its GPU tests have run (written 2026-12-08 with no GPU lent).
+    paired_2bit_lookups = False
 
     def __init__(self, head_dim: int, k_bits: int, v_bits: int, seqlen_q: int, group: int, causal: bool,
                  pdl: bool = True, combine_in_kernel: bool = False):
@@ -361,7 +404,10 @@ class PackedDecode:
         self.cta_rows = self.tiles * ROWS
         self.row_groups = row_groups(rows)
         self.chunks = chunks_per_block(k_bits, v_bits)
-        self.widths = tuple(sorted({k_bits, v_bits}))  # one byte table each
+        # One byte table a kind (bits, crossed): K's and V's, one if they are the same kind.
+        paired = self.paired_2bit_lookups
+        self.k_table, self.v_table = (k_bits, False), (v_bits, paired and v_bits == 2)
+        self.table_kinds = tuple(sorted({self.k_table, self.v_table}))
         self.block = self.chunks * CHUNK
         self.k_words = head_dim // 4 * k_bits // 32  # per key and lane
         self.v_words = head_dim // 8 * v_bits // 32
@@ -478,10 +524,10 @@ class PackedDecode:
         sTicket = None
         if const_expr(self.combine_in_kernel):
             sTicket = smem.allocate_tensor(Int32, cute.make_layout((1,)), byte_alignment=4)
-        tables = {}  # bits -> (the table's shared address, this lane's offset in a row)
-        for half, bits in enumerate(self.widths):
-            self._fill_table(mKTable if bits == self.kb else mVTable, tab, half, bits, tidx, bf16)
-            tables[bits] = (tab.iterator.toint(), lane_offset(half, bits, lane))
+        tables = {}  # kind -> (the table's shared address, this lane's offset in a row)
+        for half, kind in enumerate(self.table_kinds):
+            self._fill_table(mKTable if kind == self.k_table else mVTable, tab, half, kind, tidx, bf16)
+            tables[kind] = (tab.iterator.toint(), lane_offset(half, kind[0], lane))
         if const_expr(self.pdl):
             cute.arch.griddepcontrol_wait()
         self._rotate_query(mQ, mKSigns, sQ, b, kv_head, first_row, warp, lane, bf16)
@@ -489,6 +535,7 @@ class PackedDecode:
 
         # This split's keys: splits cut the longest table into equal runs of whole blocks.
         page_size = mKData.shape[1]
+        page_div = cute.FastDivmodDivisorV2(page_size) if const_expr(self.fast_page_divmod) else page_size
         seqlen = mSeqused[b]
         max_keys = mPageTable.shape[1] * page_size
         per_split = (max_keys + splits * self.block - 1) // (splits * self.block) * self.block
@@ -519,11 +566,11 @@ class PackedDecode:
         for j in cutlass.range_constexpr(S - 1):
             if warp + j * W < nblk:
                 key0 = start + (warp + j * W) * self.block
-                self._pages(mPageTable, b, key0, end, page_size, pages)
+                self._pages(mPageTable, b, key0, end, page_div, pages)
                 self._issue(ring_base + j * self.stage_bytes, src, kv_head, key0, end, pages, lane, quad, qi)
             cute.arch.cp_async_commit_group()
         if warp + (S - 1) * W < nblk:
-            self._pages(mPageTable, b, start + (warp + (S - 1) * W) * self.block, end, page_size, pages)
+            self._pages(mPageTable, b, start + (warp + (S - 1) * W) * self.block, end, page_div, pages)
         for blk in cutlass.range(warp, nblk, W, unroll=1):
             j = (blk - warp) // W
             cute.arch.sync_warp()  # every lane is done reading the stage refilled next
@@ -532,7 +579,7 @@ class PackedDecode:
                 self._issue(ring_base + (j + S - 1) % S * self.stage_bytes, src, kv_head, start + ahead * self.block,
                             end, pages, lane, quad, qi)
                 if ahead + W < nblk:
-                    self._pages(mPageTable, b, start + (ahead + W) * self.block, end, page_size, pages)
+                    self._pages(mPageTable, b, start + (ahead + W) * self.block, end, page_div, pages)
             cute.arch.cp_async_commit_group()
             cute.arch.cp_async_wait_group(S - 1)
             cute.arch.sync_warp()  # the scale rows were copied by other lanes
@@ -572,14 +619,18 @@ class PackedDecode:
                                                            f[2 * j + 1] * Float32(d ** -0.5), bf16)
 
     @cute.jit
-    def _fill_table(self, mTable, sTab, half: cutlass.Constexpr[int], bits: cutlass.Constexpr[int], tidx, bf16):
-        """``byte_table(bits)`` from the float32 codebook ``mTable`` into half ``half`` of each row of
-        ``sTab``, the row's two words 16 times."""
+    def _fill_table(self, mTable, sTab, half: cutlass.Constexpr[int], kind: cutlass.Constexpr, tidx, bf16):
+        """``byte_table(*kind)`` from the float32 codebook ``mTable`` into half ``half`` of each row
+        of ``sTab``, the row's two words 16 times (``kind``: bits, crossed)."""
         threads = 32 * self.warps
+        bits, crossed = kind
         for it in cutlass.range_constexpr(-(-256 // threads)):
             e = tidx + threads * it
             if e < 256:
-                if const_expr(bits == 2):
+                if const_expr(bits == 2 and crossed):
+                    w = (pack_x2(mTable[e % 4], mTable[e // 16 % 4], bf16),
+                         pack_x2(mTable[e // 4 % 4], mTable[e // 64], bf16))
+                elif const_expr(bits == 2):
                     w = (pack_x2(mTable[e % 4], mTable[e // 4 % 4], bf16),
                          pack_x2(mTable[e // 16 % 4], mTable[e // 64], bf16))
                 elif const_expr(bits == 3):
@@ -594,15 +645,21 @@ class PackedDecode:
                     sTab[e * (TABLE_ROW_BYTES // 4) + half * 32 + pos + 1] = w[1]
 
     @cute.jit
-    def _pages(self, mPageTable, b, key0, end, page_size, pages):
+    def _pages(self, mPageTable, b, key0, end, page_div, pages):
         """Page and slot of each chunk's first key (``min(chunk start, end - 1)``) of the block at
         ``key0``: a 16-key chunk never straddles a page, so one division a chunk places all its
-        keys (a division or remainder by the run-time page size costs ~20 instructions)."""
+        keys (a division or remainder by the run-time page size costs ~20 instructions;
+        ``page_div``: the page size, or its ``FastDivmodDivisorV2`` with ``fast_page_divmod``)."""
         for c in cutlass.range_constexpr(self.chunks):
             key = cutlass.min(key0 + c * CHUNK, end - 1)
-            idx = key // page_size
-            pages[c] = mPageTable[b, idx]
-            pages[self.chunks + c] = key - idx * page_size
+            if const_expr(self.fast_page_divmod):
+                idx, slot = divmod(key, page_div)
+                pages[c] = mPageTable[b, idx]
+                pages[self.chunks + c] = slot
+            else:
+                idx = key // page_div
+                pages[c] = mPageTable[b, idx]
+                pages[self.chunks + c] = key - idx * page_div
 
     @cute.jit
     def _issue(self, stage, src, kv_head, key0, end, pages, lane, quad, qi):
@@ -707,21 +764,28 @@ class PackedDecode:
                                                      assumed_align=16), cute.make_layout((CHUNK,)))
                 for r in cutlass.range_constexpr(2):
                     cs[4 * c + 2 * side + r] = Float32(row[cutlass.min(base + quad + 8 * r, end - 1) - row0])
-        ktab = lambda w, i: _table_row(*tables[self.kb], w, i, self.kb)
-        vtab = lambda w, i: _table_row(*tables[self.vb], w, i, self.vb)
-        word3 = lambda off: _table_word(tables[3][0], off)  # 3-bit: one word a pair of codes
+        ktab = lambda w, i: _table_row(*tables[self.k_table], w, i, self.kb)
+        vtab = lambda w, i: _table_row(*tables[self.v_table], w, i, self.vb)
+        word3 = lambda off: _table_word(tables[(3, False)][0], off)  # 3-bit: one word a pair of codes
 
         # Scores: s[si(c, r, n, h)] = key quad + 8r of chunk c, row 8n + 2qi + h, in the log2 domain.
         si = lambda c, r, n, h: ((2 * c + r) * NT + n) * 2 + h
         s = cute.make_rmem_tensor((C * 4 * NT,), Float32)
         for c in cutlass.range_constexpr(C):
             kdec = [[], []]
-            for r in cutlass.range_constexpr(2):
-                if const_expr(self.kb == 3):
-                    kdec[r] = decode_pairs3([ck[(2 * c + r) * kw + w] for w in range(kw)], tables[3][1], word3, prmt)
-                else:
-                    for w in cutlass.range_constexpr(kw):
-                        kdec[r] += decode_pairs(ck[(2 * c + r) * kw + w], self.kb, dt, prmt, ktab)
+            if const_expr(self.paired_2bit_lookups and self.kb == 2):  # both keys at once
+                for w in cutlass.range_constexpr(kw):
+                    kx, ky = decode_key_pairs2(ck[2 * c * kw + w], ck[(2 * c + 1) * kw + w], ktab)
+                    kdec[0] += kx
+                    kdec[1] += ky
+            else:
+                for r in cutlass.range_constexpr(2):
+                    if const_expr(self.kb == 3):
+                        kdec[r] = decode_pairs3([ck[(2 * c + r) * kw + w] for w in range(kw)], tables[(3, False)][1],
+                                                word3, prmt)
+                    else:
+                        for w in cutlass.range_constexpr(kw):
+                            kdec[r] += decode_pairs(ck[(2 * c + r) * kw + w], self.kb, dt, prmt, ktab)
             for n in cutlass.range_constexpr(NT):
                 sc = [Float32(0.0)] * 4
                 for kk in cutlass.range_constexpr(d // 16):
@@ -785,8 +849,12 @@ class PackedDecode:
             for pr in cutlass.range_constexpr(2):
                 if const_expr(self.vb == 3):
                     key = lambda t: (cv[(4 * c + t) * 2], cv[(4 * c + t) * 2 + 1])
-                    vdec[pr] = decode_key_pairs3(key(2 * pr), key(2 * pr + 1), v3_sel, tables[3][1], word3,
+                    vdec[pr] = decode_key_pairs3(key(2 * pr), key(2 * pr + 1), v3_sel, tables[(3, False)][1], word3,
                                                  prmt)
+                elif const_expr(self.paired_2bit_lookups and self.vb == 2):
+                    for w in cutlass.range_constexpr(vw):
+                        vdec[pr] += decode_value_pairs2(cv[(4 * c + 2 * pr) * vw + w], cv[(4 * c + 2 * pr + 1) * vw + w],
+                                                        vtab)
                 else:
                     for w in cutlass.range_constexpr(vw):
                         x = cv[(4 * c + 2 * pr) * vw + w]

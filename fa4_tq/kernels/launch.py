@@ -358,8 +358,9 @@ def packed_decode(q: torch.Tensor, k: PackedKV, v: PackedKV, page_table: torch.T
     out_part = torch.empty(num_splits, batch, seqlen_q, heads, d, **f32)
     lse_part = torch.empty(num_splits, batch, heads, seqlen_q, **f32)
     tickets = split_tickets(q.device, batch * k.shape[2] * row_groups(seqlen_q * group))
-    key = ("decode", device_arch(), q.dtype, d, k.bits, v.bits, k.scales.dtype, v.scales.dtype, seqlen_q, group,
-           bool(causal), pdl, combine_in_kernel)
+    # the class too: a subclass with other switches (compile_check, tests, scripts) is another kernel
+    key = ("decode", PackedDecode, device_arch(), q.dtype, d, k.bits, v.bits, k.scales.dtype, v.scales.dtype,
+           seqlen_q, group, bool(causal), pdl, combine_in_kernel)
     args = (q, k.data, v.data, k.scales, v.scales, k_table, v_table, k_signs, v_signs, page_table, seqused_k,
             out_part, lse_part, out, lse, tickets)
     if key not in _compile_cache:
