@@ -1,6 +1,7 @@
 """On an SM90 GPU: flash_attn_with_kvcache (split-KV + pack-GQA over the packed-KV kernel)
 against the float64 reference on the same paged cache. Outputs start as NaN (``poisoned``)."""
 
+import functools
 import itertools
 
 import pytest
@@ -137,6 +138,57 @@ def test_in_kernel_combine_on_two_streams_at_once(poisoned, monkeypatch):
             got.append(flash_attn_with_kvcache(q, cache, table, used, num_splits=16)[0])
     torch.cuda.synchronize()
     assert all(torch.equal(o, want) for o in got), sum(not torch.equal(o, want) for o in got)
+
+
+@functools.lru_cache(maxsize=None)
+def _switched_kernel(switches: tuple):
+    """A subclass of PackedDecode with ``switches`` (``(name, value)`` pairs) set, one per set of
+    switches (launch.packed_decode compiles once per class)."""
+    import fa4_tq.kernels.decode as dk
+
+    return type("PackedDecode", (dk.PackedDecode,), dict(switches))
+
+
+SWITCH_CASES = [  # (lens, seqlen_q, heads, kv_heads, d, page_size, bits)
+    ([1, 700, 3000], 1, 32, 4, 128, 64, (2, 2)),
+    ([5, 4000], 4, 64, 8, 128, 16, (2, 2)),
+    ([300, 2500], 1, 64, 8, 128, 128, (2, 4)),
+    ([300, 2500], 1, 64, 8, 128, 64, (4, 2)),
+    ([900, 17], 2, 16, 2, 128, 64, (2, 8)),
+    ([900, 17], 1, 16, 2, 128, 16, (8, 2)),
+    ([1500], 4, 32, 4, 128, 64, (3, 2)),
+    ([1500, 64], 1, 32, 4, 128, 128, (2, 3)),
+    ([2000, 33], 1, 32, 4, 64, 64, (2, 4)),
+    ([3000, 1], 1, 64, 8, 128, 16, (4, 4)),
+]
+
+
+@pytest.mark.parametrize("switches", [dict(paired_2bit_lookups=True), dict(fast_page_divmod=True),
+                                      dict(paired_2bit_lookups=True, fast_page_divmod=True)],
+                         ids=["paired_2bit_lookups", "fast_page_divmod", "both"])
+@pytest.mark.parametrize("lens,seqlen_q,h,h_k,d,page_size,bits", SWITCH_CASES)
+def test_decode_kernel_switches_change_no_bit(poisoned, monkeypatch, switches, lens, seqlen_q, h, h_k, d, page_size,
+                                              bits):
+    """PackedDecode's switches that are off by default change instructions, not values: 2-bit
+    lookups in fragment order decode the same words into the same MMAs, FA4's fast divmod finds
+    the same page and slot. Output and LSE equal the default kernel's bit for bit, at 1 and 2
+    n-tiles, head_dim 64/128, page sizes 16/64/128, split (ragged) and unsplit."""
+    import fa4_tq.kernels.decode as dk
+
+    if 2 not in bits and "fast_page_divmod" not in switches:
+        pytest.skip("paired_2bit_lookups changes nothing without a 2-bit side")
+    kb, vb = bits
+    gen = torch.Generator().manual_seed(hash((tuple(lens), seqlen_q, h, d, page_size, kb, vb)) % 2**31)
+    cache, table, used, _ = ragged_paged_cache(lens, page_size, h_k, d, gen, k_bits=kb, v_bits=vb, k_seed=5,
+                                               v_seed=6, device=DEV)
+    q = torch.randn(len(lens), seqlen_q, h, d, generator=gen).to(torch.bfloat16).to(DEV)
+    for splits in (None, 1):
+        want = flash_attn_with_kvcache(q, cache, table, used, num_splits=splits, return_lse=True)
+        with monkeypatch.context() as m:  # not monkeypatch.undo(): that would lift the poisoning too
+            m.setattr(dk, "PackedDecode", _switched_kernel(tuple(sorted(switches.items()))))
+            got = flash_attn_with_kvcache(q, cache, table, used, num_splits=splits, return_lse=True)
+        assert torch.isfinite(want[0]).all()
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (splits, rel_err(got[0], want[0]))
 
 
 # ----------------------------------------------------------------------------- skip-softmax
