@@ -357,7 +357,10 @@ def packed_decode(q: torch.Tensor, k: PackedKV, v: PackedKV, page_table: torch.T
     f32 = dict(dtype=torch.float32, device=q.device)
     out_part = torch.empty(num_splits, batch, seqlen_q, heads, d, **f32)
     lse_part = torch.empty(num_splits, batch, heads, seqlen_q, **f32)
-    tickets = split_tickets(q.device, batch * k.shape[2] * row_groups(seqlen_q * group))
+    if combine_in_kernel:
+        tickets = split_tickets(q.device, batch * k.shape[2] * row_groups(seqlen_q * group))
+    else:  # not read: no stream lookup on this path
+        tickets = torch.zeros(1, dtype=torch.int32, device=q.device) if is_fake_mode() else _unread_ticket(q.device)
     # the class too: a subclass with other switches (compile_check, tests, scripts) is another kernel
     key = ("decode", PackedDecode, device_arch(), q.dtype, d, k.bits, v.bits, k.scales.dtype, v.scales.dtype,
            seqlen_q, group, bool(causal), pdl, combine_in_kernel)
@@ -386,9 +389,14 @@ def packed_decode(q: torch.Tensor, k: PackedKV, v: PackedKV, page_table: torch.T
 _tickets: dict = {}
 
 
+@functools.lru_cache(maxsize=None)
+def _unread_ticket(device: torch.device) -> torch.Tensor:
+    """The decode kernel's ticket argument where it combines no splits (it is not read)."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
 def split_tickets(device: torch.device, n: int) -> torch.Tensor:
-    """``n`` int32 counters, zero, for the decode kernel's in-launch combine (passed, unused,
-    without it: one buffer per stream, allocated once, costs nothing a call). Each launch leaves
+    """``n`` int32 counters, zero, for the decode kernel's in-launch combine. Each launch leaves
     them zero (the last CTA of a row group resets its counter), so one buffer per stream serves
     every call on that stream in turn; launches on different streams may overlap, so they get
     different buffers. Under CUDA-graph capture a fresh buffer is made (its zeroing is captured
