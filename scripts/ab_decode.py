@@ -2,8 +2,14 @@
 variants with switches set, on the same inputs, through ``fa4_tq.flash_attn_with_kvcache``.
 
 A variant is ``--set "label:attr=value[,attr=value]"`` (Python literals): ``PackedDecode`` class
-attributes (``paired_2bit_lookups``, ``fast_page_divmod``, ...), and ``combine_in_kernel`` for
-``fa4_tq.decode.DECODE_COMBINE_IN_KERNEL`` (the kernel merging its own splits, one launch).
+attributes (``paired_2bit_lookups``, ``fast_page_divmod``, ...), ``combine_in_kernel`` for
+``fa4_tq.decode.DECODE_COMBINE_IN_KERNEL`` (the kernel merging its own splits, one launch), and
+``head_major_pages=True``: the same codes stored with each page's rows head-major
+(``[kv_heads, page_size, bytes]``, seen through a strided view the kernel reads unchanged), so a
+CTA reads its head's rows contiguously rather than 64 of every 512 bytes (K4V4); docs/FORMAT.md
+does not allow that layout, so this variant calls the kernel past the input checks (its host
+time is not comparable). It was level on the kernel of 2026-11-23 (perf/results/decode-*.md);
+the kernel is faster now.
 Per shape (64 query heads, 8 KV heads, head_dim 128, pages of 128, full contexts, the default
 split count) every variant runs once and its output and LSE are compared bit for bit with the
 default's (the switches change instructions, not values: "yes" is expected); then each is timed
@@ -53,8 +59,9 @@ def variant_call(switches: dict):
     import fa4_tq.decode as dec
     import fa4_tq.kernels.decode as dk
     from fa4_tq import flash_attn_with_kvcache
+    from fa4_tq.interface import _Problem
 
-    attrs = {k: v for k, v in switches.items() if k != "combine_in_kernel"}
+    attrs = {k: v for k, v in switches.items() if k not in ("combine_in_kernel", "head_major_pages")}
     for name in attrs:
         if not hasattr(dk.PackedDecode, name):
             raise ValueError(f"--set: PackedDecode has no switch {name!r}")
@@ -64,10 +71,29 @@ def variant_call(switches: dict):
     def call(q, layer, table, used):
         dk.PackedDecode, dec.DECODE_COMBINE_IN_KERNEL = kernel, switches.get("combine_in_kernel", False)
         try:
+            if switches.get("head_major_pages"):
+                return dec._run_decode_kernel(_Problem(q, *head_major(layer), q.shape[0], q.shape[-1] ** -0.5, True,
+                                                       (None, None), seqused_k=used, page_table=table), None, True)
             return flash_attn_with_kvcache(q, layer, table, used, check_indices=False, return_lse=True)
         finally:
             dk.PackedDecode, dec.DECODE_COMBINE_IN_KERNEL = base, False
     return call
+
+
+_head_major: dict = {}
+
+
+def head_major(layer):
+    """``layer``'s K and V with each page's data rows stored head-major, as a view of the usual
+    shape ``[pages, page_size, kv_heads, bytes]`` (made once per layer)."""
+    import dataclasses
+
+    key = tuple(p.data.data_ptr() for p in layer)
+    if key not in _head_major:
+        _head_major.clear()
+        _head_major[key] = tuple(
+            dataclasses.replace(p, data=p.data.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)) for p in layer)
+    return _head_major[key]
 
 
 def ab_rows(shape, variants: dict, gen, rounds: int, reps: int) -> list[str]:
