@@ -120,6 +120,34 @@ def _small():
     return q, (kp, vp), table, used
 
 
+def test_split_tickets_one_zeroed_buffer_per_stream(monkeypatch):
+    """The in-kernel combine's counters (``launch.split_tickets``), host logic with the CUDA calls
+    stubbed: one zeroed buffer per (device, stream), reused while large enough, replaced (zeros)
+    when a call needs more; under graph capture always a fresh one, never cached."""
+    from types import SimpleNamespace
+
+    import fa4_tq.kernels.launch as L
+
+    current = {"stream": SimpleNamespace(device_index=0, cuda_stream=111), "capturing": False}
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current["stream"])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: current["capturing"])
+    monkeypatch.setattr(L, "_tickets", {})
+    dev = torch.device("cpu")
+    a = L.split_tickets(dev, 64)
+    assert a.dtype == torch.int32 and a.numel() >= 64 and not a.any()
+    assert L.split_tickets(dev, 32) is a  # same stream, fits: reused
+    current["stream"] = SimpleNamespace(device_index=0, cuda_stream=222)
+    b = L.split_tickets(dev, 64)
+    assert b is not a and not b.any()  # another stream: its own
+    c = L.split_tickets(dev, 5000)
+    assert c is not b and c.numel() >= 5000 and not c.any()  # grown
+    assert L.split_tickets(dev, 64) is c
+    current["capturing"] = True
+    d = L.split_tickets(dev, 64)
+    assert d is not c and d.numel() == 64 and not d.any() and L.split_tickets(dev, 64) is not d
+    assert set(L._tickets) == {(0, 111), (0, 222)}
+
+
 def test_decode_shaped_calls_take_the_64_row_tile():
     """q_len x GQA <= 64 in the batch layout: one consumer warpgroup on 64 rows (the second of a
     128-row tile would hold only padding); more rows, or varlen q, keep prefill's 128-row tile.
