@@ -72,7 +72,6 @@ ROWS = 8  # query rows of one MMA n-tile: the MMA's N
 # packed-KV prefill kernel (64-row wgmma tiles) is faster: at 64 rows this kernel measured 1.5x
 # slower (perf/results/decode-*.md).
 MAX_ROWS = 32
-COMBINE_UNROLL = SplitCombine.unroll
 CHUNK = 16  # keys per MMA: M of K Q^T, K of V^T P^T
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -277,13 +276,10 @@ def decode_value_pairs2(x, y, byte_lookup) -> list:
     returning dims ``2j`` and ``2j + 1``, the ``(a0, a1)`` or ``(a2, a3)`` register pair of m-tile
     ``j``'s A fragment. The keys' nibbles are interleaved (as ``interleave_codes`` at 4 bits: the
     same four ops as at 2), so a byte holds dims ``2j``, ``2j + 1`` of x then of y, and the table
-    crosses them (``byte_table(2, dtype, crossed=True)``: codes 0 and 2, then 1 and 3)."""
-    even, odd = interleave_codes(x, y, 4)
-    out = [None] * 16
-    for b in range(4):
-        out[4 * b], out[4 * b + 1] = byte_lookup(even, b)
-        out[4 * b + 2], out[4 * b + 3] = byte_lookup(odd, b)
-    return out
+    crosses them (``byte_table(2, dtype, crossed=True)``: codes 0 and 2, then 1 and 3). The same
+    lookups as ``decode_key_pairs2``, listed pair by pair."""
+    wx, wy = decode_key_pairs2(x, y, byte_lookup)
+    return [w for pair in zip(wx, wy) for w in pair]
 
 
 def v_slot(quad, qi, v_words: int):
@@ -970,7 +966,7 @@ class PackedDecode:
                 if row < self.cta_rows and first_row + row < self.rows:  # warp-uniform
                     i, g = (first_row + row) // self.group, (first_row + row) % self.group
                     merge_row(mO, mLSE, mOut, mLseOut, b, i, kv_head * self.group + g, lane, self.d // 32,
-                              COMBINE_UNROLL)
+                              SplitCombine.unroll)
             if tidx == 0:
                 mTickets[counter] = Int32(0)
 
